@@ -1,0 +1,40 @@
+// The solar subcommands. Each returns the process exit code; errors propagate as solar::Error
+// and are printed by main as one line naming the file and the problem.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace solar::cli {
+
+struct CompressArgs {
+  std::string base, adapter, out;
+  std::string mode = "paper";
+  int64_t pool = 1000;
+  std::optional<int64_t> pool_a, pool_b;
+  std::optional<int64_t> keep;
+  std::optional<double> keep_fraction;
+  int bits = 8;
+  uint64_t seed = 0;
+  double noise = 1.0;
+  int threads = 0;
+  bool verify = true;
+  bool quiet = false;
+};
+
+struct DecompressArgs {
+  std::string file, base, out;
+  int threads = 0;
+  bool quiet = false;
+};
+
+struct InspectArgs {
+  std::string file;
+  bool json = false;
+};
+
+int run_compress(const CompressArgs& a);
+int run_decompress(const DecompressArgs& a);
+int run_inspect(const InspectArgs& a);
+
+}  // namespace solar::cli

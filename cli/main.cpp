@@ -1,0 +1,66 @@
+// solar: compress PEFT LoRA adapters against their base model, and restore them.
+#include <cstdio>
+#include <exception>
+
+#include <CLI/CLI.hpp>
+
+#include "commands.hpp"
+#include "solar/error.hpp"
+#include "solar/pipeline.hpp"
+
+int main(int argc, char** argv) {
+  using namespace solar::cli;
+  CLI::App app{"solar " + solar::version_string() + ": make fine-tuned adapters small enough to ship"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", solar::version_string());
+
+  CompressArgs ca;
+  auto* c = app.add_subcommand("compress", "compress a PEFT LoRA adapter into a .solar file");
+  c->add_option("--base", ca.base, "base checkpoint: a .safetensors file or a directory (sharded ok)")->required();
+  c->add_option("--adapter", ca.adapter, "PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")->required();
+  c->add_option("--out", ca.out, "output .solar file")->required();
+  c->add_option("--mode", ca.mode, "codec mode")->check(CLI::IsMember({"paper"}));
+  c->add_option("--pool", ca.pool, "pool size N per factor (N_A = N_B)")->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
+  c->add_option("--pool-a", ca.pool_a, "pool size N_A (overrides --pool)");
+  c->add_option("--pool-b", ca.pool_b, "pool size N_B (overrides --pool)");
+  auto* keep = c->add_option("--keep", ca.keep, "coefficients kept per factor (k_A = k_B = K)");
+  auto* frac = c->add_option("--keep-fraction", ca.keep_fraction, "fraction of the pool kept (default 0.3)")->check(CLI::Range(0.0, 1.0));
+  keep->excludes(frac);
+  c->add_option("--bits", ca.bits, "coefficient bits")->check(CLI::IsMember({32, 16, 8, 4}));
+  c->add_option("--seed", ca.seed, "seed of the basis pool");
+  c->add_option("--noise", ca.noise, "sigma of the Gaussian perturbation of the basis")->check(CLI::NonNegativeNumber);
+  c->add_option("--threads", ca.threads, "worker threads (0: all cores); output does not depend on it");
+  c->add_flag("!--no-verify", ca.verify, "skip decoding the result to report its error");
+  c->add_flag("-q,--quiet", ca.quiet, "no progress on stderr");
+
+  DecompressArgs da;
+  auto* d = app.add_subcommand("decompress", "restore a PEFT adapter directory from a .solar file");
+  d->add_option("file", da.file, ".solar file")->required();
+  d->add_option("--base", da.base, "the base checkpoint the file was built against")->required();
+  d->add_option("--out", da.out, "output PEFT adapter directory")->required();
+  d->add_option("--threads", da.threads, "worker threads (0: all cores)");
+  d->add_flag("-q,--quiet", da.quiet, "no progress on stderr");
+
+  InspectArgs ia;
+  auto* i = app.add_subcommand("inspect", "show what a .solar file holds and what each part costs");
+  i->add_option("file", ia.file, ".solar file")->required();
+  i->add_flag("--json", ia.json, "machine-readable output");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    if (*c) return run_compress(ca);
+    if (*d) return run_decompress(da);
+    if (*i) return run_inspect(ia);
+  } catch (const solar::Error& e) {
+    std::fprintf(stderr, "solar: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "solar: internal error: %s\n", e.what());
+    return 3;
+  }
+  return 2;
+}

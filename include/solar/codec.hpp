@@ -1,0 +1,91 @@
+// Per-layer codecs. A codec turns one LoRA layer (A, B, and, if it needs it, the base weight W)
+// into a small parameter object plus byte blobs, and back. The container stores both; the
+// codec defines what the blobs mean (docs/FORMAT.md, "Modes").
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "solar/linalg.hpp"
+
+namespace solar {
+
+struct LayerShape {
+  int64_t m = 0;  // out features
+  int64_t n = 0;  // in features
+  int64_t r = 0;  // LoRA rank
+};
+
+// What a codec sees of one layer. The base weight and its canonical SVD are computed on demand
+// (only modes that use W pay for it) and cached for the lifetime of the context.
+class LayerContext {
+ public:
+  LayerContext(uint64_t seed, uint32_t layer_index, LayerShape shape,
+               std::function<Matrix()> load_base);
+  uint64_t seed() const { return seed_; }
+  uint32_t layer_index() const { return layer_index_; }
+  const LayerShape& shape() const { return shape_; }
+  const Matrix& base() const;  // W, m x n
+  const Svd& svd() const;      // full canonical SVD of W
+
+ private:
+  uint64_t seed_;
+  uint32_t layer_index_;
+  LayerShape shape_;
+  std::function<Matrix()> load_base_;
+  mutable std::optional<Matrix> base_;
+  mutable std::optional<Svd> svd_;
+};
+
+struct Factors {
+  Matrix A;  // r x n
+  Matrix B;  // m x r
+};
+
+struct EncodedLayer {
+  nlohmann::json params;                    // mode-specific, small
+  std::vector<std::vector<uint8_t>> blobs;  // mode-specific, in the order the mode defines
+};
+
+class LayerCodec {
+ public:
+  virtual ~LayerCodec() = default;
+  virtual std::string mode() const = 0;
+  virtual bool needs_base() const = 0;
+  virtual EncodedLayer encode(const LayerContext& ctx, const Factors& f) const = 0;
+  // Validates params and blob sizes against the shape before using them; throws Format.
+  virtual Factors decode(const LayerContext& ctx, const EncodedLayer& e) const = 0;
+};
+
+// Settings of the paper's method (SOLAR, Sec. 2 and App. D).
+struct PaperOptions {
+  int64_t pool_a = 1000, pool_b = 1000;  // N_A, N_B
+  std::optional<int64_t> keep_a, keep_b;  // k_A, k_B; unset -> keep_fraction * N
+  double keep_fraction = 0.3;
+  int bits = 8;        // 32, 16, 8 or 4
+  double noise = 1.0;  // sigma of the Gaussian perturbation
+};
+
+std::unique_ptr<LayerCodec> make_paper_codec(const PaperOptions& options);
+// The codec that decodes layers of `mode` (options come from each layer's params).
+std::unique_ptr<LayerCodec> make_decoder(const std::string& mode, const std::string& where);
+
+// Coefficient quantisation shared by modes: 32 -> float32; 16/8/4 -> symmetric uniform integers
+// with one float32 scale (max|c| / (2^(bits-1) - 1)) stored first. 4-bit values are packed two
+// per byte, low nibble first, two's complement.
+std::vector<uint8_t> quantize_coefficients(const std::vector<double>& c, int bits);
+std::vector<double> dequantize_coefficients(const uint8_t* p, size_t nbytes, size_t count, int bits,
+                                            const std::string& where);
+size_t quantized_size(size_t count, int bits);
+
+// Selection masks: bit i of the pool lives in byte i / 8, bit i % 8 (LSB first).
+std::vector<uint8_t> pack_mask(const std::vector<uint32_t>& selected, size_t pool);
+std::vector<uint32_t> unpack_mask(const uint8_t* p, size_t nbytes, size_t pool, const std::string& where);
+
+}  // namespace solar

@@ -1,0 +1,46 @@
+// Dense linear algebra on row-major double matrices, backed by LAPACK/BLAS.
+// All calls run single-threaded inside BLAS so results do not depend on the thread count;
+// solar parallelises across layers instead.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace solar {
+
+struct Matrix {
+  int64_t rows = 0, cols = 0;
+  std::vector<double> data;  // row-major
+  Matrix() = default;
+  Matrix(int64_t r, int64_t c) : rows(r), cols(c), data(static_cast<size_t>(r * c), 0.0) {}
+  double& operator()(int64_t i, int64_t j) { return data[static_cast<size_t>(i * cols + j)]; }
+  double operator()(int64_t i, int64_t j) const { return data[static_cast<size_t>(i * cols + j)]; }
+  Matrix transposed() const;
+  static Matrix from_f32(const float* p, int64_t rows, int64_t cols);
+  std::vector<float> to_f32() const;
+};
+
+Matrix matmul(const Matrix& a, const Matrix& b, bool trans_a = false, bool trans_b = false);
+double frobenius_norm(const Matrix& a);
+
+// Full SVD W = U diag(S) V^T with square U (m x m) and V (n x n), canonicalised:
+// singular vectors of the thin part get the sign that makes the largest-magnitude entry of each
+// left singular vector positive (ties: the lowest index); the null-space completion comes from
+// the Householder QR of the thin factor (unique for a given thin factor), with the same sign rule.
+struct Svd {
+  Matrix U, V;
+  std::vector<double> S;  // min(m, n) values, descending
+};
+Svd full_svd(const Matrix& w);
+
+// Minimum-norm least squares: argmin ||D x - t||, smallest ||x|| among minimisers (LAPACK gelsd).
+// D is rows x cols (row-major). rcond < 0 uses machine precision.
+std::vector<double> lstsq_min_norm(const Matrix& d, const std::vector<double>& t, double rcond = -1.0);
+// Same, with D given column-major (each column contiguous) and consumed.
+std::vector<double> lstsq_min_norm_col_major(int64_t rows, int64_t cols, std::vector<double> d,
+                                             const std::vector<double>& t, double rcond = -1.0);
+
+// Forces single-threaded BLAS for the calling process (no-op for non-OpenBLAS builds).
+void pin_blas_single_thread();
+
+}  // namespace solar

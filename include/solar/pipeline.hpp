@@ -1,0 +1,45 @@
+// The two jobs: compress a PEFT adapter against its base, and restore it.
+//   read -> plan budget -> compress layer by layer -> container
+//   container -> regenerate bases -> restore -> PEFT adapter
+#pragma once
+#include <functional>
+#include <string>
+
+#include "solar/codec.hpp"
+#include "solar/container.hpp"
+#include "solar/peft_adapter.hpp"
+#include "solar/weights.hpp"
+
+namespace solar {
+
+using Progress = std::function<void(const std::string& message)>;
+
+struct CompressOptions {
+  std::string mode = "paper";
+  PaperOptions paper;
+  uint64_t seed = 0;
+  int threads = 0;  // 0: hardware concurrency. The output does not depend on it.
+  Progress progress;
+};
+
+Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
+                           const CompressOptions& options);
+
+struct DecompressOptions {
+  int threads = 0;
+  Progress progress;
+};
+
+PeftAdapter decompress_container(const Container& container, const WeightSource& base,
+                                 const DecompressOptions& options = {});
+
+// The canonical base weight W (m x n, out x in) for a layer, transposed if stored in x out.
+std::vector<float> canonical_base(const WeightSource& base, const std::string& key, bool transpose,
+                                  int64_t* m, int64_t* n);
+
+// ||B A - B~ A~||_F / ||B A||_F for one module (0 when both are zero).
+double relative_delta_error(const Tensor& a, const Tensor& b, const Tensor& a2, const Tensor& b2);
+
+std::string version_string();
+
+}  // namespace solar

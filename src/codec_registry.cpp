@@ -1,0 +1,11 @@
+#include "solar/codec.hpp"
+#include "solar/error.hpp"
+
+namespace solar {
+
+std::unique_ptr<LayerCodec> make_decoder(const std::string& mode, const std::string& where) {
+  if (mode == "paper") return make_paper_codec(PaperOptions{});
+  throw Error(ErrorKind::Unsupported, where, "unknown codec mode '" + mode + "' (this build knows: paper)");
+}
+
+}  // namespace solar

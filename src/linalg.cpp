@@ -1,0 +1,184 @@
+#include "solar/linalg.hpp"
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "lapack.hpp"
+#include "solar/error.hpp"
+
+namespace solar {
+namespace {
+
+int checked_int(int64_t v, const char* what) {
+  if (v < 0 || v > INT_MAX) throw Error(ErrorKind::Unsupported, "linalg", std::string(what) + " exceeds LAPACK's 32-bit index range");
+  return static_cast<int>(v);
+}
+
+void lapack_check(int info, const char* routine) {
+  if (info != 0)
+    throw Error(ErrorKind::InvalidInput, "linalg", std::string(routine) + " failed (info = " + std::to_string(info) + ")");
+}
+
+// Column-major copy of a row-major matrix is its row-major transpose.
+std::vector<double> to_col_major(const Matrix& a) { return a.transposed().data; }
+
+Matrix from_col_major(const double* p, int64_t rows, int64_t cols) {
+  Matrix m(rows, cols);
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t i = 0; i < rows; ++i) m(i, j) = p[j * rows + i];
+  return m;
+}
+
+// Flips column j of `u` (and of `v`, if given) so that its largest-magnitude entry is positive.
+void canonical_sign(Matrix& u, Matrix* v, int64_t j) {
+  int64_t best = 0;
+  double best_abs = -1.0;
+  for (int64_t i = 0; i < u.rows; ++i) {
+    const double a = std::fabs(u(i, j));
+    if (a > best_abs) { best_abs = a; best = i; }
+  }
+  if (u(best, j) < 0) {
+    for (int64_t i = 0; i < u.rows; ++i) u(i, j) = -u(i, j);
+    if (v)
+      for (int64_t i = 0; i < v->rows; ++i) (*v)(i, j) = -(*v)(i, j);
+  }
+}
+
+// Completes the orthonormal columns of `thin` (rows x k) to a square orthonormal basis using the
+// Householder QR of `thin`: the trailing columns of Q span the orthogonal complement.
+Matrix complete_basis(const Matrix& thin) {
+  const int64_t rows = thin.rows, k = thin.cols;
+  Matrix full(rows, rows);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < k; ++j) full(i, j) = thin(i, j);
+  if (k == rows) return full;
+  const int m = checked_int(rows, "rows"), kk = checked_int(k, "cols");
+  std::vector<double> a = to_col_major(thin);
+  a.resize(static_cast<size_t>(rows) * rows, 0.0);
+  std::vector<double> tau(static_cast<size_t>(k));
+  int info = 0, lwork = -1;
+  double wq = 0;
+  dgeqrf_(&m, &kk, a.data(), &m, tau.data(), &wq, &lwork, &info);
+  lwork = std::max(1, static_cast<int>(wq));
+  std::vector<double> work(static_cast<size_t>(lwork));
+  dgeqrf_(&m, &kk, a.data(), &m, tau.data(), work.data(), &lwork, &info);
+  lapack_check(info, "dgeqrf");
+  lwork = -1;
+  dorgqr_(&m, &m, &kk, a.data(), &m, tau.data(), &wq, &lwork, &info);
+  lwork = std::max(1, static_cast<int>(wq));
+  work.assign(static_cast<size_t>(lwork), 0.0);
+  dorgqr_(&m, &m, &kk, a.data(), &m, tau.data(), work.data(), &lwork, &info);
+  lapack_check(info, "dorgqr");
+  Matrix q = from_col_major(a.data(), rows, rows);
+  for (int64_t j = k; j < rows; ++j) {
+    for (int64_t i = 0; i < rows; ++i) full(i, j) = q(i, j);
+    canonical_sign(full, nullptr, j);
+  }
+  return full;
+}
+
+}  // namespace
+
+Matrix Matrix::transposed() const {
+  Matrix t(cols, rows);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) t(j, i) = (*this)(i, j);
+  return t;
+}
+
+Matrix Matrix::from_f32(const float* p, int64_t rows, int64_t cols) {
+  Matrix m(rows, cols);
+  for (size_t i = 0; i < m.data.size(); ++i) m.data[i] = p[i];
+  return m;
+}
+
+std::vector<float> Matrix::to_f32() const {
+  std::vector<float> out(data.size());
+  for (size_t i = 0; i < data.size(); ++i) out[i] = static_cast<float>(data[i]);
+  return out;
+}
+
+Matrix matmul(const Matrix& a, const Matrix& b, bool trans_a, bool trans_b) {
+  const int64_t m = trans_a ? a.cols : a.rows;
+  const int64_t k = trans_a ? a.rows : a.cols;
+  const int64_t kb = trans_b ? b.cols : b.rows;
+  const int64_t n = trans_b ? b.rows : b.cols;
+  if (k != kb) throw std::invalid_argument("matmul: inner dimensions differ");
+  Matrix c(m, n);
+  if (m == 0 || n == 0) return c;
+  if (k == 0) return c;
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
+  const char tb = trans_b ? 'T' : 'N', ta = trans_a ? 'T' : 'N';
+  const int M = checked_int(n, "cols"), N = checked_int(m, "rows"), K = checked_int(k, "inner");
+  const int ldb = checked_int(b.cols, "ldb"), lda = checked_int(a.cols, "lda");
+  const double one = 1.0, zero = 0.0;
+  dgemm_(&tb, &ta, &M, &N, &K, &one, b.data.data(), &ldb, a.data.data(), &lda, &zero, c.data.data(), &M);
+  return c;
+}
+
+double frobenius_norm(const Matrix& a) {
+  long double s = 0;
+  for (double v : a.data) s += static_cast<long double>(v) * v;
+  return static_cast<double>(std::sqrt(s));
+}
+
+Svd full_svd(const Matrix& w) {
+  const int64_t m = w.rows, n = w.cols, q = std::min(m, n);
+  Svd out;
+  if (q == 0) throw Error(ErrorKind::InvalidInput, "linalg", "SVD of an empty matrix");
+  const int M = checked_int(m, "rows"), N = checked_int(n, "cols"), Q = checked_int(q, "rank");
+  std::vector<double> a = to_col_major(w);
+  std::vector<double> s(static_cast<size_t>(q)), u(static_cast<size_t>(m * q)), vt(static_cast<size_t>(q * n));
+  std::vector<int> iwork(static_cast<size_t>(8 * q));
+  int info = 0, lwork = -1;
+  double wq = 0;
+  const char jobz = 'S';
+  dgesdd_(&jobz, &M, &N, a.data(), &M, s.data(), u.data(), &M, vt.data(), &Q, &wq, &lwork, iwork.data(), &info);
+  lwork = std::max(1, static_cast<int>(wq));
+  std::vector<double> work(static_cast<size_t>(lwork));
+  dgesdd_(&jobz, &M, &N, a.data(), &M, s.data(), u.data(), &M, vt.data(), &Q, work.data(), &lwork, iwork.data(), &info);
+  lapack_check(info, "dgesdd");
+  Matrix u_thin = from_col_major(u.data(), m, q);
+  Matrix v_thin = from_col_major(vt.data(), q, n).transposed();  // n x q
+  for (int64_t j = 0; j < q; ++j) canonical_sign(u_thin, &v_thin, j);
+  out.U = complete_basis(u_thin);
+  out.V = complete_basis(v_thin);
+  out.S = std::move(s);
+  return out;
+}
+
+std::vector<double> lstsq_min_norm(const Matrix& d, const std::vector<double>& t, double rcond) {
+  return lstsq_min_norm_col_major(d.rows, d.cols, to_col_major(d), t, rcond);
+}
+
+std::vector<double> lstsq_min_norm_col_major(int64_t rows, int64_t cols, std::vector<double> a,
+                                             const std::vector<double>& t, double rcond) {
+  if (static_cast<int64_t>(t.size()) != rows || static_cast<int64_t>(a.size()) != rows * cols)
+    throw std::invalid_argument("lstsq: size mismatch");
+  if (cols == 0) return {};
+  const int M = checked_int(rows, "rows"), N = checked_int(cols, "cols");
+  const int ldb = std::max(M, N), nrhs = 1;
+  std::vector<double> b(static_cast<size_t>(ldb), 0.0);
+  std::copy(t.begin(), t.end(), b.begin());
+  std::vector<double> s(static_cast<size_t>(std::min(M, N)));
+  int rank = 0, info = 0, lwork = -1;
+  double wq = 0;
+  int iwq = 0;
+  dgelsd_(&M, &N, &nrhs, a.data(), &M, b.data(), &ldb, s.data(), &rcond, &rank, &wq, &lwork, &iwq, &info);
+  lwork = std::max(1, static_cast<int>(wq));
+  std::vector<double> work(static_cast<size_t>(lwork));
+  std::vector<int> iwork(static_cast<size_t>(std::max(1, iwq)));
+  dgelsd_(&M, &N, &nrhs, a.data(), &M, b.data(), &ldb, s.data(), &rcond, &rank, work.data(), &lwork, iwork.data(), &info);
+  lapack_check(info, "dgelsd");
+  b.resize(static_cast<size_t>(cols));
+  return b;
+}
+
+void pin_blas_single_thread() {
+  if (openblas_set_num_threads) openblas_set_num_threads(1);
+}
+
+}  // namespace solar

@@ -1,0 +1,220 @@
+#include "solar/pipeline.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+#include "solar/error.hpp"
+
+#ifndef SOLAR_VERSION
+#define SOLAR_VERSION "0.0.0"
+#endif
+
+namespace solar {
+namespace {
+
+std::unique_ptr<LayerCodec> make_encoder(const CompressOptions& o) {
+  if (o.mode == "paper") return make_paper_codec(o.paper);
+  throw Error(ErrorKind::InvalidInput, "compress", "unknown mode '" + o.mode + "' (available: paper)");
+}
+
+int worker_count(int requested, size_t jobs) {
+  int n = requested > 0 ? requested : static_cast<int>(std::thread::hardware_concurrency());
+  n = std::max(1, n);
+  return static_cast<int>(std::min<size_t>(static_cast<size_t>(n), std::max<size_t>(jobs, 1)));
+}
+
+// Runs job(i) for i in [0, count) on `threads` workers; rethrows the lowest-index failure, so
+// errors are as deterministic as the output.
+template <class Job>
+void parallel_for(size_t count, int threads, Job&& job) {
+  std::vector<std::exception_ptr> errors(count);
+  std::atomic<size_t> next{0};
+  auto worker = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < count;) {
+      try {
+        job(i);
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+    }
+  };
+  const int n = worker_count(threads, count);
+  std::vector<std::thread> pool;
+  for (int t = 1; t < n; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+Matrix to_matrix(const Tensor& t) {
+  const std::vector<float> v = t.to_f32();
+  return Matrix::from_f32(v.data(), t.shape.at(0), t.shape.at(1));
+}
+
+Tensor to_tensor(const Matrix& m, DType dtype) {
+  return Tensor::from_f32(m.to_f32(), {m.rows, m.cols}, dtype);
+}
+
+std::string dims(int64_t a, int64_t b) { return std::to_string(a) + "x" + std::to_string(b); }
+
+class Reporter {
+ public:
+  explicit Reporter(const Progress& p) : p_(p) {}
+  void operator()(const std::string& msg) {
+    if (!p_) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    p_(msg);
+  }
+
+ private:
+  const Progress& p_;
+  std::mutex mu_;
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+std::string version_string() { return SOLAR_VERSION; }
+
+std::vector<float> canonical_base(const WeightSource& base, const std::string& key, bool transpose,
+                                  int64_t* m, int64_t* n) {
+  const TensorView v = base.get(key);
+  if (v.shape.size() != 2 || !is_float(v.dtype))
+    throw Error(ErrorKind::Mismatch, base.describe(), "tensor '" + key + "' is not a 2-D floating-point weight");
+  std::vector<float> w = v.to_f32();
+  int64_t rows = v.shape[0], cols = v.shape[1];
+  if (transpose) {
+    std::vector<float> t(w.size());
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) t[static_cast<size_t>(j * rows + i)] = w[static_cast<size_t>(i * cols + j)];
+    w.swap(t);
+    std::swap(rows, cols);
+  }
+  for (float x : w)
+    if (!std::isfinite(x)) throw Error(ErrorKind::InvalidInput, base.describe(), "tensor '" + key + "' contains NaN or Inf");
+  *m = rows;
+  *n = cols;
+  return w;
+}
+
+Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base, const CompressOptions& options) {
+  pin_blas_single_thread();
+  const std::unique_ptr<LayerCodec> codec = make_encoder(options);
+  const bool transpose = adapter.fan_in_fan_out();
+  Container c;
+  c.seed = options.seed;
+  c.producer = "solar " + version_string();
+  c.peft_config = adapter.config;
+  c.key_prefix = adapter.key_prefix;
+  c.file_metadata = adapter.file_metadata;
+  c.passthrough = adapter.passthrough;
+  c.layers.resize(adapter.modules.size());
+
+  // Resolve and check every module against the base before any heavy work.
+  for (size_t i = 0; i < adapter.modules.size(); ++i) {
+    const LoraModule& mod = adapter.modules[i];
+    LayerRecord& l = c.layers[i];
+    l.module = mod.path;
+    l.shape = {mod.B.shape[0], mod.A.shape[1], mod.rank};
+    l.a_dtype = mod.A.dtype;
+    l.b_dtype = mod.B.dtype;
+    l.mode = codec->mode();
+    l.transpose_base = transpose;
+    if (!codec->needs_base()) continue;
+    l.base_key = resolve_base_key(base, mod.path);
+    const TensorView v = base.get(l.base_key);
+    if (v.shape.size() != 2)
+      throw Error(ErrorKind::Mismatch, base.describe(), "tensor '" + l.base_key + "' for module " + mod.path + " is not 2-D");
+    const int64_t m = transpose ? v.shape[1] : v.shape[0], n = transpose ? v.shape[0] : v.shape[1];
+    if (m != l.shape.m || n != l.shape.n)
+      throw Error(ErrorKind::Mismatch, base.describe(),
+                  "module " + mod.path + ": LoRA update is " + dims(l.shape.m, l.shape.n) + " (out x in) but base tensor '" +
+                      l.base_key + "' is " + dims(m, n) + (transpose ? " after the fan_in_fan_out transpose" : ""));
+  }
+
+  Reporter report(options.progress);
+  std::atomic<size_t> done{0};
+  parallel_for(c.layers.size(), options.threads, [&](size_t i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const LoraModule& mod = adapter.modules[i];
+    LayerRecord& l = c.layers[i];
+    std::function<Matrix()> load;
+    if (codec->needs_base()) {
+      int64_t m = 0, n = 0;
+      std::vector<float> w = canonical_base(base, l.base_key, transpose, &m, &n);
+      l.base_fingerprint = fingerprint_f32(w);
+      load = [w = std::move(w), m, n] { return Matrix::from_f32(w.data(), m, n); };
+    }
+    LayerContext ctx(options.seed, static_cast<uint32_t>(i), l.shape, std::move(load));
+    l.encoded = codec->encode(ctx, Factors{to_matrix(mod.A), to_matrix(mod.B)});
+    report("[" + std::to_string(++done) + "/" + std::to_string(c.layers.size()) + "] " + mod.path + " (" +
+           dims(l.shape.m, l.shape.n) + ", r=" + std::to_string(l.shape.r) + ") encoded in " +
+           std::to_string(seconds_since(t0)).substr(0, 5) + " s");
+  });
+  return c;
+}
+
+PeftAdapter decompress_container(const Container& c, const WeightSource& base, const DecompressOptions& options) {
+  pin_blas_single_thread();
+  PeftAdapter out;
+  out.config = c.peft_config;
+  out.key_prefix = c.key_prefix;
+  out.file_metadata = c.file_metadata;
+  out.passthrough = c.passthrough;
+  out.modules.resize(c.layers.size());
+  Reporter report(options.progress);
+  std::atomic<size_t> done{0};
+  parallel_for(c.layers.size(), options.threads, [&](size_t i) {
+    const LayerRecord& l = c.layers[i];
+    const std::unique_ptr<LayerCodec> codec = make_decoder(l.mode, "layer " + l.module);
+    std::function<Matrix()> load;
+    if (codec->needs_base()) {
+      if (!base.contains(l.base_key))
+        throw Error(ErrorKind::Mismatch, base.describe(), "no tensor '" + l.base_key + "' (needed by module " + l.module + ")");
+      int64_t m = 0, n = 0;
+      std::vector<float> w = canonical_base(base, l.base_key, l.transpose_base, &m, &n);
+      if (m != l.shape.m || n != l.shape.n)
+        throw Error(ErrorKind::Mismatch, base.describe(), "tensor '" + l.base_key + "' is " + dims(m, n) + " but the file was built against " + dims(l.shape.m, l.shape.n));
+      const uint64_t fp = fingerprint_f32(w);
+      if (fp != l.base_fingerprint)
+        throw Error(ErrorKind::Mismatch, base.describe(),
+                    "tensor '" + l.base_key + "' differs from the base the file was built against (wrong base model?)");
+      load = [w = std::move(w), m, n] { return Matrix::from_f32(w.data(), m, n); };
+    }
+    LayerContext ctx(c.seed, static_cast<uint32_t>(i), l.shape, std::move(load));
+    Factors f = codec->decode(ctx, l.encoded);
+    if (f.A.rows != l.shape.r || f.A.cols != l.shape.n || f.B.rows != l.shape.m || f.B.cols != l.shape.r)
+      throw Error(ErrorKind::Format, "layer " + l.module, "decoded factors have the wrong shape");
+    LoraModule& mod = out.modules[i];
+    mod.path = l.module;
+    mod.rank = l.shape.r;
+    mod.A = to_tensor(f.A, l.a_dtype);
+    mod.B = to_tensor(f.B, l.b_dtype);
+    report("[" + std::to_string(++done) + "/" + std::to_string(c.layers.size()) + "] " + l.module + " restored");
+  });
+  return out;
+}
+
+double relative_delta_error(const Tensor& a, const Tensor& b, const Tensor& a2, const Tensor& b2) {
+  const Matrix d1 = matmul(to_matrix(b), to_matrix(a));
+  const Matrix d2 = matmul(to_matrix(b2), to_matrix(a2));
+  if (d1.rows != d2.rows || d1.cols != d2.cols) throw Error(ErrorKind::Mismatch, "relative_delta_error", "shapes differ");
+  long double num = 0, den = 0;
+  for (size_t i = 0; i < d1.data.size(); ++i) {
+    const long double e = static_cast<long double>(d1.data[i]) - d2.data[i];
+    num += e * e;
+    den += static_cast<long double>(d1.data[i]) * d1.data[i];
+  }
+  if (den == 0) return num == 0 ? 0.0 : INFINITY;
+  return static_cast<double>(std::sqrt(num / den));
+}
+
+}  // namespace solar

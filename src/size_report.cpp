@@ -1,0 +1,66 @@
+// What each part of a .solar file costs, and what the same adapter costs as a PEFT file.
+#include "solar/container.hpp"
+#include "solar/safetensors.hpp"
+
+namespace solar {
+namespace {
+
+uint64_t get_u64(const uint8_t* p) { uint64_t v = 0; for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i); return v; }
+
+// Size of adapter_model.safetensors holding this adapter with LoRA factors in `dtype`.
+size_t peft_file_bytes(const Container& c, DType dtype) {
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const LayerRecord& l : c.layers) {
+    Tensor a{dtype, {l.shape.r, l.shape.n}, std::vector<uint8_t>(static_cast<size_t>(l.shape.r * l.shape.n) * dtype_size(dtype))};
+    Tensor b{dtype, {l.shape.m, l.shape.r}, std::vector<uint8_t>(static_cast<size_t>(l.shape.m * l.shape.r) * dtype_size(dtype))};
+    tensors.emplace_back(c.key_prefix + l.module + ".lora_A.weight", std::move(a));
+    tensors.emplace_back(c.key_prefix + l.module + ".lora_B.weight", std::move(b));
+  }
+  for (const auto& p : c.passthrough) tensors.push_back(p);
+  return safetensors_bytes(tensors, c.file_metadata).size();
+}
+
+}  // namespace
+
+SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes) {
+  SizeReport r;
+  r.file_bytes = bytes.size();
+  r.header_bytes = kHeaderSize + kTrailerSize;
+  if (bytes.size() >= kHeaderSize) {
+    r.metadata_bytes = get_u64(bytes.data() + 16);
+    r.metadata_raw_bytes = get_u64(bytes.data() + 24);
+    r.payload_bytes = get_u64(bytes.data() + 32);
+    r.payload_raw_bytes = get_u64(bytes.data() + 40);
+  }
+  for (const LayerRecord& l : c.layers) {
+    SizeReport::Layer L{l.module, l.mode, l.shape, l.encoded.params, 0};
+    for (const auto& b : l.encoded.blobs) L.payload_bytes += b.size();
+    r.lora_params += static_cast<size_t>(l.shape.r * (l.shape.m + l.shape.n));
+    r.layers.push_back(std::move(L));
+  }
+  for (const auto& p : c.passthrough) r.passthrough_raw_bytes += p.second.data.size();
+  r.peft_fp32_bytes = peft_file_bytes(c, DType::F32);
+  r.peft_fp16_bytes = peft_file_bytes(c, DType::F16);
+  return r;
+}
+
+nlohmann::json SizeReport::to_json() const {
+  nlohmann::json L = nlohmann::json::array();
+  for (const Layer& l : layers)
+    L.push_back({{"module", l.module}, {"mode", l.mode}, {"shape", {l.shape.m, l.shape.n, l.shape.r}},
+                 {"params", l.params}, {"payload_bytes", l.payload_bytes}});
+  return {{"file_bytes", file_bytes},
+          {"header_bytes", header_bytes},
+          {"metadata_bytes", metadata_bytes},
+          {"metadata_raw_bytes", metadata_raw_bytes},
+          {"payload_bytes", payload_bytes},
+          {"payload_raw_bytes", payload_raw_bytes},
+          {"passthrough_raw_bytes", passthrough_raw_bytes},
+          {"lora_params", lora_params},
+          {"peft_fp32_bytes", peft_fp32_bytes},
+          {"peft_fp16_bytes", peft_fp16_bytes},
+          {"ratio_vs_fp16", peft_fp16_bytes ? static_cast<double>(file_bytes) / static_cast<double>(peft_fp16_bytes) : 0.0},
+          {"layers", L}};
+}
+
+}  // namespace solar

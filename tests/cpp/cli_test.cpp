@@ -1,0 +1,107 @@
+// The solar command line as a script would use it: exit codes, one-line errors, no partial output.
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+
+#include <gtest/gtest.h>
+
+#include "adapter_factory.hpp"
+#include "solar/container.hpp"
+#include "solar/pipeline.hpp"
+
+namespace solar {
+namespace {
+
+struct CliResult {
+  int code;
+  std::string out, err;
+};
+
+CliResult run(const std::string& args, const test::TempDir& dir) {
+  const std::string err_file = dir.file("stderr.txt");
+  const std::string cmd = std::string(SOLAR_CLI_PATH) + " " + args + " 2>" + err_file;
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  std::array<char, 4096> buf{};
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  const int status = pclose(p);
+  const auto e = test::read_bytes(err_file);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out, std::string(e.begin(), e.end())};
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    base_ = test::stories_checkpoint();
+    if (base_.empty()) GTEST_SKIP() << "../shared/data is absent: CLI tests use stories260K";
+    const Checkpoint ck(base_);
+    write_peft_adapter(dir_.file("adapter"), test::stories_adapter(ck, 4, {"wq", "wv"}, 1, DType::F32, 2));
+  }
+  test::TempDir dir_;
+  std::string base_;
+};
+
+TEST_F(Cli, CompressInspectDecompressRoundTrip) {
+  const CliResult c = run("compress --base " + base_ + " --adapter " + dir_.file("adapter") + " --out " + dir_.file("a.solar") +
+                        " --pool 512 --keep-fraction 1 --bits 32 --seed 5 -q",
+                    dir_);
+  ASSERT_EQ(c.code, 0) << c.err;
+  EXPECT_NE(c.out.find("relative error"), std::string::npos) << c.out;
+  const CliResult i = run("inspect " + dir_.file("a.solar") + " --json", dir_);
+  ASSERT_EQ(i.code, 0) << i.err;
+  const auto j = nlohmann::json::parse(i.out);
+  EXPECT_EQ(j["file_bytes"].get<size_t>(), std::filesystem::file_size(dir_.file("a.solar")));
+  EXPECT_EQ(j["layers"].size(), 4u);
+  const CliResult d = run("decompress " + dir_.file("a.solar") + " --base " + base_ + " --out " + dir_.file("restored") + " -q", dir_);
+  ASSERT_EQ(d.code, 0) << d.err;
+  const PeftAdapter a = read_peft_adapter(dir_.file("adapter")), b = read_peft_adapter(dir_.file("restored"));
+  ASSERT_EQ(a.modules.size(), b.modules.size());
+  for (size_t k = 0; k < a.modules.size(); ++k)
+    EXPECT_LT(relative_delta_error(a.modules[k].A, a.modules[k].B, b.modules[k].A, b.modules[k].B), 1e-4);
+  EXPECT_EQ(a.config, b.config);
+}
+
+TEST_F(Cli, ErrorsAreOneLineNamingTheFileAndLeaveNothingBehind) {
+  // Adapter directory missing.
+  CliResult r = run("compress --base " + base_ + " --adapter " + dir_.file("nope") + " --out " + dir_.file("x.solar"), dir_);
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find(dir_.file("nope")), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  // Base that lacks the modules: no output file may appear.
+  test::write_bytes(dir_.file("empty.safetensors"), safetensors_bytes({{"x", Tensor::from_f32({1}, {1}, DType::F32)}}));
+  r = run("compress --base " + dir_.file("empty.safetensors") + " --adapter " + dir_.file("adapter") + " --out " + dir_.file("x.solar") + " -q", dir_);
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("layers.0.attention.wq"), std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dir_.file("x.solar")));
+  // A truncated container.
+  ASSERT_EQ(run("compress --base " + base_ + " --adapter " + dir_.file("adapter") + " --out " + dir_.file("ok.solar") + " --pool 50 -q", dir_).code, 0);
+  auto bytes = test::read_bytes(dir_.file("ok.solar"));
+  bytes.resize(bytes.size() / 2);
+  test::write_bytes(dir_.file("cut.solar"), bytes);
+  r = run("decompress " + dir_.file("cut.solar") + " --base " + base_ + " --out " + dir_.file("out"), dir_);
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("cut.solar"), std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dir_.file("out")));
+  // A bad option is a usage error.
+  r = run("compress --base a --adapter b --out c --bits 7", dir_);
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.code, 1);
+}
+
+TEST_F(Cli, NonFiniteAdapterIsRefused) {
+  PeftAdapter a = read_peft_adapter(dir_.file("adapter"));
+  auto v = a.modules[1].B.to_f32();
+  v[3] = std::nanf("");
+  a.modules[1].B = Tensor::from_f32(v, a.modules[1].B.shape, a.modules[1].B.dtype);
+  write_peft_adapter(dir_.file("nan"), a);
+  const CliResult r = run("compress --base " + base_ + " --adapter " + dir_.file("nan") + " --out " + dir_.file("n.solar"), dir_);
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("NaN"), std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dir_.file("n.solar")));
+}
+
+}  // namespace
+}  // namespace solar

@@ -1,0 +1,114 @@
+#include "solar/linalg.hpp"
+
+#include <cmath>
+
+#include <gtest/gtest.h>
+
+#include "test_support.hpp"
+
+namespace solar {
+namespace {
+
+Matrix random_matrix(int64_t r, int64_t c, uint64_t seed) {
+  const auto v = test::random_normals(static_cast<size_t>(r * c), seed);
+  return Matrix::from_f32(v.data(), r, c);
+}
+
+double max_abs_diff(const Matrix& a, const Matrix& b) {
+  double d = 0;
+  for (size_t i = 0; i < a.data.size(); ++i) d = std::max(d, std::fabs(a.data[i] - b.data[i]));
+  return d;
+}
+
+void expect_orthonormal(const Matrix& q) {
+  ASSERT_EQ(q.rows, q.cols);
+  const Matrix g = matmul(q, q, true, false);
+  for (int64_t i = 0; i < g.rows; ++i)
+    for (int64_t j = 0; j < g.cols; ++j) EXPECT_NEAR(g(i, j), i == j ? 1.0 : 0.0, 1e-10);
+}
+
+TEST(Linalg, MatmulAgreesWithNaiveProduct) {
+  const Matrix a = random_matrix(5, 7, 1), b = random_matrix(7, 3, 2);
+  const Matrix c = matmul(a, b);
+  for (int64_t i = 0; i < 5; ++i)
+    for (int64_t j = 0; j < 3; ++j) {
+      double s = 0;
+      for (int64_t k = 0; k < 7; ++k) s += a(i, k) * b(k, j);
+      EXPECT_NEAR(c(i, j), s, 1e-12);
+    }
+  EXPECT_LT(max_abs_diff(matmul(a.transposed(), b, true, false), c), 1e-12);
+  EXPECT_LT(max_abs_diff(matmul(a, b.transposed(), false, true), c), 1e-12);
+}
+
+class SvdShapes : public ::testing::TestWithParam<std::pair<int, int>> {};
+
+TEST_P(SvdShapes, FullCanonicalSvdReconstructs) {
+  const auto [m, n] = GetParam();
+  const Matrix w = random_matrix(m, n, 7);
+  const Svd s = full_svd(w);
+  ASSERT_EQ(s.U.rows, m);
+  ASSERT_EQ(s.V.rows, n);
+  expect_orthonormal(s.U);
+  expect_orthonormal(s.V);
+  const int64_t q = std::min(m, n);
+  Matrix us(m, n);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < q; ++j) us(i, j) = s.U(i, j) * s.S[static_cast<size_t>(j)];
+  EXPECT_LT(max_abs_diff(matmul(us, s.V, false, true), w), 1e-10);
+  for (int64_t j = 0; j < m; ++j) {  // canonical sign: largest-magnitude entry positive
+    int64_t best = 0;
+    for (int64_t i = 1; i < m; ++i)
+      if (std::fabs(s.U(i, j)) > std::fabs(s.U(best, j))) best = i;
+    EXPECT_GT(s.U(best, j), 0.0);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, SvdShapes, ::testing::Values(std::pair{8, 8}, std::pair{12, 5}, std::pair{5, 12}));
+
+TEST(Linalg, SvdIsInvariantToTheSignOfTheInput) {
+  // Negating W flips every singular pair; canonicalisation must give the same U and opposite V.
+  const Matrix w = random_matrix(6, 9, 3);
+  Matrix neg = w;
+  for (double& v : neg.data) v = -v;
+  const Svd a = full_svd(w), b = full_svd(neg);
+  for (int64_t i = 0; i < 6; ++i)
+    for (int64_t j = 0; j < 6; ++j) EXPECT_NEAR(a.U(i, j), b.U(i, j), 1e-10);
+}
+
+TEST(Linalg, LeastSquaresOverdeterminedMatchesNormalEquations) {
+  const Matrix d = random_matrix(20, 4, 11);
+  std::vector<double> t(20);
+  for (int i = 0; i < 20; ++i) t[static_cast<size_t>(i)] = std::sin(i);
+  const auto x = lstsq_min_norm(d, t);
+  // Residual is orthogonal to the columns.
+  for (int64_t j = 0; j < 4; ++j) {
+    double g = 0;
+    for (int64_t i = 0; i < 20; ++i) {
+      double r = t[static_cast<size_t>(i)];
+      for (int64_t k = 0; k < 4; ++k) r -= d(i, k) * x[static_cast<size_t>(k)];
+      g += d(i, j) * r;
+    }
+    EXPECT_NEAR(g, 0.0, 1e-10);
+  }
+}
+
+TEST(Linalg, LeastSquaresUnderdeterminedIsExactAndMinimumNorm) {
+  const Matrix d = random_matrix(4, 10, 12);
+  const std::vector<double> t = {1, -2, 3, 0.5};
+  const auto x = lstsq_min_norm(d, t);
+  for (int64_t i = 0; i < 4; ++i) {
+    double s = 0;
+    for (int64_t k = 0; k < 10; ++k) s += d(i, k) * x[static_cast<size_t>(k)];
+    EXPECT_NEAR(s, t[static_cast<size_t>(i)], 1e-10);
+  }
+  // Minimum norm: x lies in the row space of D, i.e. x = D^T y for some y.
+  const auto y = lstsq_min_norm(d.transposed(), x);
+  for (int64_t k = 0; k < 10; ++k) {
+    double s = 0;
+    for (int64_t i = 0; i < 4; ++i) s += d(i, k) * y[static_cast<size_t>(i)];
+    EXPECT_NEAR(s, x[static_cast<size_t>(k)], 1e-10);
+  }
+}
+
+}  // namespace
+}  // namespace solar

@@ -1,0 +1,141 @@
+// End-to-end compress/decompress on the real stories260K checkpoint.
+#include "solar/pipeline.hpp"
+
+#include <filesystem>
+
+#include <gtest/gtest.h>
+
+#include "adapter_factory.hpp"
+#include "solar/io.hpp"
+
+namespace solar {
+namespace {
+
+class Stories : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    path_ = test::stories_checkpoint();
+    if (path_.empty()) GTEST_SKIP() << "../shared/data is absent: stories260K tests need it";
+    base_ = std::make_unique<Checkpoint>(path_);
+  }
+  std::string path_;
+  std::unique_ptr<Checkpoint> base_;
+};
+
+double worst_error(const PeftAdapter& a, const PeftAdapter& b) {
+  double worst = 0;
+  for (size_t i = 0; i < a.modules.size(); ++i)
+    worst = std::max(worst, relative_delta_error(a.modules[i].A, a.modules[i].B, b.modules[i].A, b.modules[i].B));
+  return worst;
+}
+
+TEST_F(Stories, LosslessSettingIsLossless) {
+  // wq is 64x64, wv 32x64: with r = 4 the larger factor has 256 entries; a pool twice that,
+  // all kept at 32 bits, must reproduce B A.
+  const PeftAdapter adapter = test::stories_adapter(*base_, 4, {"wq", "wv"});
+  CompressOptions o;
+  o.paper.pool_a = o.paper.pool_b = 512;
+  o.paper.keep_fraction = 1.0;
+  o.paper.bits = 32;
+  o.seed = 3;
+  const Container c = compress_adapter(adapter, *base_, o);
+  const auto bytes = serialize_container(c);
+  const PeftAdapter back = decompress_container(parse_container(bytes.data(), bytes.size(), "mem"), *base_);
+  ASSERT_EQ(back.modules.size(), 10u);
+  EXPECT_LT(worst_error(adapter, back), 1e-4);
+  EXPECT_EQ(back.config, adapter.config);
+}
+
+TEST_F(Stories, PaperBudgetReportsRealBytesAndError) {
+  const PeftAdapter adapter = test::stories_adapter(*base_, 4, {"wq", "wv"});
+  CompressOptions o;
+  o.paper.pool_a = o.paper.pool_b = 100;
+  o.paper.keep_fraction = 0.3;
+  o.paper.bits = 8;
+  const Container c = compress_adapter(adapter, *base_, o);
+  const auto bytes = serialize_container(c);
+  const SizeReport r = size_report(c, bytes);
+  EXPECT_EQ(r.file_bytes, bytes.size());
+  EXPECT_EQ(r.header_bytes + r.metadata_bytes + r.payload_bytes, bytes.size());
+  EXPECT_LT(r.file_bytes, r.peft_fp16_bytes);
+  const PeftAdapter back = decompress_container(c, *base_);
+  const double err = worst_error(adapter, back);
+  // 30 of 100 coefficients for a 256-entry factor cannot be exact; the error is reported, not hidden.
+  EXPECT_GT(err, 0.1);
+  EXPECT_TRUE(std::isfinite(err));
+}
+
+TEST_F(Stories, OutputIsByteIdenticalWhateverTheThreadCount) {
+  const PeftAdapter adapter = test::stories_adapter(*base_, 2, {"wq", "wk", "wv"});
+  std::vector<std::vector<uint8_t>> outs;
+  for (int threads : {1, 2, 3}) {
+    CompressOptions o;
+    o.paper.pool_a = o.paper.pool_b = 150;
+    o.seed = 11;
+    o.threads = threads;
+    outs.push_back(serialize_container(compress_adapter(adapter, *base_, o)));
+  }
+  EXPECT_EQ(outs[0], outs[1]);
+  EXPECT_EQ(outs[0], outs[2]);
+}
+
+TEST_F(Stories, DecodingAgainstAnotherBaseFailsLoudly) {
+  const PeftAdapter adapter = test::stories_adapter(*base_, 2, {"wq"}, 1, DType::F32, 2);
+  CompressOptions o;
+  o.paper.pool_a = o.paper.pool_b = 50;
+  const Container c = compress_adapter(adapter, *base_, o);
+  // A copy of the checkpoint with one weight nudged by one float32 ulp.
+  test::TempDir dir;
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const auto& name : base_->names()) {
+    Tensor t = base_->get(name).copy();
+    if (name == "layers.1.attention.wq.weight") {
+      auto v = t.to_f32();
+      v[5] = std::nextafter(v[5], 1e9f);
+      t = Tensor::from_f32(v, t.shape, t.dtype);
+    }
+    tensors.emplace_back(name, std::move(t));
+  }
+  write_safetensors(dir.file("other.safetensors"), tensors);
+  const Checkpoint other(dir.file("other.safetensors"));
+  EXPECT_SOLAR_ERROR(decompress_container(c, other), ErrorKind::Mismatch, "layers.1.attention.wq.weight");
+}
+
+TEST_F(Stories, ModulesMissingFromTheBaseAreNamed) {
+  PeftAdapter adapter = test::stories_adapter(*base_, 2, {"wq"}, 1, DType::F32, 1);
+  adapter.modules[0].path = "layers.9.attention.wq";
+  EXPECT_SOLAR_ERROR(compress_adapter(adapter, *base_, {}), ErrorKind::Mismatch, "layers.9.attention.wq");
+}
+
+TEST_F(Stories, ShapeMismatchIsNamed) {
+  PeftAdapter adapter = test::stories_adapter(*base_, 2, {"wq"}, 1, DType::F32, 1);
+  adapter.modules[0].path = "layers.0.attention.wv";  // 32 x 64, LoRA is 64 x 64
+  EXPECT_SOLAR_ERROR(compress_adapter(adapter, *base_, {}), ErrorKind::Mismatch, "64x64");
+}
+
+TEST_F(Stories, HalfPrecisionAdaptersRestoreInTheirDtype) {
+  const PeftAdapter adapter = test::stories_adapter(*base_, 4, {"wv"}, 5, DType::BF16, 2);
+  CompressOptions o;
+  o.paper.pool_a = o.paper.pool_b = 600;
+  o.paper.keep_fraction = 1.0;
+  o.paper.bits = 32;
+  const PeftAdapter back = decompress_container(compress_adapter(adapter, *base_, o), *base_);
+  EXPECT_EQ(back.modules[0].A.dtype, DType::BF16);
+  EXPECT_LT(worst_error(adapter, back), 1e-2);  // bf16 rounding of the restored factors
+}
+
+TEST_F(Stories, RealTrainedAdapterRoundTrips) {
+  const std::string dir = SOLAR_SOURCE_DIR "/tests/fixtures/stories260k_lora_r4";
+  if (!std::filesystem::exists(dir + "/adapter_model.safetensors")) GTEST_SKIP() << "fixture not built";
+  const PeftAdapter adapter = read_peft_adapter(dir);
+  ASSERT_FALSE(adapter.modules.empty());
+  CompressOptions o;
+  o.paper.pool_a = o.paper.pool_b = 600;
+  o.paper.keep_fraction = 1.0;
+  o.paper.bits = 32;
+  const PeftAdapter back = decompress_container(compress_adapter(adapter, *base_, o), *base_);
+  EXPECT_LT(worst_error(adapter, back), 1e-4);
+}
+
+}  // namespace
+}  // namespace solar
