@@ -15,70 +15,60 @@ namespace {
 
 static_assert(std::endian::native == std::endian::little, "solar assumes a little-endian host");
 
-constexpr uint8_t kMagic[8] = {0x89, 'S', 'O', 'L', 'A', 'R', '\r', '\n'};
-constexpr uint32_t kFlagMetaZstd = 1u, kFlagPayloadZstd = 2u;
+constexpr uint8_t kMagic[4] = {0x89, 'S', 'L', 'R'};
+constexpr uint32_t kFlagMetaZstd = 1u, kFlagMetaDict = 2u, kFlagPayloadZstd = 4u;
+constexpr uint32_t kKnownFlags = kFlagMetaZstd | kFlagMetaDict | kFlagPayloadZstd;
 constexpr uint64_t kMaxMetadata = 64ull << 20;
 constexpr uint64_t kMaxPayload = 2ull << 30;
 constexpr int kZstdLevel = 19;
 
-void put_u32(uint8_t* p, uint32_t v) { for (int i = 0; i < 4; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i)); }
-void put_u64(uint8_t* p, uint64_t v) { for (int i = 0; i < 8; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i)); }
+void put_u32(std::vector<uint8_t>& out, uint32_t v) { for (int i = 0; i < 4; ++i) out.push_back(static_cast<uint8_t>(v >> (8 * i))); }
 uint32_t get_u32(const uint8_t* p) { uint32_t v = 0; for (int i = 0; i < 4; ++i) v |= static_cast<uint32_t>(p[i]) << (8 * i); return v; }
-uint64_t get_u64(const uint8_t* p) { uint64_t v = 0; for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i); return v; }
 
-std::string hex64(uint64_t v) {
-  static const char* digits = "0123456789abcdef";
-  std::string s(16, '0');
-  for (int i = 15; i >= 0; --i, v >>= 4) s[static_cast<size_t>(i)] = digits[v & 0xF];
-  return s;
+void put_varint(std::vector<uint8_t>& out, uint64_t v) {
+  while (v >= 0x80) {
+    out.push_back(static_cast<uint8_t>(v | 0x80));
+    v >>= 7;
+  }
+  out.push_back(static_cast<uint8_t>(v));
 }
 
-uint64_t parse_hex64(const std::string& s, const std::string& where) {
-  if (s.size() != 16) throw Error(ErrorKind::Format, where, "fingerprint must be 16 hex digits");
+// LEB128, at most 9 bytes (values below 2^63); advances `pos`.
+uint64_t get_varint(const uint8_t* data, size_t size, size_t& pos, const std::string& where) {
   uint64_t v = 0;
-  for (char c : s) {
-    int d;
-    if (c >= '0' && c <= '9') d = c - '0';
-    else if (c >= 'a' && c <= 'f') d = c - 'a' + 10;
-    else throw Error(ErrorKind::Format, where, "fingerprint must be lowercase hex");
-    v = (v << 4) | static_cast<uint64_t>(d);
+  for (int shift = 0; shift < 63; shift += 7) {
+    if (pos >= size) throw Error(ErrorKind::Format, where, "truncated header");
+    const uint8_t b = data[pos++];
+    v |= static_cast<uint64_t>(b & 0x7F) << shift;
+    if (!(b & 0x80)) return v;
   }
-  return v;
+  throw Error(ErrorKind::Format, where, "malformed size field in header");
 }
 
-// Keeps zstd only when it is smaller; returns true if compressed.
-bool maybe_compress(const std::vector<uint8_t>& raw, std::vector<uint8_t>& stored) {
-  if (raw.empty()) { stored.clear(); return false; }
+std::vector<uint8_t> zstd_compress(const std::vector<uint8_t>& raw, const std::string* dict) {
   std::vector<uint8_t> z(ZSTD_compressBound(raw.size()));
-  const size_t n = ZSTD_compress(z.data(), z.size(), raw.data(), raw.size(), kZstdLevel);
-  if (!ZSTD_isError(n) && n < raw.size()) {
-    z.resize(n);
-    stored = std::move(z);
-    return true;
-  }
-  stored = raw;
-  return false;
+  ZSTD_CCtx* cctx = ZSTD_createCCtx();
+  const size_t n = dict ? ZSTD_compress_usingDict(cctx, z.data(), z.size(), raw.data(), raw.size(), dict->data(), dict->size(), kZstdLevel)
+                        : ZSTD_compressCCtx(cctx, z.data(), z.size(), raw.data(), raw.size(), kZstdLevel);
+  ZSTD_freeCCtx(cctx);
+  if (ZSTD_isError(n)) return {};
+  z.resize(n);
+  return z;
 }
 
-std::vector<uint8_t> inflate(const uint8_t* p, size_t n, uint64_t raw_size, const std::string& where, const char* part) {
+std::vector<uint8_t> inflate(const uint8_t* p, size_t n, uint64_t raw_size, const std::string* dict, const std::string& where,
+                             const char* part) {
   const unsigned long long declared = ZSTD_getFrameContentSize(p, n);
   if (declared == ZSTD_CONTENTSIZE_ERROR || declared == ZSTD_CONTENTSIZE_UNKNOWN || declared != raw_size)
     throw Error(ErrorKind::Format, where, std::string(part) + ": zstd frame does not declare the expected size");
   std::vector<uint8_t> out(static_cast<size_t>(raw_size));
-  const size_t got = ZSTD_decompress(out.data(), out.size(), p, n);
-  if (ZSTD_isError(got) || got != raw_size)
-    throw Error(ErrorKind::Format, where, std::string(part) + ": zstd data is invalid");
+  ZSTD_DCtx* dctx = ZSTD_createDCtx();
+  const size_t got = dict ? ZSTD_decompress_usingDict(dctx, out.data(), out.size(), p, n, dict->data(), dict->size())
+                          : ZSTD_decompressDCtx(dctx, out.data(), out.size(), p, n);
+  ZSTD_freeDCtx(dctx);
+  if (ZSTD_isError(got) || got != raw_size) throw Error(ErrorKind::Format, where, std::string(part) + ": zstd data is invalid");
   return out;
 }
-
-struct PayloadWriter {
-  std::vector<uint8_t> bytes;
-  nlohmann::json add(const std::vector<uint8_t>& blob) {
-    nlohmann::json ref = {bytes.size(), blob.size()};
-    bytes.insert(bytes.end(), blob.begin(), blob.end());
-    return ref;
-  }
-};
 
 template <class T>
 T field(const nlohmann::json& j, const char* key, const std::string& where) {
@@ -89,99 +79,139 @@ T field(const nlohmann::json& j, const char* key, const std::string& where) {
   }
 }
 
-std::vector<uint8_t> blob_at(const nlohmann::json& ref, const std::vector<uint8_t>& payload, const std::string& where) {
-  if (!ref.is_array() || ref.size() != 2 || !ref[0].is_number_unsigned() || !ref[1].is_number_unsigned())
-    throw Error(ErrorKind::Format, where, "blob reference must be [offset, length]");
-  const uint64_t off = ref[0].get<uint64_t>(), len = ref[1].get<uint64_t>();
-  if (off > payload.size() || len > payload.size() - off)
-    throw Error(ErrorKind::Format, where, "blob [" + std::to_string(off) + ", +" + std::to_string(len) + "] lies outside the payload");
-  return {payload.begin() + static_cast<ptrdiff_t>(off), payload.begin() + static_cast<ptrdiff_t>(off + len)};
-}
+// Blobs are stored back to back in metadata order; the metadata lists their lengths.
+class PayloadReader {
+ public:
+  PayloadReader(const std::vector<uint8_t>& p, const std::string& where) : p_(p), where_(where) {}
+  std::vector<uint8_t> take(const nlohmann::json& len, const std::string& where) {
+    if (!len.is_number_unsigned()) throw Error(ErrorKind::Format, where, "blob length must be an unsigned integer");
+    const uint64_t n = len.get<uint64_t>();
+    if (n > p_.size() - pos_) throw Error(ErrorKind::Format, where, "blob of " + std::to_string(n) + " bytes runs past the payload");
+    std::vector<uint8_t> out(p_.begin() + static_cast<ptrdiff_t>(pos_), p_.begin() + static_cast<ptrdiff_t>(pos_ + n));
+    pos_ += n;
+    return out;
+  }
+  void finish() const {
+    if (pos_ != p_.size()) throw Error(ErrorKind::Format, where_, "payload has " + std::to_string(p_.size() - pos_) + " bytes no blob accounts for");
+  }
+
+ private:
+  const std::vector<uint8_t>& p_;
+  std::string where_;
+  size_t pos_ = 0;
+};
 
 Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& payload, const std::string& where);
 
 }  // namespace
 
-uint64_t fingerprint_f32(const std::vector<float>& values) {
-  return XXH64(values.data(), values.size() * sizeof(float), 0);
+uint32_t fingerprint_f32(const std::vector<float>& values) {
+  return XXH32(values.data(), values.size() * sizeof(float), 0);
 }
 
 std::vector<uint8_t> serialize_container(const Container& c) {
-  PayloadWriter pw;
+  std::vector<uint8_t> payload;
+  auto add = [&](const std::vector<uint8_t>& blob) {
+    payload.insert(payload.end(), blob.begin(), blob.end());
+    return blob.size();
+  };
   nlohmann::json layers = nlohmann::json::array();
   for (const LayerRecord& l : c.layers) {
     nlohmann::json blobs = nlohmann::json::array();
-    for (const auto& b : l.encoded.blobs) blobs.push_back(pw.add(b));
+    for (const auto& b : l.encoded.blobs) blobs.push_back(add(b));
     layers.push_back({{"module", l.module},
                       {"base", l.base_key},
                       {"transpose", l.transpose_base},
                       {"shape", {l.shape.m, l.shape.n, l.shape.r}},
                       {"dtypes", {dtype_name(l.a_dtype), dtype_name(l.b_dtype)}},
-                      {"fingerprint", hex64(l.base_fingerprint)},
+                      {"fingerprint", l.base_fingerprint},
                       {"mode", l.mode},
                       {"params", l.encoded.params},
                       {"blobs", blobs}});
   }
   nlohmann::json pass = nlohmann::json::array();
   for (const auto& [key, t] : c.passthrough)
-    pass.push_back({{"key", key}, {"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"blob", pw.add(t.data)}});
-  nlohmann::json meta = {{"producer", c.producer},
-                         {"seed", std::to_string(c.seed)},
-                         {"peft_config", c.peft_config},
-                         {"key_prefix", c.key_prefix},
-                         {"file_metadata", c.file_metadata},
-                         {"layers", layers},
-                         {"passthrough", pass}};
-  const std::string meta_text = meta.dump();
-  const std::vector<uint8_t> meta_raw(meta_text.begin(), meta_text.end());
-  std::vector<uint8_t> meta_stored, payload_stored;
-  uint32_t flags = 0;
-  if (maybe_compress(meta_raw, meta_stored)) flags |= kFlagMetaZstd;
-  if (maybe_compress(pw.bytes, payload_stored)) flags |= kFlagPayloadZstd;
+    pass.push_back({{"key", key}, {"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"blob", add(t.data)}});
+  const nlohmann::json meta = {{"producer", c.producer},   {"seed", std::to_string(c.seed)},
+                               {"peft_config", c.peft_config}, {"key_prefix", c.key_prefix},
+                               {"file_metadata", c.file_metadata}, {"layers", layers},
+                               {"passthrough", pass}};
+  const std::string text = meta.dump();
+  const std::vector<uint8_t> meta_raw(text.begin(), text.end());
 
-  std::vector<uint8_t> out(kHeaderSize);
-  std::memcpy(out.data(), kMagic, 8);
-  put_u32(out.data() + 8, kFormatVersion);
-  put_u32(out.data() + 12, flags);
-  put_u64(out.data() + 16, meta_stored.size());
-  put_u64(out.data() + 24, meta_raw.size());
-  put_u64(out.data() + 32, payload_stored.size());
-  put_u64(out.data() + 40, pw.bytes.size());
+  uint32_t flags = 0;
+  std::vector<uint8_t> meta_stored = meta_raw;
+  const std::vector<uint8_t> with_dict = zstd_compress(meta_raw, &metadata_dictionary_v1());
+  if (!with_dict.empty() && with_dict.size() < meta_stored.size()) {
+    meta_stored = with_dict;
+    flags = kFlagMetaZstd | kFlagMetaDict;
+  }
+  std::vector<uint8_t> pay_stored = payload;
+  if (!payload.empty()) {
+    const std::vector<uint8_t> z = zstd_compress(payload, nullptr);
+    if (!z.empty() && z.size() < payload.size()) {
+      pay_stored = z;
+      flags |= kFlagPayloadZstd;
+    }
+  }
+  std::vector<uint8_t> out(kMagic, kMagic + 4);
+  out.push_back(static_cast<uint8_t>(kFormatVersion));
+  out.push_back(static_cast<uint8_t>(flags));
+  put_varint(out, meta_stored.size());
+  put_varint(out, meta_raw.size());
+  put_varint(out, pay_stored.size());
+  put_varint(out, payload.size());
   out.insert(out.end(), meta_stored.begin(), meta_stored.end());
-  out.insert(out.end(), payload_stored.begin(), payload_stored.end());
-  const uint64_t sum = XXH64(out.data(), out.size(), 0);
-  out.resize(out.size() + kTrailerSize);
-  put_u64(out.data() + out.size() - kTrailerSize, sum);
+  out.insert(out.end(), pay_stored.begin(), pay_stored.end());
+  put_u32(out, XXH32(out.data(), out.size(), 0));
   return out;
 }
 
+ContainerHeader parse_container_header(const uint8_t* data, size_t size, const std::string& where) {
+  if (size < 4 || std::memcmp(data, kMagic, 4) != 0) {
+    if (size < 4) throw Error(ErrorKind::Format, where, "truncated: " + std::to_string(size) + " bytes is too short for a .solar file");
+    throw Error(ErrorKind::Format, where, "not a .solar file (bad magic)");
+  }
+  if (size < 6 + kTrailerSize) throw Error(ErrorKind::Format, where, "truncated header");
+  ContainerHeader h;
+  h.version = data[4];
+  if (h.version != kFormatVersion)
+    throw Error(ErrorKind::Unsupported, where, "format version " + std::to_string(h.version) + " (this build reads version " + std::to_string(kFormatVersion) + ")");
+  h.flags = data[5];
+  size_t pos = 6;
+  const size_t limit = size - kTrailerSize;
+  h.metadata_stored = get_varint(data, limit, pos, where);
+  h.metadata_raw = get_varint(data, limit, pos, where);
+  h.payload_stored = get_varint(data, limit, pos, where);
+  h.payload_raw = get_varint(data, limit, pos, where);
+  h.header_bytes = pos;
+  return h;
+}
+
 Container parse_container(const uint8_t* data, size_t size, const std::string& where) {
-  if (size < kHeaderSize + kTrailerSize) throw Error(ErrorKind::Format, where, "truncated: " + std::to_string(size) + " bytes is smaller than a .solar header");
-  if (std::memcmp(data, kMagic, 8) != 0) throw Error(ErrorKind::Format, where, "not a .solar file (bad magic)");
-  const uint32_t version = get_u32(data + 8);
-  if (version != kFormatVersion)
-    throw Error(ErrorKind::Unsupported, where, "format version " + std::to_string(version) + " (this build reads version " + std::to_string(kFormatVersion) + ")");
-  const uint32_t flags = get_u32(data + 12);
-  if (flags & ~(kFlagMetaZstd | kFlagPayloadZstd)) throw Error(ErrorKind::Format, where, "unknown header flags");
-  const uint64_t meta_stored = get_u64(data + 16), meta_raw = get_u64(data + 24);
-  const uint64_t pay_stored = get_u64(data + 32), pay_raw = get_u64(data + 40);
-  const uint64_t body = size - kHeaderSize - kTrailerSize;
-  if (meta_stored > body || pay_stored > body - meta_stored)
-    throw Error(ErrorKind::Format, where, "truncated: header declares " + std::to_string(meta_stored + pay_stored) + " body bytes, file has " + std::to_string(body));
-  if (meta_stored + pay_stored != body) throw Error(ErrorKind::Format, where, "trailing bytes after the payload");
-  if (meta_raw > kMaxMetadata || pay_raw > kMaxPayload) throw Error(ErrorKind::Format, where, "declared sizes exceed the format's limits");
-  if (!(flags & kFlagMetaZstd) && meta_raw != meta_stored) throw Error(ErrorKind::Format, where, "metadata sizes disagree");
-  if (!(flags & kFlagPayloadZstd) && pay_raw != pay_stored) throw Error(ErrorKind::Format, where, "payload sizes disagree");
-  const uint64_t expected = get_u64(data + size - kTrailerSize);
-  if (XXH64(data, size - kTrailerSize, 0) != expected)
+  const ContainerHeader h = parse_container_header(data, size, where);
+  if (h.flags & ~kKnownFlags) throw Error(ErrorKind::Format, where, "unknown header flags");
+  if ((h.flags & kFlagMetaDict) && !(h.flags & kFlagMetaZstd)) throw Error(ErrorKind::Format, where, "dictionary flag without zstd");
+  const uint64_t body = size - h.header_bytes - kTrailerSize;
+  if (h.metadata_stored > body || h.payload_stored > body - h.metadata_stored)
+    throw Error(ErrorKind::Format, where, "truncated: header declares " + std::to_string(h.metadata_stored + h.payload_stored) +
+                                              " body bytes, file has " + std::to_string(body));
+  if (h.metadata_stored + h.payload_stored != body) throw Error(ErrorKind::Format, where, "trailing bytes after the payload");
+  if (h.metadata_raw > kMaxMetadata || h.payload_raw > kMaxPayload) throw Error(ErrorKind::Format, where, "declared sizes exceed the format's limits");
+  if (!(h.flags & kFlagMetaZstd) && h.metadata_raw != h.metadata_stored) throw Error(ErrorKind::Format, where, "metadata sizes disagree");
+  if (!(h.flags & kFlagPayloadZstd) && h.payload_raw != h.payload_stored) throw Error(ErrorKind::Format, where, "payload sizes disagree");
+  if (XXH32(data, size - kTrailerSize, 0) != get_u32(data + size - kTrailerSize))
     throw Error(ErrorKind::Corrupt, where, "checksum mismatch: the file is damaged");
 
-  const uint8_t* meta_p = data + kHeaderSize;
-  const uint8_t* pay_p = meta_p + meta_stored;
-  std::vector<uint8_t> meta_bytes = (flags & kFlagMetaZstd) ? inflate(meta_p, meta_stored, meta_raw, where, "metadata")
-                                                             : std::vector<uint8_t>(meta_p, meta_p + meta_stored);
-  std::vector<uint8_t> payload = (flags & kFlagPayloadZstd) ? inflate(pay_p, pay_stored, pay_raw, where, "payload")
-                                                             : std::vector<uint8_t>(pay_p, pay_p + pay_stored);
+  const uint8_t* meta_p = data + h.header_bytes;
+  const uint8_t* pay_p = meta_p + h.metadata_stored;
+  const std::string* dict = (h.flags & kFlagMetaDict) ? &metadata_dictionary_v1() : nullptr;
+  const std::vector<uint8_t> meta_bytes = (h.flags & kFlagMetaZstd)
+                                              ? inflate(meta_p, h.metadata_stored, h.metadata_raw, dict, where, "metadata")
+                                              : std::vector<uint8_t>(meta_p, meta_p + h.metadata_stored);
+  const std::vector<uint8_t> payload = (h.flags & kFlagPayloadZstd)
+                                           ? inflate(pay_p, h.payload_stored, h.payload_raw, nullptr, where, "payload")
+                                           : std::vector<uint8_t>(pay_p, pay_p + h.payload_stored);
   nlohmann::json meta;
   try {
     meta = nlohmann::json::parse(meta_bytes.begin(), meta_bytes.end());
@@ -200,12 +230,14 @@ namespace {
 
 Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& payload, const std::string& where) {
   Container c;
+  PayloadReader blobs_in(payload, where);
   c.producer = field<std::string>(meta, "producer", where);
   const std::string seed = field<std::string>(meta, "seed", where);
   try {
     size_t used = 0;
+    if (seed.empty() || seed[0] == '-') throw std::invalid_argument("seed");
     c.seed = std::stoull(seed, &used);
-    if (used != seed.size() || seed.empty() || seed[0] == '-') throw std::invalid_argument("seed");
+    if (used != seed.size()) throw std::invalid_argument("seed");
   } catch (const std::exception&) {
     throw Error(ErrorKind::Format, where, "seed must be a decimal unsigned 64-bit integer");
   }
@@ -233,12 +265,12 @@ Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& 
     l.a_dtype = parse_dtype(dts[0], lw);
     l.b_dtype = parse_dtype(dts[1], lw);
     if (!is_float(l.a_dtype) || !is_float(l.b_dtype)) throw Error(ErrorKind::Format, lw, "LoRA factors must be floating point");
-    l.base_fingerprint = parse_hex64(field<std::string>(j, "fingerprint", lw), lw);
+    l.base_fingerprint = field<uint32_t>(j, "fingerprint", lw);
     l.mode = field<std::string>(j, "mode", lw);
     l.encoded.params = j.contains("params") ? j.at("params") : nlohmann::json::object();
     const auto& blobs = j.at("blobs");
     if (!blobs.is_array()) throw Error(ErrorKind::Format, lw, "blobs must be an array");
-    for (const auto& ref : blobs) l.encoded.blobs.push_back(blob_at(ref, payload, lw));
+    for (const auto& len : blobs) l.encoded.blobs.push_back(blobs_in.take(len, lw));
     c.layers.push_back(std::move(l));
   }
   const auto& pass = meta.at("passthrough");
@@ -249,7 +281,7 @@ Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& 
     const std::string pw = where + " (tensor " + key + ")";
     t.dtype = parse_dtype(field<std::string>(j, "dtype", pw), pw);
     t.shape = field<std::vector<int64_t>>(j, "shape", pw);
-    t.data = blob_at(j.at("blob"), payload, pw);
+    t.data = blobs_in.take(j.at("blob"), pw);
     uint64_t numel = 1;
     for (int64_t d : t.shape) {
       if (d < 0 || (d > 0 && numel > (1ull << 40) / static_cast<uint64_t>(d))) throw Error(ErrorKind::Format, pw, "bad shape");
@@ -258,6 +290,7 @@ Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& 
     if (numel * dtype_size(t.dtype) != t.data.size()) throw Error(ErrorKind::Format, pw, "tensor size does not match its shape");
     c.passthrough.emplace_back(key, std::move(t));
   }
+  blobs_in.finish();
   return c;
 }
 

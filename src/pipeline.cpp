@@ -177,16 +177,25 @@ PeftAdapter decompress_container(const Container& c, const WeightSource& base, c
     const std::unique_ptr<LayerCodec> codec = make_decoder(l.mode, "layer " + l.module);
     std::function<Matrix()> load;
     if (codec->needs_base()) {
-      if (!base.contains(l.base_key))
-        throw Error(ErrorKind::Mismatch, base.describe(), "no tensor '" + l.base_key + "' (needed by module " + l.module + ")");
+      std::string key = l.base_key;
+      if (!base.contains(key)) {
+        // The same weights may be named differently here than where the file was made (a
+        // checkpoint without the model's wrapper prefix vs. the model's own state dict): look the
+        // module up as compress does. The fingerprint check below still guards against another W.
+        try {
+          key = resolve_base_key(base, l.module);
+        } catch (const Error&) {
+          throw Error(ErrorKind::Mismatch, base.describe(), "no tensor '" + l.base_key + "' (needed by module " + l.module + ")");
+        }
+      }
       int64_t m = 0, n = 0;
-      std::vector<float> w = canonical_base(base, l.base_key, l.transpose_base, &m, &n);
+      std::vector<float> w = canonical_base(base, key, l.transpose_base, &m, &n);
       if (m != l.shape.m || n != l.shape.n)
-        throw Error(ErrorKind::Mismatch, base.describe(), "tensor '" + l.base_key + "' is " + dims(m, n) + " but the file was built against " + dims(l.shape.m, l.shape.n));
-      const uint64_t fp = fingerprint_f32(w);
+        throw Error(ErrorKind::Mismatch, base.describe(), "tensor '" + key + "' is " + dims(m, n) + " but the file was built against " + dims(l.shape.m, l.shape.n));
+      const uint32_t fp = fingerprint_f32(w);
       if (fp != l.base_fingerprint)
         throw Error(ErrorKind::Mismatch, base.describe(),
-                    "tensor '" + l.base_key + "' differs from the base the file was built against (wrong base model?)");
+                    "tensor '" + key + "' differs from the base the file was built against (wrong base model?)");
       load = [w = std::move(w), m, n] { return Matrix::from_f32(w.data(), m, n); };
     }
     LayerContext ctx(c.seed, static_cast<uint32_t>(i), l.shape, std::move(load));

@@ -5,8 +5,6 @@
 namespace solar {
 namespace {
 
-uint64_t get_u64(const uint8_t* p) { uint64_t v = 0; for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i); return v; }
-
 // Size of adapter_model.safetensors holding this adapter with LoRA factors in `dtype`.
 size_t peft_file_bytes(const Container& c, DType dtype) {
   std::vector<std::pair<std::string, Tensor>> tensors;
@@ -25,13 +23,12 @@ size_t peft_file_bytes(const Container& c, DType dtype) {
 SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes) {
   SizeReport r;
   r.file_bytes = bytes.size();
-  r.header_bytes = kHeaderSize + kTrailerSize;
-  if (bytes.size() >= kHeaderSize) {
-    r.metadata_bytes = get_u64(bytes.data() + 16);
-    r.metadata_raw_bytes = get_u64(bytes.data() + 24);
-    r.payload_bytes = get_u64(bytes.data() + 32);
-    r.payload_raw_bytes = get_u64(bytes.data() + 40);
-  }
+  const ContainerHeader h = parse_container_header(bytes.data(), bytes.size(), "<container>");
+  r.header_bytes = h.header_bytes + kTrailerSize;
+  r.metadata_bytes = h.metadata_stored;
+  r.metadata_raw_bytes = h.metadata_raw;
+  r.payload_bytes = h.payload_stored;
+  r.payload_raw_bytes = h.payload_raw;
   for (const LayerRecord& l : c.layers) {
     SizeReport::Layer L{l.module, l.mode, l.shape, l.encoded.params, 0};
     for (const auto& b : l.encoded.blobs) L.payload_bytes += b.size();

@@ -1,12 +1,11 @@
 // The .solar container (format v1, specified in docs/FORMAT.md).
 //
-//   offset 0   magic "\x89SOLAR\r\n"
-//          8   u32 version (1)           12  u32 flags (bit 0: metadata zstd, bit 1: payload zstd)
-//         16   u64 metadata stored size  24  u64 metadata raw size
-//         32   u64 payload stored size   40  u64 payload raw size
-//         48   metadata (JSON, UTF-8), payload (blobs), then u64 XXH64 of every byte before it.
-// All integers little-endian. Sizes are checked against the file size and fixed limits before
-// any allocation; the checksum is verified before anything is parsed.
+//   magic "\x89SLR" | u8 version (1) | u8 flags | LEB128 sizes: metadata stored, metadata raw,
+//   payload stored, payload raw | metadata (JSON, UTF-8; zstd with a built-in dictionary when
+//   that is smaller) | payload (the blobs, concatenated) | u32 XXH32 of every byte before it.
+// Compact on purpose: per-adapter overhead matters for small adapters on the wire. Sizes are
+// checked against the file size and fixed limits before any allocation; the checksum is verified
+// before anything is parsed.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -22,8 +21,7 @@
 namespace solar {
 
 inline constexpr uint32_t kFormatVersion = 1;
-inline constexpr size_t kHeaderSize = 48;
-inline constexpr size_t kTrailerSize = 8;
+inline constexpr size_t kTrailerSize = 4;
 
 struct LayerRecord {
   std::string module;         // PEFT module path
@@ -31,7 +29,7 @@ struct LayerRecord {
   bool transpose_base = false;  // W stored in x out (fan_in_fan_out)
   LayerShape shape;
   DType a_dtype = DType::F32, b_dtype = DType::F32;  // restored dtypes
-  uint64_t base_fingerprint = 0;  // XXH64 of canonical W (m x n, float32 little-endian)
+  uint32_t base_fingerprint = 0;  // XXH32 of canonical W (m x n, float32 little-endian)
   std::string mode;
   EncodedLayer encoded;
 };
@@ -62,7 +60,7 @@ struct SizeReport {
     size_t payload_bytes = 0;  // raw bytes of its blobs
   };
   size_t file_bytes = 0;
-  size_t header_bytes = 0;        // fixed header + checksum trailer
+  size_t header_bytes = 0;        // magic, version, flags, sizes and checksum
   size_t metadata_bytes = 0;      // as stored
   size_t metadata_raw_bytes = 0;
   size_t payload_bytes = 0;       // as stored
@@ -76,6 +74,17 @@ struct SizeReport {
 };
 SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes);
 
-uint64_t fingerprint_f32(const std::vector<float>& values);
+uint32_t fingerprint_f32(const std::vector<float>& values);
+
+// The parsed fixed part of a container (no allocation, no checksum check).
+struct ContainerHeader {
+  uint32_t version = 0, flags = 0;
+  uint64_t metadata_stored = 0, metadata_raw = 0, payload_stored = 0, payload_raw = 0;
+  size_t header_bytes = 0;  // bytes before the metadata
+};
+ContainerHeader parse_container_header(const uint8_t* data, size_t size, const std::string& where);
+
+// The zstd dictionary that metadata is compressed with (docs/metadata-dictionary-v1.txt).
+const std::string& metadata_dictionary_v1();
 
 }  // namespace solar

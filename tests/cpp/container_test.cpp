@@ -2,6 +2,8 @@
 
 #include <cstdlib>
 
+#include <xxhash.h>
+
 #include <gtest/gtest.h>
 
 #include "solar/checkpoint.hpp"
@@ -14,6 +16,8 @@ namespace solar {
 namespace {
 
 const std::string kGolden = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v1";
+// Pinned in docs/FORMAT.md: changing the dictionary is a format change.
+constexpr uint32_t kDictionaryXxh32 = 0x383e7759u;
 
 // The golden container: a rank-2 LoRA on one 24 x 16 layer whose base weight comes from the
 // portable Philox stream (seed 2024), plus an F16 passthrough tensor.
@@ -97,18 +101,27 @@ TEST(Container, EveryBitFlipIsDetected) {
 }
 
 TEST(Container, HeaderAbuseIsRejectedBeforeAllocation) {
-  auto bytes = serialize_container(small_container());
-  auto with = [&](size_t at, uint64_t v) {
-    auto b = bytes;
-    for (int i = 0; i < 8; ++i) b[at + i] = static_cast<uint8_t>(v >> (8 * i));
+  const Container c = small_container();
+  auto bytes = serialize_container(c);
+  const ContainerHeader h = parse_container_header(bytes.data(), bytes.size(), "x");
+  // Rebuild the file with forged size fields (and a valid checksum, so only the bounds stop it).
+  auto forged = [&](uint64_t meta_stored, uint64_t meta_raw) {
+    std::vector<uint8_t> b(bytes.begin(), bytes.begin() + 6);
+    for (uint64_t v : {meta_stored, meta_raw, h.payload_stored, h.payload_raw}) {
+      for (; v >= 0x80; v >>= 7) b.push_back(static_cast<uint8_t>(v | 0x80));
+      b.push_back(static_cast<uint8_t>(v));
+    }
+    b.insert(b.end(), bytes.begin() + static_cast<ptrdiff_t>(h.header_bytes), bytes.end() - kTrailerSize);
+    const uint32_t sum = XXH32(b.data(), b.size(), 0);
+    for (int i = 0; i < 4; ++i) b.push_back(static_cast<uint8_t>(sum >> (8 * i)));
     return b;
   };
-  const auto huge = with(24, 1ull << 62);  // metadata raw size
-  EXPECT_SOLAR_ERROR(parse_container(huge.data(), huge.size(), "h.solar"), ErrorKind::Format, "h.solar");
-  const auto long_meta = with(16, 1ull << 40);
+  const auto huge = forged(h.metadata_stored, 1ull << 62);
+  EXPECT_SOLAR_ERROR(parse_container(huge.data(), huge.size(), "h.solar"), ErrorKind::Format, "limits");
+  const auto long_meta = forged(1ull << 40, h.metadata_raw);
   EXPECT_SOLAR_ERROR(parse_container(long_meta.data(), long_meta.size(), "h.solar"), ErrorKind::Format, "truncated");
   auto v2 = bytes;
-  v2[8] = 2;
+  v2[4] = 2;
   EXPECT_SOLAR_ERROR(parse_container(v2.data(), v2.size(), "v.solar"), ErrorKind::Unsupported, "version 2");
   auto magic = bytes;
   magic[1] = 'X';
@@ -117,6 +130,12 @@ TEST(Container, HeaderAbuseIsRejectedBeforeAllocation) {
 
 // Format v1 is pinned by a file written by an earlier build: it must keep loading and decoding
 // to the same adapter.
+TEST(Container, MetadataDictionaryIsTheSpecFile) {
+  const auto spec = test::read_bytes(SOLAR_SOURCE_DIR "/docs/metadata-dictionary-v1.txt");
+  EXPECT_EQ(std::string(spec.begin(), spec.end()), metadata_dictionary_v1());
+  EXPECT_EQ(XXH32(spec.data(), spec.size(), 0), 0u + kDictionaryXxh32);
+}
+
 TEST(Container, GoldenV1FileStillDecodes) {
   const auto bytes = test::read_bytes(kGolden + ".solar");
   const Container c = parse_container(bytes.data(), bytes.size(), "golden_v1.solar");

@@ -14,11 +14,11 @@ namespace {
 
 // Raw safetensors bytes from a header string and a data buffer (no padding added).
 std::vector<uint8_t> raw_file(const std::string& header, const std::vector<uint8_t>& data, uint64_t len_override = ~0ull) {
-  std::vector<uint8_t> out(8);
   const uint64_t n = len_override == ~0ull ? header.size() : len_override;
+  std::vector<uint8_t> out(8 + header.size() + data.size());
   for (int i = 0; i < 8; ++i) out[i] = static_cast<uint8_t>(n >> (8 * i));
-  out.insert(out.end(), header.begin(), header.end());
-  out.insert(out.end(), data.begin(), data.end());
+  if (!header.empty()) std::memcpy(out.data() + 8, header.data(), header.size());
+  if (!data.empty()) std::memcpy(out.data() + 8 + header.size(), data.data(), data.size());
   return out;
 }
 

@@ -1,0 +1,49 @@
+"""solar: make fine-tuned LoRA adapters small enough to ship.
+
+Compresses Hugging Face PEFT LoRA adapters against their base model (the SOLAR method) into
+``.solar`` files, and restores them. A thin binding of the same C++ core as the ``solar``
+command line tool, so both write identical files.
+
+    import solar
+    packed = solar.compress("my-adapter/", "base-model/", pool=1000, keep_fraction=0.3, bits=8)
+    packed.save("my-adapter.solar")
+    print(packed.report()["ratio_vs_fp16"])
+
+    tensors = solar.restore("my-adapter.solar", "base-model/")       # {PEFT key: torch.Tensor}
+    solar.restore_to_dir("my-adapter.solar", "base-model/", "restored-adapter/")
+    peft_model = solar.restore_to_peft("my-adapter.solar", base_model)  # a peft.PeftModel
+
+Errors are :class:`SolarError` subclasses carrying the core's message.
+"""
+from . import _ext
+from .api import CompressedAdapter, compress, load, restore, restore_to_dir, restore_to_peft
+from .errors import (
+    CorruptError,
+    FormatError,
+    InvalidInputError,
+    MismatchError,
+    SolarError,
+    SolarIOError,
+    UnsupportedError,
+)
+
+__version__ = _ext.__version__
+FORMAT_VERSION = _ext.FORMAT_VERSION
+
+__all__ = [
+    "__version__",
+    "FORMAT_VERSION",
+    "CompressedAdapter",
+    "compress",
+    "load",
+    "restore",
+    "restore_to_dir",
+    "restore_to_peft",
+    "SolarError",
+    "FormatError",
+    "CorruptError",
+    "MismatchError",
+    "InvalidInputError",
+    "UnsupportedError",
+    "SolarIOError",
+]
