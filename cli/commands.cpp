@@ -34,10 +34,17 @@ std::string human(size_t bytes) {
 
 }  // namespace
 
+// The base checkpoint, or an empty source when none was given (modes that need no W).
+static std::unique_ptr<WeightSource> open_base(const std::string& path) {
+  if (path.empty()) return std::make_unique<InMemoryWeights>("<no --base given>");
+  return std::make_unique<Checkpoint>(path);
+}
+
 int run_compress(const CompressArgs& a) {
   const auto t0 = std::chrono::steady_clock::now();
   const PeftAdapter adapter = read_peft_adapter(a.adapter);
-  const Checkpoint base(a.base);
+  const std::unique_ptr<WeightSource> base_ptr = open_base(a.base);
+  const WeightSource& base = *base_ptr;
   CompressOptions o;
   o.mode = a.mode;
   o.seed = a.seed;
@@ -49,6 +56,14 @@ int run_compress(const CompressArgs& a) {
   if (a.keep_fraction) o.paper.keep_fraction = *a.keep_fraction;
   o.paper.bits = a.bits;
   o.paper.noise = a.noise;
+  o.target_bytes = a.target_bytes;
+  o.target_error = a.target_error;
+  o.proxy = a.proxy;
+  std::unique_ptr<Checkpoint> calib;
+  if (!a.calib.empty()) {
+    calib = std::make_unique<Checkpoint>(a.calib);
+    o.calibration = calib.get();
+  }
   const Container c = compress_adapter(adapter, base, o);
   const std::vector<uint8_t> bytes = serialize_container(c);
   const double encode_s = seconds_since(t0);
@@ -75,8 +90,8 @@ int run_compress(const CompressArgs& a) {
 
 int run_decompress(const DecompressArgs& a) {
   const Container c = read_container(a.file);
-  const Checkpoint base(a.base);
-  const PeftAdapter adapter = decompress_container(c, base, {a.threads, stderr_progress(a.quiet)});
+  const std::unique_ptr<WeightSource> base = open_base(a.base);
+  const PeftAdapter adapter = decompress_container(c, *base, {a.threads, stderr_progress(a.quiet)});
   write_peft_adapter(a.out, adapter);
   std::printf("wrote %s: %zu LoRA modules, %zu other tensors\n", a.out.c_str(), adapter.modules.size(), adapter.passthrough.size());
   return 0;

@@ -16,10 +16,18 @@ int main(int argc, char** argv) {
 
   CompressArgs ca;
   auto* c = app.add_subcommand("compress", "compress a PEFT LoRA adapter into a .solar file");
-  c->add_option("--base", ca.base, "base checkpoint: a .safetensors file or a directory (sharded ok)")->required();
+  c->add_option("--base", ca.base, "base checkpoint: a .safetensors file or a directory (sharded ok); needed by paper and spectral-w");
   c->add_option("--adapter", ca.adapter, "PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")->required();
   c->add_option("--out", ca.out, "output .solar file")->required();
-  c->add_option("--mode", ca.mode, "codec mode")->check(CLI::IsMember({"paper"}));
+  c->add_option("--mode", ca.mode, "codec: paper (the SOLAR paper, faithful), spectral (recommended), spectral-w")
+      ->check(CLI::IsMember({"paper", "spectral", "spectral-w"}));
+  auto* tb = c->add_option("--target-bytes", ca.target_bytes, "spectral modes: the whole file is at most this many bytes");
+  auto* te = c->add_option("--target-error", ca.target_error, "spectral modes: relative error of the updates (default 0.05)")
+                 ->check(CLI::Range(0.0, 1.0));
+  tb->excludes(te);
+  c->add_option("--calib", ca.calib, "spectral modes: input statistics (safetensors of <module>.input_moment, from solar.calibrate)");
+  c->add_option("--proxy", ca.proxy, "spectral modes without --calib: base-gram weighs errors by W^T W (data-free)")
+      ->check(CLI::IsMember({"", "base-gram"}));
   c->add_option("--pool", ca.pool, "pool size N per factor (N_A = N_B)")->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
   c->add_option("--pool-a", ca.pool_a, "pool size N_A (overrides --pool)");
   c->add_option("--pool-b", ca.pool_b, "pool size N_B (overrides --pool)");
@@ -36,7 +44,7 @@ int main(int argc, char** argv) {
   DecompressArgs da;
   auto* d = app.add_subcommand("decompress", "restore a PEFT adapter directory from a .solar file");
   d->add_option("file", da.file, ".solar file")->required();
-  d->add_option("--base", da.base, "the base checkpoint the file was built against")->required();
+  d->add_option("--base", da.base, "the base checkpoint the file was built against (modes that use W)");
   d->add_option("--out", da.out, "output PEFT adapter directory")->required();
   d->add_option("--threads", da.threads, "worker threads (0: all cores)");
   d->add_flag("-q,--quiet", da.quiet, "no progress on stderr");

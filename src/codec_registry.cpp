@@ -5,7 +5,9 @@ namespace solar {
 
 std::unique_ptr<LayerCodec> make_decoder(const std::string& mode, const std::string& where) {
   if (mode == "paper") return make_paper_codec(PaperOptions{});
-  throw Error(ErrorKind::Unsupported, where, "unknown codec mode '" + mode + "' (this build knows: paper)");
+  if (mode == "spectral") return make_spectral_codec(false);
+  if (mode == "spectral-w") return make_spectral_codec(true);
+  throw Error(ErrorKind::Unsupported, where, "unknown codec mode '" + mode + "' (this build knows: paper, spectral, spectral-w)");
 }
 
 }  // namespace solar

@@ -182,3 +182,68 @@ void pin_blas_single_thread() {
 }
 
 }  // namespace solar
+
+namespace solar {
+
+Qr thin_qr(const Matrix& a) {
+  const int64_t rows = a.rows, cols = a.cols;
+  if (rows < cols) throw std::invalid_argument("thin_qr needs rows >= cols");
+  Qr out{Matrix(rows, cols), Matrix(cols, cols)};
+  if (cols == 0) return out;
+  const int m = checked_int(rows, "rows"), n = checked_int(cols, "cols");
+  std::vector<double> w = to_col_major(a), tau(static_cast<size_t>(cols));
+  int info = 0, lwork = -1;
+  double wq = 0;
+  dgeqrf_(&m, &n, w.data(), &m, tau.data(), &wq, &lwork, &info);
+  lwork = std::max(1, static_cast<int>(wq));
+  std::vector<double> work(static_cast<size_t>(lwork));
+  dgeqrf_(&m, &n, w.data(), &m, tau.data(), work.data(), &lwork, &info);
+  lapack_check(info, "dgeqrf");
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t i = 0; i <= j; ++i) out.R(i, j) = w[static_cast<size_t>(j * rows + i)];
+  lwork = -1;
+  dorgqr_(&m, &n, &n, w.data(), &m, tau.data(), &wq, &lwork, &info);
+  lwork = std::max(1, static_cast<int>(wq));
+  work.assign(static_cast<size_t>(lwork), 0.0);
+  dorgqr_(&m, &n, &n, w.data(), &m, tau.data(), work.data(), &lwork, &info);
+  lapack_check(info, "dorgqr");
+  out.Q = from_col_major(w.data(), rows, cols);
+  return out;
+}
+
+Matrix solve_spd(const Matrix& g, const Matrix& b) {
+  const int64_t k = g.rows;
+  if (g.cols != k || b.rows != k) throw std::invalid_argument("solve_spd: shapes");
+  double tr = 0;
+  for (int64_t i = 0; i < k; ++i) tr += g(i, i);
+  // Gaussian elimination with partial pivoting on the regularised system (k is a LoRA rank).
+  Matrix a = g, x = b;
+  for (int64_t i = 0; i < k; ++i) a(i, i) += 1e-12 * tr + 1e-300;
+  for (int64_t c = 0; c < k; ++c) {
+    int64_t p = c;
+    for (int64_t r = c + 1; r < k; ++r)
+      if (std::fabs(a(r, c)) > std::fabs(a(p, c))) p = r;
+    if (p != c) {
+      for (int64_t j = 0; j < k; ++j) std::swap(a(c, j), a(p, j));
+      for (int64_t j = 0; j < x.cols; ++j) std::swap(x(c, j), x(p, j));
+    }
+    const double piv = a(c, c);
+    if (piv == 0) continue;
+    for (int64_t r = c + 1; r < k; ++r) {
+      const double f = a(r, c) / piv;
+      if (f == 0) continue;
+      for (int64_t j = c; j < k; ++j) a(r, j) -= f * a(c, j);
+      for (int64_t j = 0; j < x.cols; ++j) x(r, j) -= f * x(c, j);
+    }
+  }
+  for (int64_t c = k - 1; c >= 0; --c) {
+    for (int64_t j = 0; j < x.cols; ++j) {
+      double s = x(c, j);
+      for (int64_t t = c + 1; t < k; ++t) s -= a(c, t) * x(t, j);
+      x(c, j) = a(c, c) != 0 ? s / a(c, c) : 0.0;
+    }
+  }
+  return x;
+}
+
+}  // namespace solar

@@ -7,6 +7,7 @@
 #include <mutex>
 #include <thread>
 
+#include "budget_planner.hpp"
 #include "solar/error.hpp"
 
 #ifndef SOLAR_VERSION
@@ -18,7 +19,9 @@ namespace {
 
 std::unique_ptr<LayerCodec> make_encoder(const CompressOptions& o) {
   if (o.mode == "paper") return make_paper_codec(o.paper);
-  throw Error(ErrorKind::InvalidInput, "compress", "unknown mode '" + o.mode + "' (available: paper)");
+  if (o.mode == "spectral") return make_spectral_codec(false);
+  if (o.mode == "spectral-w") return make_spectral_codec(true);
+  throw Error(ErrorKind::InvalidInput, "compress", "unknown mode '" + o.mode + "' (available: paper, spectral, spectral-w)");
 }
 
 int worker_count(int requested, size_t jobs) {
@@ -78,6 +81,96 @@ class Reporter {
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Adds 1% of the mean diagonal, so that directions the calibration never saw still count a little.
+Matrix damped(Matrix s) {
+  double mean = 0;
+  for (int64_t i = 0; i < s.rows; ++i) mean += s(i, i);
+  mean /= static_cast<double>(std::max<int64_t>(1, s.rows));
+  for (int64_t i = 0; i < s.rows; ++i) s(i, i) += 0.01 * mean + 1e-30;
+  return s;
+}
+
+std::optional<Matrix> calibration_matrix(const WeightSource& calib, const std::string& key, int64_t dim, bool required) {
+  if (!calib.contains(key)) {
+    if (required) throw Error(ErrorKind::Mismatch, calib.describe(), "no calibration tensor '" + key + "'");
+    return std::nullopt;
+  }
+  const TensorView v = calib.get(key);
+  if (v.shape.size() != 2 || v.shape[0] != dim || v.shape[1] != dim)
+    throw Error(ErrorKind::Mismatch, calib.describe(), "'" + key + "' must be " + std::to_string(dim) + "x" + std::to_string(dim));
+  const std::vector<float> f = v.to_f32();
+  Matrix s = Matrix::from_f32(f.data(), dim, dim);
+  for (double x : s.data)
+    if (!std::isfinite(x)) throw Error(ErrorKind::InvalidInput, calib.describe(), "'" + key + "' has NaN or Inf");
+  return damped(std::move(s));
+}
+
+// The gradient moment of a module's outputs, when the calibration file has one.
+std::optional<Matrix> output_weighting(const CompressOptions& o, const std::string& module, const LayerRecord& l) {
+  if (!o.calibration) return std::nullopt;
+  return calibration_matrix(*o.calibration, module + ".output_grad_moment", l.shape.m, false);
+}
+
+// The n x n matrix that weighs a layer's input side (see CompressOptions).
+std::optional<Matrix> input_weighting(const CompressOptions& o, const WeightSource& base, const std::string& module,
+                                      const LayerRecord& l, bool transpose) {
+  Matrix s;
+  if (o.calibration) {
+    return calibration_matrix(*o.calibration, module + ".input_moment", l.shape.n, true);
+  } else if (o.proxy == "base-gram") {
+    const std::string key = resolve_base_key(base, module);
+    int64_t m = 0, n = 0;
+    const std::vector<float> w = canonical_base(base, key, transpose, &m, &n);
+    const Matrix wm = Matrix::from_f32(w.data(), m, n);
+    s = matmul(wm, wm, true);
+  } else if (o.proxy.empty()) {
+    return std::nullopt;
+  } else {
+    throw Error(ErrorKind::InvalidInput, "compress", "unknown proxy '" + o.proxy + "' (available: base-gram)");
+  }
+  return damped(std::move(s));
+}
+
+void assign(Container& c, std::vector<std::vector<Candidate>>& candidates, const std::vector<size_t>& pick) {
+  for (size_t i = 0; i < c.layers.size(); ++i) c.layers[i].encoded = candidates[i][pick[i]].encoded;
+}
+
+// Chooses every layer's operating point for the planned modes and fills the container. A byte
+// target covers the whole file: the metadata's cost is measured and the payload budget shrunk
+// until the serialised file fits.
+void plan_and_fill(Container& c, std::vector<std::vector<Candidate>>& candidates, const std::vector<double>& energies,
+                   const CompressOptions& o) {
+  Budget budget;
+  if (o.target_bytes) {
+    assign(c, candidates, std::vector<size_t>(c.layers.size(), 0));
+    const size_t overhead = serialize_container(c).size() - [&] {
+      size_t n = 0;
+      for (auto& l : c.layers) for (auto& b : l.encoded.blobs) n += b.size();
+      return n;
+    }();
+    if (*o.target_bytes <= overhead)
+      throw Error(ErrorKind::InvalidInput, "compress",
+                  "--target-bytes " + std::to_string(*o.target_bytes) + " is below the container's own overhead (" + std::to_string(overhead) + " bytes)");
+    size_t payload = *o.target_bytes - overhead;
+    for (int attempt = 0; attempt < 16; ++attempt) {
+      budget.payload_bytes = payload;
+      assign(c, candidates, plan_budget(candidates, budget));
+      const size_t size = serialize_container(c).size();
+      if (size <= *o.target_bytes) return;
+      const size_t excess = size - *o.target_bytes;
+      if (excess >= payload) break;
+      payload -= excess;
+    }
+    throw Error(ErrorKind::InvalidInput, "compress", "cannot fit the adapter in " + std::to_string(*o.target_bytes) + " bytes");
+  }
+  const double e = o.target_error.value_or(kDefaultTargetError);
+  if (!(e >= 0)) throw Error(ErrorKind::InvalidInput, "compress", "target error must be non-negative");
+  double total = 0;
+  for (double v : energies) total += v;
+  budget.max_distortion = e * e * total;
+  assign(c, candidates, plan_budget(candidates, budget));
 }
 
 }  // namespace
@@ -142,6 +235,8 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
 
   Reporter report(options.progress);
   std::atomic<size_t> done{0};
+  std::vector<std::vector<Candidate>> candidates(c.layers.size());
+  std::vector<double> energies(c.layers.size(), 0.0);
   parallel_for(c.layers.size(), options.threads, [&](size_t i) {
     const auto t0 = std::chrono::steady_clock::now();
     const LoraModule& mod = adapter.modules[i];
@@ -154,11 +249,24 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
       load = [w = std::move(w), m, n] { return Matrix::from_f32(w.data(), m, n); };
     }
     LayerContext ctx(options.seed, static_cast<uint32_t>(i), l.shape, std::move(load));
-    l.encoded = codec->encode(ctx, Factors{to_matrix(mod.A), to_matrix(mod.B)});
+    ctx.weight = mod.scaling * mod.scaling;
+    if (codec->plans_budget()) {
+      ctx.input_moment = input_weighting(options, base, mod.path, l, transpose);
+      ctx.output_moment = output_weighting(options, mod.path, l);
+    }
+    const Factors f{to_matrix(mod.A), to_matrix(mod.B)};
+    if (codec->plans_budget()) {
+      candidates[i] = codec->candidates(ctx, f);
+      // Candidate 0 drops the layer: its distortion is the layer's whole update in the metric.
+      energies[i] = candidates[i].empty() ? 0.0 : candidates[i].front().distortion;
+    } else {
+      l.encoded = codec->encode(ctx, f);
+    }
     report("[" + std::to_string(++done) + "/" + std::to_string(c.layers.size()) + "] " + mod.path + " (" +
-           dims(l.shape.m, l.shape.n) + ", r=" + std::to_string(l.shape.r) + ") encoded in " +
-           std::to_string(seconds_since(t0)).substr(0, 5) + " s");
+           dims(l.shape.m, l.shape.n) + ", r=" + std::to_string(l.shape.r) + ") " +
+           (codec->plans_budget() ? "analysed" : "encoded") + " in " + std::to_string(seconds_since(t0)).substr(0, 5) + " s");
   });
+  if (codec->plans_budget()) plan_and_fill(c, candidates, energies, options);
   return c;
 }
 

@@ -34,6 +34,13 @@ class LayerContext {
   const Matrix& base() const;  // W, m x n
   const Svd& svd() const;      // full canonical SVD of W
 
+  // How much this layer's errors count when a budget is planned across layers (e.g. PEFT's
+  // scaling squared), and optionally calibration statistics with which errors are measured in
+  // the layer's outputs (input moment) and in the loss (output-gradient moment too).
+  double weight = 1.0;
+  std::optional<Matrix> input_moment;   // n x n, E[x x^T] of the layer's inputs
+  std::optional<Matrix> output_moment;  // m x m, E[g g^T] of the loss gradient at its outputs
+
  private:
   uint64_t seed_;
   uint32_t layer_index_;
@@ -53,11 +60,23 @@ struct EncodedLayer {
   std::vector<std::vector<uint8_t>> blobs;  // mode-specific, in the order the mode defines
 };
 
+// One way to encode a layer: what it loses (weighted squared error of B A) and the bytes.
+struct Candidate {
+  double distortion = 0;
+  EncodedLayer encoded;
+  size_t bytes() const;
+};
+
 class LayerCodec {
  public:
   virtual ~LayerCodec() = default;
   virtual std::string mode() const = 0;
   virtual bool needs_base() const = 0;
+  // Modes whose budget is planned across layers list each layer's operating points instead of
+  // encoding at fixed settings; the pipeline picks one point per layer. The first candidate
+  // drops the layer (its distortion is the whole update measured in the mode's metric).
+  virtual bool plans_budget() const { return false; }
+  virtual std::vector<Candidate> candidates(const LayerContext& ctx, const Factors& f) const { return {}; }
   virtual EncodedLayer encode(const LayerContext& ctx, const Factors& f) const = 0;
   // Validates params and blob sizes against the shape before using them; throws Format.
   virtual Factors decode(const LayerContext& ctx, const EncodedLayer& e) const = 0;
@@ -73,6 +92,12 @@ struct PaperOptions {
 };
 
 std::unique_ptr<LayerCodec> make_paper_codec(const PaperOptions& options);
+
+// The `spectral` mode (docs/FORMAT.md): B A's own singular components, a uniform quantiser with
+// one step per layer, an error-compensating refit of the right factor, adaptive range coding.
+// Needs no base weight. `rotate_to_base` codes the components in W's singular basis instead
+// (mode `spectral-w`), which tests the paper's premise with a good coder.
+std::unique_ptr<LayerCodec> make_spectral_codec(bool rotate_to_base = false);
 // The codec that decodes layers of `mode` (options come from each layer's params).
 std::unique_ptr<LayerCodec> make_decoder(const std::string& mode, const std::string& where);
 

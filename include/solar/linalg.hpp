@@ -33,6 +33,17 @@ struct Svd {
 };
 Svd full_svd(const Matrix& w);
 
+// Thin QR of a (rows x cols, rows >= cols): a = Q R, Q rows x cols with orthonormal columns,
+// R cols x cols upper triangular (Householder, LAPACK dgeqrf/dorgqr).
+struct Qr {
+  Matrix Q, R;
+};
+Qr thin_qr(const Matrix& a);
+
+// Solves the symmetric positive (semi)definite system G x = b for several right-hand sides
+// (the columns of b); near-singular G is regularised by 1e-12 * trace(G).
+Matrix solve_spd(const Matrix& g, const Matrix& b);
+
 // Minimum-norm least squares: argmin ||D x - t||, smallest ||x|| among minimisers (LAPACK gelsd).
 // D is rows x cols (row-major). rcond < 0 uses machine precision.
 std::vector<double> lstsq_min_norm(const Matrix& d, const std::vector<double>& t, double rcond = -1.0);

@@ -3,6 +3,7 @@
 //   container -> regenerate bases -> restore -> PEFT adapter
 #pragma once
 #include <functional>
+#include <optional>
 #include <string>
 
 #include "solar/codec.hpp"
@@ -15,12 +16,25 @@ namespace solar {
 using Progress = std::function<void(const std::string& message)>;
 
 struct CompressOptions {
-  std::string mode = "paper";
+  std::string mode = "paper";  // paper | spectral | spectral-w
   PaperOptions paper;
+  // Budget of the planned modes (spectral*): at most this many bytes for the whole file, or at
+  // most this relative error sqrt(sum_l w_l ||dW_l - dW~_l||^2 / sum_l w_l ||dW_l||^2) with
+  // w_l = scaling_l^2. With neither, target_error = kDefaultTargetError.
+  std::optional<size_t> target_bytes;
+  std::optional<double> target_error;
+  // Output-aware coding (spectral modes): per-module input second moments E[x x^T] (n x n),
+  // named "<module path>.input_moment", e.g. from solar.calibrate(). Errors are then measured in
+  // the layer's outputs. Without them, `proxy` = "base-gram" weighs errors by W^T W instead
+  // (data-free); "" measures plain Frobenius error.
+  const WeightSource* calibration = nullptr;
+  std::string proxy;
   uint64_t seed = 0;
   int threads = 0;  // 0: hardware concurrency. The output does not depend on it.
   Progress progress;
 };
+
+inline constexpr double kDefaultTargetError = 0.05;
 
 Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
                            const CompressOptions& options);

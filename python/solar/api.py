@@ -83,9 +83,6 @@ class CompressedAdapter:
     def producer(self) -> str:
         return self._c.producer
 
-    def __len__(self) -> int:
-        return self._c.nbytes
-
     def __repr__(self) -> str:
         return f"<CompressedAdapter: {len(self.layers)} layers, {self.nbytes} bytes, seed {self.seed}>"
 

@@ -101,6 +101,38 @@ TEST_F(Stories, DecodingAgainstAnotherBaseFailsLoudly) {
   EXPECT_SOLAR_ERROR(decompress_container(c, other), ErrorKind::Mismatch, "layers.1.attention.wq.weight");
 }
 
+TEST_F(Stories, DecodingFindsTheSameWeightsUnderOtherNames) {
+  // Compressed against the checkpoint, restored against the model's own state dict, whose keys
+  // carry a wrapper prefix (e.g. "model."): the module is looked up as compress does, and the
+  // fingerprint still decides whether it is the same W.
+  const PeftAdapter adapter = test::stories_adapter(*base_, 2, {"wq"}, 1, DType::F32, 2);
+  CompressOptions o;
+  o.paper.pool_a = o.paper.pool_b = 50;
+  const Container c = compress_adapter(adapter, *base_, o);
+  const PeftAdapter expected = decompress_container(c, *base_);
+  InMemoryWeights renamed("<renamed>");
+  for (const auto& name : base_->names()) renamed.add("model." + name, base_->get(name));
+  const PeftAdapter back = decompress_container(c, renamed);
+  ASSERT_EQ(back.modules.size(), expected.modules.size());
+  for (size_t i = 0; i < back.modules.size(); ++i) {
+    EXPECT_EQ(back.modules[i].A.data, expected.modules[i].A.data);
+    EXPECT_EQ(back.modules[i].B.data, expected.modules[i].B.data);
+  }
+  // Under another name *and* different: refused, naming the tensor it compared.
+  std::vector<float> nudged = base_->get("layers.1.attention.wq.weight").to_f32();
+  nudged[5] = std::nextafter(nudged[5], 1e9f);
+  InMemoryWeights other("<other>");
+  for (const auto& name : base_->names())
+    if (name != "layers.1.attention.wq.weight") other.add("model." + name, base_->get(name));
+  const TensorView w = base_->get("layers.1.attention.wq.weight");
+  other.add("model.layers.1.attention.wq.weight",
+            TensorView{DType::F32, w.shape, reinterpret_cast<const uint8_t*>(nudged.data()), nudged.size() * 4});
+  EXPECT_SOLAR_ERROR(decompress_container(c, other), ErrorKind::Mismatch, "model.layers.1.attention.wq.weight");
+  // Absent altogether: the message names the key the file recorded.
+  InMemoryWeights empty("<empty>");
+  EXPECT_SOLAR_ERROR(decompress_container(c, empty), ErrorKind::Mismatch, "layers.0.attention.wq.weight");
+}
+
 TEST_F(Stories, ModulesMissingFromTheBaseAreNamed) {
   PeftAdapter adapter = test::stories_adapter(*base_, 2, {"wq"}, 1, DType::F32, 1);
   adapter.modules[0].path = "layers.9.attention.wq";

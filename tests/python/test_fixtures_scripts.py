@@ -149,3 +149,37 @@ def test_committed_fixture_metrics(name):
         assert m["lora_val_loss"] < m["base_val_loss"] - 0.3
     else:
         assert m["lora"]["dev_accuracy"] > m["lora_zeroed_trained_head"]["dev_accuracy"] + 0.05
+
+
+def test_committed_stories_adapter_reloads_to_recorded_loss():
+    _need_data()
+    import torch
+    from peft import PeftModel
+
+    from bench.fixtures import stories
+    from bench.fixtures.train_stories_lora import shakespeare_splits
+
+    torch.set_num_threads(2)
+    d = paths.fixtures_dir() / "stories260k_lora_r4"
+    m = json.loads((d / "METRICS.json").read_text())
+    _, val = shakespeare_splits(stories.Tokenizer())
+    model = PeftModel.from_pretrained(stories.load_stories260k(), str(d))
+    loss = stories.eval_loss(model, val, seq_len=m["seq_len"])
+    assert abs(loss - m["lora_val_loss"]) < 2e-3, (loss, m["lora_val_loss"])
+
+
+def test_committed_minilm_adapter_reloads_to_recorded_accuracy():
+    _need_data()
+    _need_minilm()
+    import torch
+    from peft import PeftModel
+
+    from bench.fixtures.train_minilm_sst2 import evaluate, load_base_model, load_sst2, load_tokenizer
+
+    torch.set_num_threads(2)
+    d = paths.fixtures_dir() / "minilm_sst2_lora_r8"
+    m = json.loads((d / "METRICS.json").read_text())
+    model = PeftModel.from_pretrained(load_base_model(seed=999), str(d))  # head comes from the adapter
+    acc, loss = evaluate(model, load_sst2("dev"), load_tokenizer())
+    assert abs(acc - m["lora"]["dev_accuracy"]) <= 2 / 872, (acc, m["lora"])
+    assert abs(loss - m["lora"]["dev_loss"]) < 2e-3, (loss, m["lora"])

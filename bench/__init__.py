@@ -1,0 +1,1 @@
+"""solar benchmark suite: `python -m bench.run` (see bench/run.py)."""

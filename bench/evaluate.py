@@ -1,0 +1,127 @@
+"""Task metrics of a (restored) adapter on a fixed evaluation set.
+
+One PeftModel per task is built once; each point loads its state dict into it with
+``set_peft_model_state_dict`` and is scored on exactly the same data:
+
+* stories260K + TinyShakespeare: mean next-token loss over the first ``windows`` non-overlapping
+  ``seq_len``-token windows of the validation split (the last 10 % of the text).
+* all-MiniLM-L6-v2 + SST-2: accuracy and mean cross-entropy on the GLUE dev set (872 sentences).
+
+"Base" is the same PeftModel with every lora_A / lora_B zeroed; passthrough tensors (MiniLM's
+trained classifier head in ``modules_to_save``) are kept, so retention measures what the LoRA
+factors contribute.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from bench.adapters import Adapter  # noqa: E402
+from bench.fixtures.paths import fixtures_dir, minilm_dir, stories260k_dir  # noqa: E402
+
+
+class Task:
+    name: str
+    metrics: tuple[str, ...]
+    higher_is_better: dict[str, bool]
+    adapter_dir: Path
+    base_path: Path  # what the CLI gets as --base
+
+    def evaluate(self, sd: dict[str, torch.Tensor]) -> dict[str, float]:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, sd)
+        return self._score()
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+class StoriesTask(Task):
+    name = "stories260k"
+    metrics = ("loss",)
+    higher_is_better = {"loss": False}
+
+    def __init__(self, windows: int = 64, seq_len: int = 256, adapter_dir: Path | None = None):
+        from peft import PeftModel
+
+        from bench.fixtures.stories import Tokenizer, eval_windows, load_stories260k
+        from bench.fixtures.train_stories_lora import shakespeare_splits
+
+        self.adapter_dir = Path(adapter_dir or fixtures_dir() / "stories260k_lora_r4")
+        self.base_path = stories260k_dir() / "stories260K.safetensors"
+        self.windows, self.seq_len = windows, seq_len
+        tok = Tokenizer(str(stories260k_dir() / "tok512.bin"))
+        _, val = shakespeare_splits(tok)
+        self.data = eval_windows(val, seq_len, windows)  # fixed (windows, seq_len + 1)
+        self.model = PeftModel.from_pretrained(load_stories260k(), str(self.adapter_dir)).eval()
+
+    @torch.no_grad()
+    def _score(self) -> dict[str, float]:
+        from bench.fixtures.stories import eval_loss
+
+        flat = self.data  # already windows; eval_loss re-windows a 1-D stream, so score directly
+        total, count = 0.0, 0
+        for i in range(0, len(flat), 16):
+            w = flat[i: i + 16]
+            logits = self.model(w[:, :-1])
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), w[:, 1:].reshape(-1), reduction="sum").item()
+            count += w[:, 1:].numel()
+        del eval_loss
+        return {"loss": total / count}
+
+    def describe(self) -> str:
+        return (f"stories260K (llama2.c) + LoRA r=4 on wq,wv; metric: mean next-token loss (nats) on the first "
+                f"{len(self.data)} non-overlapping {self.seq_len}-token windows of the TinyShakespeare validation split")
+
+
+class MiniLMTask(Task):
+    name = "minilm_sst2"
+    metrics = ("loss", "accuracy")
+    higher_is_better = {"loss": False, "accuracy": True}
+
+    def __init__(self, dev_limit: int | None = None, adapter_dir: Path | None = None):
+        from peft import PeftModel
+
+        from bench.fixtures.train_minilm_sst2 import load_base_model, load_sst2, load_tokenizer
+
+        self.adapter_dir = Path(adapter_dir or fixtures_dir() / "minilm_sst2_lora_r8")
+        self.base_path = minilm_dir()
+        self.tokenizer = load_tokenizer()
+        dev = load_sst2("dev", limit=dev_limit)
+        # Same sentences, ordered by length so that batches carry little padding (~2x faster;
+        # accuracy and mean loss do not depend on the order).
+        lengths = [len(ids) for ids in self.tokenizer([s for s, _ in dev], truncation=True, max_length=64)["input_ids"]]
+        self.dev = [dev[i] for i in sorted(range(len(dev)), key=lambda i: (lengths[i], i))]
+        self.model = PeftModel.from_pretrained(load_base_model(0), str(self.adapter_dir)).eval()
+
+    def _score(self) -> dict[str, float]:
+        from bench.fixtures.train_minilm_sst2 import evaluate
+
+        acc, loss = evaluate(self.model, self.dev, self.tokenizer)
+        return {"accuracy": acc, "loss": loss}
+
+    def describe(self) -> str:
+        return (f"all-MiniLM-L6-v2 (BertForSequenceClassification) + LoRA r=8 on query,value + classifier head "
+                f"(modules_to_save); metrics: accuracy and mean cross-entropy on the SST-2 dev set "
+                f"({len(self.dev)} sentences, max 64 tokens)")
+
+
+TASKS = {"stories260k": StoriesTask, "minilm_sst2": MiniLMTask}
+
+
+def retention(base: dict[str, float], lora: dict[str, float], got: dict[str, float]) -> dict[str, float]:
+    """(metric_base - metric) / (metric_base - metric_lora), per metric (same formula for loss and
+    accuracy: the signs cancel). 1 = the full gain of the LoRA, 0 = no better than the base."""
+    out = {}
+    for k, v in got.items():
+        gap = base[k] - lora[k]
+        out[k] = (base[k] - v) / gap if gap != 0 else float("nan")
+    return out

@@ -1,0 +1,94 @@
+"""The methods the benchmark runs, as data: a method is (name, family, how to run it).
+
+* ``cli``: arguments appended to ``solar compress --base {base} --adapter {adapter} --out FILE``;
+  the file is restored with ``solar decompress FILE --base {base} --out DIR``. Arguments may use
+  the placeholders ``{base}``, ``{adapter}``, ``{model}`` and ``{workdir}`` (e.g. a calibrated
+  variant: ``Method("spectral-cal t=0.05", "solar-spectral-cal", cli=["--mode", "spectral",
+  "--target-error", "0.05", "--calib", "{workdir}/calib.safetensors"])``).
+* ``codec``: a Python codec, ``encode(adapter, path, **params) -> dict`` and
+  ``decode(adapter, path) -> state dict`` (bench/baselines.py has the built-in ones); ``params``
+  are passed to ``encode``.
+
+To add a family, append to ``EXTRA_METHODS`` (or edit ``methods_for``); ``--only`` filters by
+family and ``--match`` by a regular expression on the name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from bench import baselines
+
+
+@dataclass
+class Method:
+    name: str
+    family: str
+    cli: list[str] | None = None
+    codec: tuple[Callable, Callable] | None = None
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        assert (self.cli is None) != (self.codec is None), f"{self.name}: give exactly one of cli / codec"
+
+    @property
+    def kind(self) -> str:
+        return "cli" if self.cli is not None else "python"
+
+
+def codec(name: str, family: str, kind: str, **params) -> Method:
+    return Method(name, family, codec=baselines.CODECS[kind], params=params)
+
+
+# Extra methods appended for every model: list of callables (model, smoke) -> list[Method].
+EXTRA_METHODS: list[Callable[[str, bool], list[Method]]] = []
+
+FAMILY_ORDER = ["peft", "int-quant", "svd-fp16", "svd+int8", "svd+int4", "compeft", "nola",
+                "solar-paper", "solar-spectral", "solar-spectral-w"]
+
+SPECTRAL_TARGETS = [0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01]
+SPECTRAL_W_TARGETS = [0.2, 0.1, 0.05, 0.02]
+
+
+def paper_grid(model: str, smoke: bool) -> list[tuple[int, float, int]]:
+    """(N, keep fraction, bits) points for paper mode and its NOLA-style twin."""
+    if smoke:
+        return [(1000, 0.3, 8)]
+    grid = [(n, f, b) for n in (100, 1000, 4000) for f in (0.1, 0.3, 1.0) for b in (8, 4)]
+    if model == "minilm_sst2":
+        # A MiniLM factor has r*n = 3072 entries: N = 100 spans at most 3 % of it (retention ~0
+        # whatever k and b): one point. N = 4000 costs a 3072 x 4000 least squares per factor per
+        # point (minutes per point on 2 shared cores): three points.
+        grid = [g for g in grid if (g[0] == 100 and g[1:] == (1.0, 8)) or g[0] == 1000 or
+                (g[0] == 4000 and g[1:] in ((0.3, 8), (1.0, 8), (1.0, 4)))]
+    return grid
+
+
+def methods_for(model: str, rank: int, smoke: bool = False) -> list[Method]:
+    ms: list[Method] = [
+        codec("PEFT fp32", "peft", "peft", dtype="fp32"),
+        codec("PEFT fp16", "peft", "peft", dtype="fp16"),
+    ]
+    for b in ((8, 4) if smoke else (8, 4, 3, 2)):
+        ms.append(codec(f"int{b} per-channel", "int-quant", "quant", bits=b))
+    ranks = [max(1, rank // 2)] if smoke else list(range(1, rank))
+    for k in ranks:
+        ms.append(codec(f"SVD rank {k} fp16", "svd-fp16", "svd", rank=k))
+        ms.append(codec(f"SVD rank {k} int8", "svd+int8", "svd", rank=k, bits=8))
+        if not smoke:
+            ms.append(codec(f"SVD rank {k} int4", "svd+int4", "svd", rank=k, bits=4))
+    for d in ((0.2,) if smoke else (0.05, 0.1, 0.2, 0.3)):
+        ms.append(codec(f"ComPEFT d={d:g}", "compeft", "compeft", density=d))
+    for n, f, b in paper_grid(model, smoke):
+        ms.append(codec(f"NOLA N={n} keep={f:g} b={b}", "nola", "nola", pool=n, keep_fraction=f, bits=b, seed=0))
+        ms.append(Method(f"paper N={n} keep={f:g} b={b}", "solar-paper",
+                         cli=["--mode", "paper", "--pool", str(n), "--keep-fraction", f"{f:g}", "--bits", str(b),
+                              "--seed", "0"]))
+    for t in ((0.2, 0.05) if smoke else SPECTRAL_TARGETS):
+        ms.append(Method(f"spectral t={t:g}", "solar-spectral", cli=["--mode", "spectral", "--target-error", f"{t:g}"]))
+    for t in ((0.05,) if smoke else SPECTRAL_W_TARGETS):
+        ms.append(Method(f"spectral-w t={t:g}", "solar-spectral-w",
+                         cli=["--mode", "spectral-w", "--target-error", f"{t:g}"]))
+    for extra in EXTRA_METHODS:
+        ms.extend(extra(model, smoke))
+    return ms

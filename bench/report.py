@@ -1,0 +1,247 @@
+"""REPORT.md, the headline table and the rate-distortion plots, from the results JSON."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from bench.methods import FAMILY_ORDER
+
+LEVELS = (0.99, 0.95, 0.90)
+MODEL_TITLES = {"stories260k": "stories260K + TinyShakespeare (LoRA r=4 on wq, wv)",
+                "minilm_sst2": "all-MiniLM-L6-v2 + SST-2 (LoRA r=8 on query, value; classifier head in modules_to_save)"}
+
+
+def _ok(p: dict) -> bool:
+    return "bytes" in p and "retention" in p
+
+
+def headline_retention(res: dict, p: dict) -> float:
+    """The retention the headline ranks by: the metric's for one-metric tasks; for several
+    (MiniLM: loss and accuracy) the smaller, i.e. a point must keep both."""
+    vals = [p["retention"][k] for k in res["metrics"]]
+    return min(vals)
+
+
+def families(res: dict) -> list[str]:
+    seen = {p["family"] for p in res["points"]}
+    return [f for f in FAMILY_ORDER if f in seen] + sorted(seen - set(FAMILY_ORDER))
+
+
+def smallest_at(res: dict, level: float, family: str, key=None) -> dict | None:
+    key = key or (lambda p: headline_retention(res, p))
+    pts = [p for p in res["points"] if _ok(p) and p["family"] == family and key(p) >= level]
+    return min(pts, key=lambda p: (p["bytes"], p["name"])) if pts else None
+
+
+def _fmt_bytes(b: int) -> str:
+    return f"{b:,}"
+
+
+def headline_table(res: dict, key=None, label: str | None = None) -> str:
+    fams = families(res)
+    t16 = res["adapter"]["fp16_tensor_bytes"]
+    lines = [f"| family | " + " | ".join(f"smallest at ≥{int(l * 100)}%" for l in LEVELS) + " |",
+             "|---|" + "---|" * len(LEVELS)]
+    winners = []
+    for fam in fams:
+        cells = []
+        for lv in LEVELS:
+            p = smallest_at(res, lv, fam, key)
+            cells.append("not reached" if p is None else
+                         f"{_fmt_bytes(p['bytes'])} B ({100 * p['bytes'] / t16:.1f}%) `{p['name']}`")
+        lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+    for lv in LEVELS:
+        best = [(p["bytes"], fam, p["name"]) for fam in fams if (p := smallest_at(res, lv, fam, key))]
+        winners.append(min(best) if best else None)
+    lines.append("| **winner** | " + " | ".join(
+        "none" if w is None else f"**{w[1]}** ({_fmt_bytes(w[0])} B)" for w in winners) + " |")
+    return "\n".join(lines)
+
+
+def winners_sentence(res: dict) -> str:
+    out = []
+    fams = families(res)
+    for lv in LEVELS:
+        best = sorted((p["bytes"], fam, p["name"]) for fam in fams if (p := smallest_at(res, lv, fam)))
+        if not best:
+            out.append(f"at ≥{int(lv * 100)}% no family gets there")
+            continue
+        b, fam, name = best[0]
+        runner = next((x for x in best if x[1] != fam), None)
+        s = f"at ≥{int(lv * 100)}% **{fam}** wins with {_fmt_bytes(b)} B (`{name}`)"
+        if runner:
+            s += f", next {runner[1]} at {_fmt_bytes(runner[0])} B ({runner[0] / b:.2f}x)"
+        out.append(s)
+    return "; ".join(out) + "."
+
+
+def points_table(res: dict) -> str:
+    metrics = res["metrics"]
+    has_pt = res["adapter"]["passthrough_bytes"] > 0
+    head = ["method", "family", "bytes"] + (["bytes − passthrough"] if has_pt else []) + [
+        "% fp16 tensors", "% fp16 file", "rel. err ΔW"] + [f"{m}" for m in metrics] + [
+        f"ret. {m}" for m in metrics] + ["compress s", "decompress s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fam_rank = {f: i for i, f in enumerate(families(res))}
+    pts = sorted(res["points"], key=lambda p: (fam_rank.get(p["family"], 99), -p.get("bytes", 0), p["name"]))
+    pt = res["adapter"]["passthrough_bytes"]
+    for p in pts:
+        if not _ok(p):
+            lines.append(f"| {p['name']} | {p['family']} | ERROR: {p.get('error', '?')} |" + " |" * (len(head) - 3))
+            continue
+        row = [p["name"], p["family"], _fmt_bytes(p["bytes"])]
+        if has_pt:
+            row.append(_fmt_bytes(p["bytes"] - pt))
+        row += [f"{100 * p['ratio_fp16_tensors']:.2f}", f"{100 * p.get('ratio_fp16_file', float('nan')):.2f}",
+                f"{p['rel_error']:.4f}"]
+        row += [f"{p['metrics'][m]:.4f}" for m in metrics]
+        row += [f"{100 * p['retention'][m]:.2f}%" for m in metrics]
+        row += [f"{p['compress_s']:.2f}", f"{p['decompress_s']:.2f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ plots
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = res["metrics"]
+    fams = families(res)
+    cmap = plt.get_cmap("tab10")
+    markers = "os^vD<>pXh*"
+    fig, axes = plt.subplots(1, len(metrics), figsize=(7.5 * len(metrics), 5.6), squeeze=False)
+    floor = -0.2
+    for ax, metric in zip(axes[0], metrics):
+        for i, fam in enumerate(fams):
+            pts = sorted((p for p in res["points"] if _ok(p) and p["family"] == fam), key=lambda p: p["bytes"])
+            if not pts:
+                continue
+            xs = [p["bytes"] for p in pts]
+            ys = [max(floor, p["retention"][metric]) for p in pts]
+            c, mk = cmap(i % 10), markers[i % len(markers)]
+            ax.scatter(xs, ys, color=c, marker=mk, s=22, alpha=0.55, zorder=3)
+            # the family's frontier: best retention reached at or below each size
+            fx, fy, best = [], [], -math.inf
+            for x, y in zip(xs, ys):
+                if y > best:
+                    best = y
+                    fx.append(x)
+                    fy.append(y)
+            ax.plot(fx, fy, color=c, marker=mk, ms=5, lw=1.6, label=fam, zorder=4)
+        for lv in (1.0,) + LEVELS:
+            ax.axhline(lv, color="grey", lw=0.6, ls="-" if lv == 1.0 else ":")
+        t16 = res["adapter"]["fp16_tensor_bytes"]
+        ax.axvline(t16, color="black", lw=0.8, ls="--")
+        ax.text(t16, floor + 0.02, " fp16 LoRA tensors", fontsize=8, rotation=90, va="bottom")
+        ax.set_xscale("log")
+        ax.set_ylim(floor - 0.03, 1.08)
+        ax.set_xlabel("file size on disk (bytes, log scale)")
+        ax.set_ylabel(f"gain retention ({metric})")
+        ax.set_title(f"{res['model']}: retention of the LoRA's {metric} gain", fontsize=11)
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.text(0.01, 0.005, f"points below {floor} are drawn at {floor}; lines join each family's best-so-far points",
+             fontsize=7, color="grey")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ report
+def speed_section(sp: dict | None, results: list[dict]) -> str:
+    from bench import speed
+
+    out = ["## Speed", ""]
+    if sp:
+        out.append(speed.markdown(sp))
+    else:
+        out.append("(speed section not run: `python -m bench.speed`)")
+    out += ["", "### Whole-adapter compress time vs the LoRA's training time", "",
+            "Wall time of `solar compress` (process start, reading, encoding, writing; 2 threads) against "
+            "`train_seconds` of the fixture's METRICS.json (1 thread).", "",
+            "| model | point | compress s | decompress s | LoRA training s | compress / training |", "|---|---|---|---|---|---|"]
+    for res in results:
+        tr = res.get("train_seconds")
+        for p in res["points"]:
+            if not _ok(p) or p["kind"] != "cli":
+                continue
+            if p["name"] not in ("spectral t=0.05", "spectral-w t=0.05", "paper N=1000 keep=0.3 b=8",
+                                 "paper N=4000 keep=0.3 b=8", "paper N=4000 keep=1 b=8"):
+                continue
+            ratio = f"{p['compress_s'] / tr:.2%}" if tr else "n/a"
+            out.append(f"| {res['model']} | `{p['name']}` | {p['compress_s']:.2f} | {p['decompress_s']:.2f} | "
+                       f"{tr if tr else 'n/a'} | {ratio} |")
+    return "\n".join(out)
+
+
+def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | None = None,
+                 total_seconds: float | None = None) -> str:
+    path = Path(path)
+    heads = []
+    for res in results:
+        plot(res, Path(out_dir) / f"rd_{res['model']}.png")
+        crit = "retention of the validation-loss gain" if len(res["metrics"]) == 1 else \
+            "min(retention of the loss gain, retention of the accuracy gain) — a point must keep both"
+        heads.append((res, f"### {MODEL_TITLES.get(res['model'], res['model'])}\n\nRanked by {crit}. "
+                           f"Cells: file bytes (% of the fp16 LoRA tensor bytes, "
+                           f"{_fmt_bytes(res['adapter']['fp16_tensor_bytes'])} B) and the point.\n\n"
+                           f"{headline_table(res)}\n\n{winners_sentence(res)}"))
+    headline = "\n\n".join(h for _, h in heads)
+    rel = lambda p: Path(p).relative_to(path.parent) if Path(p).is_relative_to(path.parent) else Path(p)  # noqa: E731
+    runs = [r["run"] for r in results]
+    md = ["# solar benchmark report", "",
+          f"Generated by `python -m bench.run{' --smoke' if any(r['smoke'] for r in runs) else ''}` "
+          f"({runs[0]['date'] if runs else '?'}; `{runs[0]['cli_version'] if runs else '?'}`; "
+          f"{runs[0]['host'] if runs else ''}, {runs[0]['cpus'] if runs else '?'} CPUs"
+          + (f"; whole run {total_seconds / 60:.1f} min" if total_seconds else "") + ").", "",
+          "## How to read this", "",
+          "* **bytes**: the size on disk of the file the method writes; everything needed to rebuild the PEFT "
+          "adapter directory is in it. `.solar` files: the CLI's output. Baselines (bench/baselines.py): one zstd "
+          "frame (level 19, with solar's public metadata dictionary) holding a JSON header (adapter_config.json, "
+          "tensor names, shapes, parameters), the quantised tensors with their scales, and the passthrough tensors. "
+          "PEFT points: `adapter_model.safetensors` as PEFT writes it (its separate adapter_config.json is not "
+          "counted). Passthrough tensors (MiniLM's classifier head, stored byte-exactly) are in every file, "
+          "identically; the per-model tables also show bytes minus their raw size.",
+          "* **% fp16 tensors**: bytes / (2 × numel of all LoRA A and B factors) — the *tensor* bytes of an fp16 "
+          "adapter, without safetensors header or passthrough. **% fp16 file**: bytes / size of the fp16 PEFT file.",
+          "* **rel. err ΔW**: sqrt(Σ_l s_l²‖B_l A_l − B̃_l Ã_l‖² / Σ_l s_l²‖B_l A_l‖²), s_l = PEFT scaling.",
+          "* **retention** = (metric_base − metric_restored) / (metric_base − metric_LoRA): 1 = the LoRA's whole "
+          "gain, 0 = the base. Base = the same PeftModel with lora_A/lora_B zeroed (MiniLM keeps its trained head). "
+          "Every point is scored on the same fixed evaluation set. For MiniLM, accuracy retention moves in steps of "
+          "1/872 ≈ 0.11 accuracy points ≈ 0.36 % retention, so it is noisier than loss retention.",
+          "* **times**: wall clock on a shared 2-core machine. CLI points: the whole `solar compress` / "
+          "`solar decompress` process. Python baselines: the encode/decode function (NOLA's least squares is solved "
+          "once per pool size and its time added to every point that shares it).",
+          "* Methods: PEFT fp32/fp16; per-channel (per rank component) symmetric int8/4/3/2 of A and B + zstd; "
+          "SVD rank cut of ΔW = BA to rank k<r (B' = U_k√S, A' = √S V_kᵀ) in fp16 or int8/int4 (+zstd; evaluated "
+          "zero-padded back to rank r); ComPEFT-style top-d% entries of A and B, sign × one scale (mean |kept|) per "
+          "matrix, mask and signs as bitmaps + zstd; NOLA-style: solar's paper-mode pipeline (least squares over a "
+          "pool of N, top-k, k coefficients at b bits + N-bit masks) on a pure Gaussian basis; solar `paper` "
+          "(σ = 1, seed 0), `spectral` (--target-error) and `spectral-w`.",
+          "", "## Headline", "", headline, ""]
+    for res in results:
+        a = res["adapter"]
+        fp16f = res.get("fp16_file_bytes")
+        md += [f"## {MODEL_TITLES.get(res['model'], res['model'])}", "", res["task"] + ".", "",
+               f"* base (LoRA zeroed): " + ", ".join(f"{k} {v:.4f}" for k, v in res["base"].items()) +
+               f"; LoRA: " + ", ".join(f"{k} {v:.4f}" for k, v in res["lora"].items()),
+               f"* LoRA: {a['modules']} modules, rank {a['rank']}, {a['lora_params']:,} parameters; fp16 tensor bytes "
+               f"{_fmt_bytes(a['fp16_tensor_bytes'])}; fp16 PEFT file {_fmt_bytes(fp16f) if fp16f else '?'} B; "
+               f"passthrough tensors {_fmt_bytes(a['passthrough_bytes'])} B raw"
+               + (f" ({', '.join(a['passthrough_keys'])})" if a["passthrough_keys"] else "") + ".",
+               f"* LoRA training time: {res.get('train_seconds')} s; this model's benchmark run: "
+               f"{res['run']['seconds']:.0f} s.", "",
+               f"![rate-distortion {res['model']}]({rel(Path(out_dir) / ('rd_' + res['model'] + '.png'))})", ""]
+        if len(res["metrics"]) > 1:
+            for m in res["metrics"]:
+                md += [f"Headline by {m} retention alone:", "",
+                       headline_table(res, key=lambda p, m=m: p["retention"][m]), ""]
+        md += ["All points:", "", points_table(res), ""]
+    if not any(r["smoke"] for r in runs) or speed:
+        md += [speed_section(speed, results), ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(md) + "\n")
+    return "HEADLINE\n\n" + headline

