@@ -102,7 +102,14 @@ def points_table(res: dict) -> str:
 
 
 # ------------------------------------------------------------------------------ plots
+COLORS = {"peft": "#7f7f7f", "int-quant": "#ff7f0e", "svd-fp16": "#2ca02c", "svd+int8": "#bcbd22",
+          "svd+int4": "#17becf", "compeft": "#9467bd", "nola": "#8c564b", "solar-paper": "#e377c2",
+          "solar-spectral": "#d62728", "solar-spectral-w": "#1f77b4"}
+
+
 def plot(res: dict, path: Path) -> None:
+    """Bytes (log x) vs retention, one line per family (its best-so-far frontier) over all its
+    points; bottom row: the same zoomed on 85-101 % where the headline levels are."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,43 +117,51 @@ def plot(res: dict, path: Path) -> None:
 
     metrics = res["metrics"]
     fams = families(res)
-    cmap = plt.get_cmap("tab10")
-    markers = "os^vD<>pXh*"
-    fig, axes = plt.subplots(1, len(metrics), figsize=(7.5 * len(metrics), 5.6), squeeze=False)
+    markers = "os^vD<>pXh*P"
+    fig, axes = plt.subplots(2, len(metrics), figsize=(7.8 * len(metrics), 10), squeeze=False,
+                             gridspec_kw={"height_ratios": [1.25, 1]})
     floor = -0.2
-    for ax, metric in zip(axes[0], metrics):
-        for i, fam in enumerate(fams):
-            pts = sorted((p for p in res["points"] if _ok(p) and p["family"] == fam), key=lambda p: p["bytes"])
-            if not pts:
-                continue
-            xs = [p["bytes"] for p in pts]
-            ys = [max(floor, p["retention"][metric]) for p in pts]
-            c, mk = cmap(i % 10), markers[i % len(markers)]
-            ax.scatter(xs, ys, color=c, marker=mk, s=22, alpha=0.55, zorder=3)
-            # the family's frontier: best retention reached at or below each size
-            fx, fy, best = [], [], -math.inf
-            for x, y in zip(xs, ys):
-                if y > best:
-                    best = y
-                    fx.append(x)
-                    fy.append(y)
-            ax.plot(fx, fy, color=c, marker=mk, ms=5, lw=1.6, label=fam, zorder=4)
-        for lv in (1.0,) + LEVELS:
-            ax.axhline(lv, color="grey", lw=0.6, ls="-" if lv == 1.0 else ":")
-        t16 = res["adapter"]["fp16_tensor_bytes"]
-        ax.axvline(t16, color="black", lw=0.8, ls="--")
-        ax.text(t16, floor + 0.02, " fp16 LoRA tensors", fontsize=8, rotation=90, va="bottom")
-        ax.set_xscale("log")
-        ax.set_ylim(floor - 0.03, 1.08)
-        ax.set_xlabel("file size on disk (bytes, log scale)")
-        ax.set_ylabel(f"gain retention ({metric})")
-        ax.set_title(f"{res['model']}: retention of the LoRA's {metric} gain", fontsize=11)
-        ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=8, loc="lower right")
-    fig.text(0.01, 0.005, f"points below {floor} are drawn at {floor}; lines join each family's best-so-far points",
-             fontsize=7, color="grey")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    for col, metric in enumerate(metrics):
+        for row, (lo, hi) in enumerate(((floor - 0.03, 1.08), (0.85, 1.012))):
+            ax = axes[row][col]
+            for i, fam in enumerate(fams):
+                pts = sorted((p for p in res["points"] if _ok(p) and p["family"] == fam), key=lambda p: p["bytes"])
+                if not pts:
+                    continue
+                xs = [p["bytes"] for p in pts]
+                ys = [max(floor, p["retention"][metric]) for p in pts]
+                c, mk = COLORS.get(fam, plt.get_cmap("tab10")(i % 10)), markers[i % len(markers)]
+                solar = fam.startswith("solar")
+                ax.scatter(xs, ys, color=c, marker=mk, s=20, alpha=0.45, zorder=3)
+                fx, fy, best = [], [], -math.inf  # the family's frontier: best retention at or below each size
+                for x, y in zip(xs, ys):
+                    if y > best:
+                        best = y
+                        fx.append(x)
+                        fy.append(y)
+                ax.plot(fx, fy, color=c, marker=mk, ms=6 if solar else 4, lw=2.4 if solar else 1.3, label=fam,
+                        zorder=5 if solar else 4)
+            for lv in (1.0,) + LEVELS:
+                ax.axhline(lv, color="grey", lw=0.7, ls="-" if lv == 1.0 else ":")
+                if row == 1 and lv < 1:
+                    ax.text(1.0, lv, f" {int(lv * 100)}%", transform=ax.get_yaxis_transform(), fontsize=8,
+                            va="center", color="grey")
+            t16 = res["adapter"]["fp16_tensor_bytes"]
+            ax.axvline(t16, color="black", lw=0.8, ls="--")
+            if row == 0:
+                ax.text(t16, 0.45, " fp16 LoRA tensors", fontsize=8, rotation=90, va="bottom")
+            ax.set_xscale("log")
+            ax.set_ylim(lo, hi)
+            ax.set_xlabel("file size on disk (bytes, log scale)")
+            ax.set_ylabel(f"retention of the {metric} gain")
+            ax.set_title(f"{res['model']}: {metric} gain retention" + (" (zoom 85-101 %)" if row else ""), fontsize=11)
+            ax.grid(True, which="both", alpha=0.25)
+            if row == 0:
+                ax.legend(fontsize=8, loc="best", ncol=2)
+    fig.text(0.01, 0.004, f"points below {floor} are drawn at {floor}; lines join each family's best-so-far points "
+             "(faint markers: all points)", fontsize=8, color="grey")
+    fig.tight_layout(rect=(0, 0.012, 1, 1))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

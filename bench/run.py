@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     results.sort(key=lambda r: list(TASKS).index(r["model"]))
     speed_json = out_dir / "speed.json"
     sp = json.loads(speed_json.read_text()) if speed_json.is_file() else None
-    headline = report.write_report(results, report_path, out_dir, speed=sp, total_seconds=time.time() - t0)
+    headline = report.write_report(results, report_path, out_dir, speed=sp,
+                                   total_seconds=None if args.report_only else time.time() - t0)
     print(headline)
     print(f"wrote {report_path} ({time.time() - t0:.0f} s)")
     return 0

@@ -5,7 +5,8 @@ Compresses Hugging Face PEFT LoRA adapters against their base model (the SOLAR m
 command line tool, so both write identical files.
 
     import solar
-    packed = solar.compress("my-adapter/", "base-model/", pool=1000, keep_fraction=0.3, bits=8)
+    packed = solar.compress("my-adapter/", None, mode="spectral", target_error=0.1)  # recommended
+    paper = solar.compress("my-adapter/", "base-model/", pool=1000, keep_fraction=0.3, bits=8)  # SOLAR paper
     packed.save("my-adapter.solar")
     print(packed.report()["ratio_vs_fp16"])
 
@@ -17,6 +18,7 @@ Errors are :class:`SolarError` subclasses carrying the core's message.
 """
 from . import _ext
 from .api import CompressedAdapter, compress, load, restore, restore_to_dir, restore_to_peft
+from .calibrate import calibrate
 from .errors import (
     CorruptError,
     FormatError,
@@ -39,6 +41,7 @@ __all__ = [
     "restore",
     "restore_to_dir",
     "restore_to_peft",
+    "calibrate",
     "SolarError",
     "FormatError",
     "CorruptError",

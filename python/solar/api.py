@@ -160,6 +160,11 @@ def _base_source(base: Any) -> "_ext.Base":
     return _ext.Base.in_memory(tensors_to_core(items, skip_unsupported=True), label)
 
 
+def _base_or_empty(base: Any) -> "_ext.Base":
+    # Modes that never read W (spectral) restore without a base.
+    return _ext.Base.in_memory([], "<no base given>") if base is None else _base_source(base)
+
+
 def _compressed(compressed: Any) -> "_ext.Compressed":
     if isinstance(compressed, CompressedAdapter):
         return compressed._c
@@ -184,6 +189,10 @@ def compress(
     noise: float = 1.0,
     threads: int = 0,
     adapter_name: Optional[str] = None,
+    target_bytes: Optional[int] = None,
+    target_error: Optional[float] = None,
+    calibration: Any = None,
+    proxy: str = "",
 ) -> CompressedAdapter:
     """Compresses a PEFT LoRA adapter against its base model.
 
@@ -194,7 +203,15 @@ def compress(
         base: the base model's weights: a checkpoint path (.safetensors file, or a directory,
             sharded ok), a torch model (its ``state_dict()``), or a dict name -> tensor/array.
             In-memory CPU tensors are read in place, not copied.
-        mode: codec mode; ``"paper"`` is the SOLAR method.
+        mode: codec mode: ``"paper"`` is the SOLAR method as published; ``"spectral"`` (the
+            recommended mode) codes B A's own singular components with a global rate-distortion
+            plan and needs no base; ``"spectral-w"`` codes them in W's singular basis.
+        target_bytes: spectral modes: the whole file is at most this many bytes.
+        target_error: spectral modes: relative error of the updates in the mode's metric
+            (default 0.05 when neither target is given).
+        calibration: spectral modes: statistics from :func:`solar.calibrate` (a dict or a
+            .safetensors path); errors are then weighed by what they do to the loss.
+        proxy: spectral modes without calibration: ``"base-gram"`` weighs errors by W^T W.
         pool, pool_a, pool_b: pool sizes N_A, N_B (``pool`` for both unless overridden).
         keep: coefficients kept per factor (k_A = k_B); overrides ``keep_fraction``.
         keep_fraction: fraction of each pool kept when ``keep`` is not given.
@@ -206,7 +223,8 @@ def compress(
     The same inputs and options give the same bytes as ``solar compress``.
     """
     src = _adapter_source(adapter, adapter_name)
-    weights = _base_source(base)
+    weights = _base_or_empty(base)
+    calib = None if calibration is None else _base_source(calibration)
     c = _ext.compress(
         src,
         weights,
@@ -219,6 +237,10 @@ def compress(
         int(seed),
         float(noise),
         int(threads),
+        None if target_bytes is None else int(target_bytes),
+        None if target_error is None else float(target_error),
+        calib,
+        str(proxy),
     )
     return CompressedAdapter(c)
 
@@ -244,7 +266,7 @@ def restore(compressed: Any, base: Any, *, threads: int = 0) -> dict:
     the adapter stored, under their original keys.
     """
     c = _compressed(compressed)
-    weights = _base_source(base)
+    weights = _base_or_empty(base)
     _config, tensors, _meta = _ext.decompress(c, weights, int(threads))
     try:
         import torch  # noqa: F401
@@ -260,7 +282,7 @@ def restore_to_dir(compressed: Any, base: Any, out_dir: PathLike, *, threads: in
     adapter_model.safetensors), atomically: ``out_dir`` is replaced only on success.
     Same output as ``solar decompress``."""
     c = _compressed(compressed)
-    weights = _base_source(base)
+    weights = _base_or_empty(base)
     _ext.restore_to_dir(c, weights, os.fspath(out_dir), int(threads))
     return Path(out_dir)
 

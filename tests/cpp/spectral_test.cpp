@@ -1,0 +1,131 @@
+// The spectral modes end to end on stories260K adapters.
+#include <cmath>
+
+#include <gtest/gtest.h>
+
+#include "adapter_factory.hpp"
+#include "solar/pipeline.hpp"
+
+namespace solar {
+namespace {
+
+class Spectral : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string path = test::stories_checkpoint();
+    if (path.empty()) GTEST_SKIP() << "../shared/data is absent: stories260K tests need it";
+    base_ = std::make_unique<Checkpoint>(path);
+    adapter_ = test::stories_adapter(*base_, 4, {"wq", "wv"});
+  }
+  // Aggregate relative error sqrt(sum ||dW - dW~||^2 / sum ||dW||^2) (all scalings are equal here).
+  double aggregate_error(const PeftAdapter& back) const {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < adapter_.modules.size(); ++i) {
+      const auto& m = adapter_.modules[i];
+      const Matrix d = matmul(Matrix::from_f32(m.B.to_f32().data(), m.B.shape[0], m.B.shape[1]),
+                              Matrix::from_f32(m.A.to_f32().data(), m.A.shape[0], m.A.shape[1]));
+      const double e = relative_delta_error(m.A, m.B, back.modules[i].A, back.modules[i].B);
+      const double n2 = frobenius_norm(d) * frobenius_norm(d);
+      num += e * e * n2;
+      den += n2;
+    }
+    return std::sqrt(num / den);
+  }
+  std::unique_ptr<Checkpoint> base_;
+  PeftAdapter adapter_;
+};
+
+TEST_F(Spectral, MeetsTheErrorTargetAndNeedsNoBase) {
+  InMemoryWeights none("<none>");
+  double prev_bytes = 1e18;
+  for (double target : {0.01, 0.05, 0.2}) {
+    CompressOptions o;
+    o.mode = "spectral";
+    o.target_error = target;
+    const Container c = compress_adapter(adapter_, none, o);
+    const auto bytes = serialize_container(c);
+    const PeftAdapter back = decompress_container(parse_container(bytes.data(), bytes.size(), "mem"), none);
+    const double err = aggregate_error(back);
+    EXPECT_LE(err, target * 1.0001) << target;
+    EXPECT_GT(err, target * 0.3) << "a looser target should not cost the bytes of a tighter one";
+    EXPECT_LT(static_cast<double>(bytes.size()), prev_bytes);
+    prev_bytes = static_cast<double>(bytes.size());
+  }
+}
+
+TEST_F(Spectral, ByteBudgetIsNeverExceeded) {
+  InMemoryWeights none("<none>");
+  double prev_err = 0;
+  for (size_t budget : {6000u, 3000u, 1500u, 800u}) {
+    CompressOptions o;
+    o.mode = "spectral";
+    o.target_bytes = budget;
+    const auto bytes = serialize_container(compress_adapter(adapter_, none, o));
+    EXPECT_LE(bytes.size(), budget);
+    EXPECT_GT(bytes.size(), budget * 8 / 10) << "the budget should be used";
+    const double err = aggregate_error(decompress_container(parse_container(bytes.data(), bytes.size(), "m"), none));
+    EXPECT_GT(err, prev_err);
+    prev_err = err;
+  }
+  CompressOptions tiny;
+  tiny.mode = "spectral";
+  tiny.target_bytes = 20;
+  EXPECT_SOLAR_ERROR(compress_adapter(adapter_, none, tiny), ErrorKind::InvalidInput, "overhead");
+}
+
+TEST_F(Spectral, OutputIsByteIdenticalWhateverTheThreadCount) {
+  std::vector<std::vector<uint8_t>> outs;
+  for (int threads : {1, 2, 4}) {
+    CompressOptions o;
+    o.mode = "spectral-w";
+    o.target_error = 0.05;
+    o.threads = threads;
+    outs.push_back(serialize_container(compress_adapter(adapter_, *base_, o)));
+  }
+  EXPECT_EQ(outs[0], outs[1]);
+  EXPECT_EQ(outs[0], outs[2]);
+  const PeftAdapter back = decompress_container(parse_container(outs[0].data(), outs[0].size(), "m"), *base_);
+  EXPECT_LE(aggregate_error(back), 0.05 * 1.0001);
+}
+
+TEST_F(Spectral, CalibrationSpendsBytesWhereInputsAreLarge) {
+  // Inputs that live almost entirely in the first 8 of 64 dimensions: errors elsewhere are cheap.
+  std::vector<double> scale(64);
+  for (int i = 0; i < 64; ++i) scale[static_cast<size_t>(i)] = i < 8 ? 1.0 : 1e-4;
+  InMemoryWeights calib("<calib>");
+  std::vector<float> s(64 * 64, 0.0f);
+  for (int i = 0; i < 64; ++i) s[static_cast<size_t>(i * 64 + i)] = static_cast<float>(scale[static_cast<size_t>(i)]);
+  const Tensor moment = Tensor::from_f32(s, {64, 64}, DType::F32);
+  for (const auto& m : adapter_.modules)
+    calib.add(m.path + ".input_moment", TensorView{moment.dtype, moment.shape, moment.data.data(), moment.data.size()});
+  // Output error E x for inputs of that covariance: sum_ij E_ij^2 scale_j.
+  auto weighted_error = [&](const PeftAdapter& back) {
+    double total = 0;
+    for (size_t k = 0; k < adapter_.modules.size(); ++k) {
+      auto dense = [](const LoraModule& m) {
+        return matmul(Matrix::from_f32(m.B.to_f32().data(), m.B.shape[0], m.B.shape[1]),
+                      Matrix::from_f32(m.A.to_f32().data(), m.A.shape[0], m.A.shape[1]));
+      };
+      const Matrix d1 = dense(adapter_.modules[k]), d2 = dense(back.modules[k]);
+      for (int64_t i = 0; i < d1.rows; ++i)
+        for (int64_t j = 0; j < d1.cols; ++j) total += (d1(i, j) - d2(i, j)) * (d1(i, j) - d2(i, j)) * scale[static_cast<size_t>(j)];
+    }
+    return total;
+  };
+  InMemoryWeights none("<none>");
+  CompressOptions plain, weighted;
+  plain.mode = weighted.mode = "spectral";
+  plain.target_bytes = weighted.target_bytes = 2000;
+  weighted.calibration = &calib;
+  const Container a = compress_adapter(adapter_, none, plain), b = compress_adapter(adapter_, none, weighted);
+  const double ea = weighted_error(decompress_container(a, none)), eb = weighted_error(decompress_container(b, none));
+  // Only X, the rank and the step pair adapt today (Y keeps a uniform grid), so the gain is modest.
+  EXPECT_LT(eb, 0.85 * ea) << "calibrated " << eb << " vs plain " << ea;
+  // A missing statistic is named.
+  InMemoryWeights empty("calib.safetensors");
+  weighted.calibration = &empty;
+  EXPECT_SOLAR_ERROR(compress_adapter(adapter_, none, weighted), ErrorKind::Mismatch, "input_moment");
+}
+
+}  // namespace
+}  // namespace solar

@@ -1,0 +1,59 @@
+"""`python -m bench.run --smoke` end to end: real adapter, real files, report, plot, JSON."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, data_dir
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+pytest.importorskip("zstandard")
+
+
+def test_bench_smoke(tmp_path, solar_cli):
+    d = data_dir()
+    if d is None or not (d / "models" / "stories260K" / "stories260K.safetensors").is_file():
+        pytest.skip("shared real data (stories260K, TinyShakespeare) absent")
+    if not (REPO / "tests" / "fixtures" / "stories260k_lora_r4" / "adapter_model.safetensors").is_file():
+        pytest.skip("stories260K LoRA fixture absent")
+    env = {**os.environ, "SOLAR_CLI": str(solar_cli), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out-dir", str(tmp_path)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "HEADLINE" in r.stdout
+
+    report = tmp_path / "REPORT.md"
+    plot = tmp_path / "rd_stories260k.png"
+    res = json.loads((tmp_path / "stories260k.json").read_text())
+    assert report.is_file() and "smallest at ≥99%" in report.read_text()
+    assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+    pts = {p["name"]: p for p in res["points"]}
+    assert not [p for p in res["points"] if "error" in p], [p.get("error") for p in res["points"]]
+    families = {p["family"] for p in res["points"]}
+    assert {"peft", "int-quant", "svd-fp16", "compeft", "nola", "solar-paper", "solar-spectral"} <= families
+    assert res["base"]["loss"] > res["lora"]["loss"] + 0.5  # the LoRA really helps on Shakespeare
+
+    fp32, fp16, i8, i4 = pts["PEFT fp32"], pts["PEFT fp16"], pts["int8 per-channel"], pts["int4 per-channel"]
+    # lossless point: exactly the LoRA
+    assert fp32["rel_error"] == 0.0 and abs(fp32["retention"]["loss"] - 1.0) < 1e-6
+    assert fp32["bytes"] == (REPO / "tests/fixtures/stories260k_lora_r4/adapter_model.safetensors").stat().st_size
+    assert abs(fp16["retention"]["loss"] - 1.0) < 0.005
+    assert abs(i8["retention"]["loss"] - 1.0) < 0.01 and i8["rel_error"] < 0.02
+    # bytes go down as precision goes down
+    assert fp32["bytes"] > fp16["bytes"] > i8["bytes"] > i4["bytes"]
+    assert fp16["bytes"] > res["adapter"]["fp16_tensor_bytes"]  # safetensors header on top of the tensors
+    sp = sorted((p for p in res["points"] if p["family"] == "solar-spectral"), key=lambda p: p["rel_error"])
+    assert sp[0]["bytes"] > sp[-1]["bytes"]  # a tighter target error costs more bytes
+    for p in res["points"]:
+        assert p["bytes"] > 0 and 0 <= p["rel_error"] < 2 and p["passthrough_exact"]
+        assert p["ratio_fp16_tensors"] == pytest.approx(p["bytes"] / res["adapter"]["fp16_tensor_bytes"])
+        assert p["compress_s"] >= 0 and p["decompress_s"] >= 0
+        assert p["retention"]["loss"] <= 1.05
