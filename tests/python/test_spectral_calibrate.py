@@ -1,0 +1,88 @@
+"""The spectral modes and output-aware calibration through the Python API, on the real
+stories260K model and its trained adapter."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import solar
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+
+
+def _delta_error(original: dict, restored: dict) -> float:
+    num = den = 0.0
+    for key, a in original.items():
+        if not key.endswith("lora_A.weight"):
+            continue
+        bkey = key.replace("lora_A", "lora_B")
+        d1 = original[bkey].double() @ a.double()
+        d2 = restored[bkey].double() @ restored[key].double()
+        num += float(((d1 - d2) ** 2).sum())
+        den += float((d1 ** 2).sum())
+    return (num / den) ** 0.5
+
+
+def test_spectral_meets_targets_without_a_base(stories_adapter):
+    from safetensors.torch import load_file
+
+    original = load_file(str(stories_adapter / "adapter_model.safetensors"))
+    sizes = []
+    for target in (0.02, 0.1, 0.3):
+        packed = solar.compress(stories_adapter, None, mode="spectral", target_error=target)
+        restored = solar.restore(packed, None)
+        assert _delta_error(original, restored) <= target * 1.0001
+        sizes.append(packed.nbytes)
+    assert sizes[0] > sizes[1] > sizes[2]
+    packed = solar.compress(stories_adapter, None, mode="spectral", target_bytes=1000)
+    assert packed.nbytes <= 1000
+    with pytest.raises(solar.InvalidInputError, match="overhead"):
+        solar.compress(stories_adapter, None, mode="spectral", target_bytes=10)
+
+
+def test_spectral_cli_and_python_write_identical_bytes(stories_adapter, solar_cli, tmp_path):
+    out = tmp_path / "cli.solar"
+    subprocess.run([solar_cli, "compress", "--adapter", str(stories_adapter), "--out", str(out), "--mode", "spectral",
+                    "--target-error", "0.07", "-q", "--no-verify"], check=True)
+    packed = solar.compress(stories_adapter, None, mode="spectral", target_error=0.07)
+    assert out.read_bytes() == packed.to_bytes()
+
+
+def test_calibrate_collects_kfac_statistics_and_they_steer_the_codec(stories_ckpt, stories_adapter, tmp_path):
+    from peft import PeftModel
+
+    from bench.fixtures.stories import Tokenizer, load_stories260k
+
+    torch.manual_seed(0)
+    model = PeftModel.from_pretrained(load_stories260k(stories_ckpt), str(stories_adapter))
+    tok = Tokenizer(str(stories_ckpt.parent / "tok512.bin"))
+    text = "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. " * 6
+    ids = torch.tensor(tok.encode(text))[None, :129]
+    batches = [{"input_ids": ids}]
+
+    def lm_loss(m, batch):
+        x = batch["input_ids"]
+        logits = m(x[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+    stats = solar.calibrate(model, batches, loss_fn=lm_loss, out=tmp_path / "calib.safetensors")
+    assert set(stats) == {f"layers.{i}.attention.{w}.{kind}" for i in range(5) for w in ("wq", "wv")
+                          for kind in ("input_moment", "output_grad_moment")}
+    assert stats["layers.0.attention.wq.input_moment"].shape == (64, 64)
+    assert stats["layers.0.attention.wv.output_grad_moment"].shape == (32, 32)
+    g = stats["layers.2.attention.wq.output_grad_moment"]
+    assert torch.allclose(g, g.T) and float(g.diagonal().min()) >= 0 and float(g.abs().max()) > 0
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" in n), "calibrate must restore flags"
+
+    plain = solar.compress(stories_adapter, None, mode="spectral", target_bytes=1500)
+    steered = solar.compress(stories_adapter, None, mode="spectral", target_bytes=1500,
+                             calibration=tmp_path / "calib.safetensors")
+    assert plain.nbytes <= 1500 and steered.nbytes <= 1500
+    assert plain.to_bytes() != steered.to_bytes()
+    # The same statistics from memory or from the file give the same file.
+    again = solar.compress(stories_adapter, None, mode="spectral", target_bytes=1500, calibration=stats)
+    assert again.to_bytes() == steered.to_bytes()
