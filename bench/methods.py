@@ -46,8 +46,8 @@ EXTRA_METHODS: list[Callable[[str, bool], list[Method]]] = []
 FAMILY_ORDER = ["peft", "int-quant", "svd-fp16", "svd+int8", "svd+int4", "compeft", "nola",
                 "solar-paper", "solar-spectral", "solar-spectral-w"]
 
-SPECTRAL_TARGETS = [0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01]
-SPECTRAL_W_TARGETS = [0.2, 0.1, 0.05, 0.02]
+SPECTRAL_TARGETS = [0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01]
+SPECTRAL_W_TARGETS = [0.3, 0.2, 0.1, 0.05, 0.02]
 
 
 def paper_grid(model: str, smoke: bool) -> list[tuple[int, float, int]]:

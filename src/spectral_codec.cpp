@@ -52,6 +52,53 @@ bool quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* rot
   return true;
 }
 
+// Upper Cholesky factor U of H^-1 (H^-1 = U^T U) for error-feedback quantisation.
+Matrix inverse_cholesky_upper(const Matrix& h) {
+  const int64_t n = h.rows;
+  Matrix eye(n, n);
+  for (int64_t i = 0; i < n; ++i) eye(i, i) = 1.0;
+  Matrix inv = solve_spd(h, eye);
+  // Symmetrise, then the lower Cholesky L of inv; U = L^T.
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < i; ++j) inv(i, j) = inv(j, i) = 0.5 * (inv(i, j) + inv(j, i));
+  Matrix l(n, n);
+  for (int64_t j = 0; j < n; ++j) {
+    double d = inv(j, j);
+    for (int64_t t = 0; t < j; ++t) d -= l(j, t) * l(j, t);
+    const double ljj = std::sqrt(std::max(d, 1e-300));
+    l(j, j) = ljj;
+    for (int64_t i = j + 1; i < n; ++i) {
+      double v = inv(i, j);
+      for (int64_t t = 0; t < j; ++t) v -= l(i, t) * l(j, t);
+      l(i, j) = v / ljj;
+    }
+  }
+  return l.transposed();
+}
+
+// Like quantize_columns (no rotation), but each column's rounding errors are fed forward to the
+// coordinates not yet quantised so as to minimise e^T H e (GPTQ, Frantar et al. 2022), where
+// `hinv_u` is inverse_cholesky_upper(H).
+bool quantize_columns_feedback(const Matrix& m, int64_t k, double step, const Matrix& hinv_u, Coded& out) {
+  const int64_t rows = m.rows;
+  out.q.assign(static_cast<size_t>(rows * k), 0);
+  out.value = Matrix(rows, k);
+  std::vector<double> w(static_cast<size_t>(rows));
+  for (int64_t j = 0; j < k; ++j) {
+    for (int64_t i = 0; i < rows; ++i) w[static_cast<size_t>(i)] = m(i, j);
+    for (int64_t i = 0; i < rows; ++i) {
+      const double v = w[static_cast<size_t>(i)] / step;
+      if (!(std::fabs(v) < kMaxQuant)) return false;
+      const auto q = static_cast<int32_t>(std::lround(v));
+      out.q[static_cast<size_t>(j * rows + i)] = q;
+      out.value(i, j) = q * step;
+      const double err = (w[static_cast<size_t>(i)] - q * step) / hinv_u(i, i);
+      for (int64_t t = i + 1; t < rows; ++t) w[static_cast<size_t>(t)] -= err * hinv_u(i, t);
+    }
+  }
+  return true;
+}
+
 Matrix dequantize_columns(const std::vector<int32_t>& q, int64_t rows, int64_t k, double step, const Matrix* rot) {
   Matrix deq(rows, k);
   for (int64_t j = 0; j < k; ++j)
@@ -160,12 +207,19 @@ class SpectralCodec final : public LayerCodec {
     if (!(rms > 0)) return out;
     // A weighted side's errors count tr(M)/dim times as much: its step shrinks by the square root.
     const int y_offset = step_offset(sig, s.n) - step_offset(gm, s.m);
+    // With statistics (and no rotation), rounding errors are shaped by them: GPTQ-style feedback.
+    const bool feedback = !rotate_;
+    const Matrix hx = (feedback && gm) ? inverse_cholesky_upper(*gm) : Matrix();
+    const Matrix hy = (feedback && sig) ? inverse_cholesky_upper(*sig) : Matrix();
+    auto quantize = [&](const Matrix& v, int64_t k, double step, const Matrix* rot, const Matrix& h, Coded& c) {
+      return h.rows > 0 ? quantize_columns_feedback(v, k, step, h, c) : quantize_columns(v, k, step, rot, c);
+    };
     const int t_top = std::clamp(static_cast<int>(std::ceil(std::log2(8 * rms) * kStepsPerOctave)) + kStepBias, 0, 255);
     for (int tx = t_top; tx >= std::max(0, t_top - 12 * kStepsPerOctave); tx -= 2) {
       const double step_x = step_of(tx);
       for (int64_t k = 1; k <= s.r; ++k) {
         Coded cx;
-        if (!quantize_columns(x, k, step_x, ru, cx)) continue;
+        if (!quantize(x, k, step_x, ru, hx, cx)) continue;
         // Refit Y to the quantised X in the same metric: Y^T = (X~^T G X~)^-1 X~^T G B A.
         const Matrix gx = left(cx.value);
         const Matrix xgx = matmul(cx.value, gx, true);  // k x k
@@ -174,7 +228,7 @@ class SpectralCodec final : public LayerCodec {
         for (int dy : {-2, 0, 2}) {
           const int ty = std::clamp(tx + y_offset + dy, 0, 255);
           Coded cy;
-          if (!quantize_columns(yk, k, step_of(ty), rv, cy)) continue;
+          if (!quantize(yk, k, step_of(ty), rv, hy, cy)) continue;
           const double cross = frob_dot(bgx, matmul(as, cy.value));
           const double self = trace_product(xgx, matmul(cy.value, right(cy.value), true));
           const double d = std::max(0.0, energy - 2 * cross + self);

@@ -1,0 +1,90 @@
+"""K-FAC calibration statistics for the benchmark's calibrated spectral points.
+
+Computed with ``solar.calibrate`` on data the adapters were not evaluated on: stories260K on 32
+random 256-token windows of the TinyShakespeare *training* split (LM loss); MiniLM on the last
+512 SST-2 training sentences (the fixture trained on the first 12,800), with their labels.
+Cached under bench/results/cache/ (not committed: ~14 MB for MiniLM).
+
+    python -m bench.calibration {stories260k|minilm_sst2} [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CACHE = Path(__file__).resolve().parent / "results" / "cache"
+
+
+def stats_path(model: str) -> Path:
+    return CACHE / f"{model}_kfac.safetensors"
+
+
+def _stories(out: Path) -> None:
+    import torch
+    import torch.nn.functional as F
+    from peft import PeftModel
+
+    import solar
+    from bench.fixtures.paths import fixtures_dir, stories260k_dir
+    from bench.fixtures.stories import Tokenizer, load_stories260k
+    from bench.fixtures.train_stories_lora import shakespeare_splits
+
+    tok = Tokenizer(str(stories260k_dir() / "tok512.bin"))
+    train, _ = shakespeare_splits(tok)
+    model = PeftModel.from_pretrained(load_stories260k(), str(fixtures_dir() / "stories260k_lora_r4"))
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, len(train) - 257, (32,), generator=g).tolist()
+    batches = [{"input_ids": train[s: s + 257][None]} for s in starts]
+
+    def lm_loss(m, batch):
+        x = batch["input_ids"]
+        logits = m(x[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+    solar.calibrate(model, batches, loss_fn=lm_loss, out=out)
+
+
+def _minilm(out: Path) -> None:
+    import torch
+    from peft import PeftModel
+
+    import solar
+    from bench.fixtures.paths import fixtures_dir
+    from bench.fixtures.train_minilm_sst2 import load_base_model, load_sst2, load_tokenizer
+
+    tok = load_tokenizer()
+    model = PeftModel.from_pretrained(load_base_model(), str(fixtures_dir() / "minilm_sst2_lora_r8"))
+    examples = load_sst2("train")[-512:]
+
+    def batches():
+        for i in range(0, len(examples), 32):
+            chunk = examples[i: i + 32]
+            enc = tok([t for t, _ in chunk], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            enc["labels"] = torch.tensor([y for _, y in chunk])
+            yield dict(enc)
+
+    solar.calibrate(model, batches(), out=out)
+
+
+def ensure(model: str) -> Path:
+    """The statistics file for `model`, computed once."""
+    out = stats_path(model)
+    if not out.exists():
+        import torch
+
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        {"stories260k": _stories, "minilm_sst2": _minilm}[model](tmp)
+        tmp.replace(out)
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", choices=["stories260k", "minilm_sst2"])
+    print(ensure(ap.parse_args().model))
