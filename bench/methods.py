@@ -44,7 +44,11 @@ def codec(name: str, family: str, kind: str, **params) -> Method:
 EXTRA_METHODS: list[Callable[[str, bool], list[Method]]] = []
 
 FAMILY_ORDER = ["peft", "int-quant", "svd-fp16", "svd+int8", "svd+int4", "compeft", "nola",
-                "solar-paper", "solar-spectral", "solar-spectral-w"]
+                "solar-paper", "solar-paper-refit", "solar-paper-omp", "solar-spectral", "solar-spectral-w",
+                "solar-spectral-cal"]
+
+# Calibrated spectral: K-FAC statistics from bench/calibration.py (computed once, cached).
+SPECTRAL_CAL_TARGETS = [0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03]
 
 SPECTRAL_TARGETS = [0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01]
 SPECTRAL_W_TARGETS = [0.3, 0.2, 0.1, 0.05, 0.02]
@@ -91,6 +95,21 @@ def methods_for(model: str, rank: int, smoke: bool = False) -> list[Method]:
     for t in ((0.05,) if smoke else SPECTRAL_W_TARGETS):
         ms.append(Method(f"spectral-w t={t:g}", "solar-spectral-w",
                          cli=["--mode", "spectral-w", "--target-error", f"{t:g}"]))
+    if not smoke:
+        # The paper's method with its solver repaired (same file format, same decoder).
+        for n, f in ((1000, 0.1), (1000, 0.3)):
+            ms.append(Method(f"paper-refit N={n} keep={f:g} b=8", "solar-paper-refit",
+                             cli=["--mode", "paper", "--solver", "refit", "--pool", str(n), "--keep-fraction", f"{f:g}",
+                                  "--bits", "8", "--seed", "0"]))
+        if model == "stories260k":  # OMP costs k passes over the pool: too slow for MiniLM's 3072-entry factors
+            for k in (50, 100, 200):
+                ms.append(Method(f"paper-omp N=1000 k={k} b=8", "solar-paper-omp",
+                                 cli=["--mode", "paper", "--solver", "omp", "--pool", "1000", "--keep", str(k),
+                                      "--bits", "8", "--seed", "0"]))
+        from bench.calibration import stats_path
+        for t in SPECTRAL_CAL_TARGETS:
+            ms.append(Method(f"spectral+calib t={t:g}", "solar-spectral-cal",
+                             cli=["--mode", "spectral", "--target-error", f"{t:g}", "--calib", str(stats_path(model))]))
     for extra in EXTRA_METHODS:
         ms.extend(extra(model, smoke))
     return ms

@@ -50,12 +50,14 @@ int run_compress(const CompressArgs& a) {
   o.seed = a.seed;
   o.threads = a.threads;
   o.progress = stderr_progress(a.quiet);
+  o.warn = [](const std::string& msg) { std::fprintf(stderr, "solar: warning: %s\n", msg.c_str()); };
   o.paper.pool_a = a.pool_a.value_or(a.pool);
   o.paper.pool_b = a.pool_b.value_or(a.pool);
   if (a.keep) o.paper.keep_a = o.paper.keep_b = *a.keep;
   if (a.keep_fraction) o.paper.keep_fraction = *a.keep_fraction;
   o.paper.bits = a.bits;
   o.paper.noise = a.noise;
+  o.paper.solver = a.solver == "refit" ? PaperSolver::Refit : a.solver == "omp" ? PaperSolver::Omp : PaperSolver::Paper;
   o.target_bytes = a.target_bytes;
   o.target_error = a.target_error;
   o.proxy = a.proxy;

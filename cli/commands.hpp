@@ -17,6 +17,7 @@ struct CompressArgs {
   int bits = 8;
   uint64_t seed = 0;
   double noise = 1.0;
+  std::string solver = "paper";
   std::optional<size_t> target_bytes;
   std::optional<double> target_error;
   std::string calib, proxy;

@@ -37,6 +37,8 @@ int main(int argc, char** argv) {
   c->add_option("--bits", ca.bits, "coefficient bits")->check(CLI::IsMember({32, 16, 8, 4}));
   c->add_option("--seed", ca.seed, "seed of the basis pool");
   c->add_option("--noise", ca.noise, "sigma of the Gaussian perturbation of the basis")->check(CLI::NonNegativeNumber);
+  c->add_option("--solver", ca.solver, "paper mode's coefficient choice: paper (as published), refit, omp (repaired variants)")
+      ->check(CLI::IsMember({"paper", "refit", "omp"}));
   c->add_option("--threads", ca.threads, "worker threads (0: all cores); output does not depend on it");
   c->add_flag("!--no-verify", ca.verify, "skip decoding the result to report its error");
   c->add_flag("-q,--quiet", ca.quiet, "no progress on stderr");

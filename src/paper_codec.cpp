@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <tuple>
 
 #include "solar/codec.hpp"
 #include "solar/error.hpp"
@@ -59,8 +60,50 @@ struct FactorCode {
   std::vector<uint8_t> mask, coefficients;
 };
 
+// Least squares restricted to the members in `support` (columns of the column-major pool d).
+std::vector<double> refit(const std::vector<double>& d, int64_t len, const std::vector<uint32_t>& support,
+                          const std::vector<double>& target) {
+  std::vector<double> sub(static_cast<size_t>(len) * support.size());
+  for (size_t j = 0; j < support.size(); ++j)
+    std::copy_n(d.begin() + static_cast<ptrdiff_t>(support[j]) * len, len, sub.begin() + static_cast<ptrdiff_t>(j) * len);
+  return lstsq_min_norm_col_major(len, static_cast<int64_t>(support.size()), std::move(sub), target);
+}
+
+// Orthogonal matching pursuit: k greedy picks of the member most correlated with the residual,
+// refitting on the support after each (Pati et al. 1993).
+std::vector<uint32_t> omp_support(const std::vector<double>& d, int64_t len, int64_t pool, int64_t keep,
+                                  const std::vector<double>& target) {
+  std::vector<double> norms(static_cast<size_t>(pool));
+  for (int64_t i = 0; i < pool; ++i) {
+    double s = 0;
+    for (int64_t e = 0; e < len; ++e) s += d[static_cast<size_t>(i * len + e)] * d[static_cast<size_t>(i * len + e)];
+    norms[static_cast<size_t>(i)] = std::sqrt(std::max(s, 1e-300));
+  }
+  std::vector<uint32_t> support;
+  std::vector<bool> used(static_cast<size_t>(pool), false);
+  std::vector<double> residual = target;
+  for (int64_t step = 0; step < keep; ++step) {
+    int64_t best = -1;
+    double best_score = -1;
+    for (int64_t i = 0; i < pool; ++i) {
+      if (used[static_cast<size_t>(i)]) continue;
+      double c = 0;
+      for (int64_t e = 0; e < len; ++e) c += d[static_cast<size_t>(i * len + e)] * residual[static_cast<size_t>(e)];
+      const double score = std::fabs(c) / norms[static_cast<size_t>(i)];
+      if (score > best_score) { best_score = score; best = i; }
+    }
+    used[static_cast<size_t>(best)] = true;
+    support.push_back(static_cast<uint32_t>(best));
+    const std::vector<double> coef = refit(d, len, support, target);
+    residual = target;
+    for (size_t j = 0; j < support.size(); ++j)
+      for (int64_t e = 0; e < len; ++e) residual[static_cast<size_t>(e)] -= coef[j] * d[static_cast<size_t>(support[j] * len + e)];
+  }
+  return support;
+}
+
 FactorCode encode_factor(const LayerContext& ctx, const FactorGeometry& g, const Matrix& target,
-                         int64_t pool, int64_t keep, int bits, double noise) {
+                         int64_t pool, int64_t keep, int bits, double noise, PaperSolver solver) {
   const int64_t len = g.rows * g.cols;
   if (static_cast<double>(len) * static_cast<double>(pool) * 8.0 > kMaxPoolBytes)
     throw Error(ErrorKind::InvalidInput, "paper mode",
@@ -71,16 +114,26 @@ FactorCode encode_factor(const LayerContext& ctx, const FactorGeometry& g, const
   std::vector<float> z;
   for (int64_t i = 0; i < pool; ++i)
     pool_member(ctx, g, noise, static_cast<uint32_t>(i), idx, z, d.data() + i * len);
-  const std::vector<double> coef = lstsq_min_norm_col_major(len, pool, std::move(d), target.data);
-
-  std::vector<uint32_t> order(static_cast<size_t>(pool));
-  std::iota(order.begin(), order.end(), 0u);
-  std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return std::fabs(coef[a]) > std::fabs(coef[b]); });
-  std::vector<uint32_t> kept(order.begin(), order.begin() + keep);
-  std::sort(kept.begin(), kept.end());
+  std::vector<uint32_t> kept;
   std::vector<double> values;
-  values.reserve(kept.size());
-  for (uint32_t i : kept) values.push_back(coef[i]);
+  if (solver == PaperSolver::Omp) {
+    kept = omp_support(d, len, pool, keep, target.data);
+    std::sort(kept.begin(), kept.end());
+    values = refit(d, len, kept, target.data);
+  } else {
+    // The paper: least squares over the whole pool, then the k largest coefficients.
+    const std::vector<double> coef = lstsq_min_norm_col_major(len, pool, solver == PaperSolver::Refit ? d : std::move(d), target.data);
+    std::vector<uint32_t> order(static_cast<size_t>(pool));
+    std::iota(order.begin(), order.end(), 0u);
+    std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return std::fabs(coef[a]) > std::fabs(coef[b]); });
+    kept.assign(order.begin(), order.begin() + keep);
+    std::sort(kept.begin(), kept.end());
+    if (solver == PaperSolver::Refit) {
+      values = refit(d, len, kept, target.data);  // repaired: refit on the kept support
+    } else {
+      for (uint32_t i : kept) values.push_back(coef[i]);
+    }
+  }
   return {pack_mask(kept, static_cast<size_t>(pool)), quantize_coefficients(values, bits)};
 }
 
@@ -123,11 +176,18 @@ class PaperCodec final : public LayerCodec {
       throw Error(ErrorKind::InvalidInput, "paper mode", "keep must be between 0 and the pool size");
     if (!std::isfinite(o_.noise) || o_.noise < 0)
       throw Error(ErrorKind::InvalidInput, "paper mode", "noise must be a finite non-negative number");
+    for (const auto& [pool, keep, len, name] : {std::tuple{na, ka, s.r * s.n, "A"}, std::tuple{nb, kb, s.m * s.r, "B"}}) {
+      // A pool about the size of the factor makes the least-squares system square and
+      // ill-conditioned: huge cancelling coefficients that top-k then breaks (error x10^4 seen).
+      if (ctx.warn && o_.solver == PaperSolver::Paper && keep < pool && std::abs(pool - len) * 10 <= len)
+        ctx.warn("paper mode, layer " + std::to_string(ctx.layer_index()) + ": pool " + std::to_string(pool) + " is within 10% of factor " +
+                 name + "'s " + std::to_string(len) + " entries; the least squares is ill-conditioned and top-k will wreck it (use --solver refit or another --pool)");
+    }
     const Svd& svd = ctx.svd();
     const Matrix a_proj = matmul(f.A, svd.V);                 // r x n
     const Matrix b_proj = matmul(svd.U, f.B, /*trans_a=*/true);  // m x r
-    FactorCode ca = encode_factor(ctx, geometry(kFactorA, s), a_proj, na, ka, o_.bits, o_.noise);
-    FactorCode cb = encode_factor(ctx, geometry(kFactorB, s), b_proj, nb, kb, o_.bits, o_.noise);
+    FactorCode ca = encode_factor(ctx, geometry(kFactorA, s), a_proj, na, ka, o_.bits, o_.noise, o_.solver);
+    FactorCode cb = encode_factor(ctx, geometry(kFactorB, s), b_proj, nb, kb, o_.bits, o_.noise, o_.solver);
     EncodedLayer e;
     e.params = {{"pool", {na, nb}}, {"keep", {ka, kb}}, {"bits", o_.bits}, {"noise", o_.noise}};
     e.blobs = {std::move(ca.mask), std::move(ca.coefficients), std::move(cb.mask), std::move(cb.coefficients)};

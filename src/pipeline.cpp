@@ -234,6 +234,7 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
   }
 
   Reporter report(options.progress);
+  Reporter warn_once(options.warn);
   std::atomic<size_t> done{0};
   std::vector<std::vector<Candidate>> candidates(c.layers.size());
   std::vector<double> energies(c.layers.size(), 0.0);
@@ -250,6 +251,7 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
     }
     LayerContext ctx(options.seed, static_cast<uint32_t>(i), l.shape, std::move(load));
     ctx.weight = mod.scaling * mod.scaling;
+    if (options.warn) ctx.warn = [&](const std::string& m) { warn_once(m); };
     if (codec->plans_budget()) {
       ctx.input_moment = input_weighting(options, base, mod.path, l, transpose);
       ctx.output_moment = output_weighting(options, mod.path, l);

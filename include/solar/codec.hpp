@@ -40,6 +40,7 @@ class LayerContext {
   double weight = 1.0;
   std::optional<Matrix> input_moment;   // n x n, E[x x^T] of the layer's inputs
   std::optional<Matrix> output_moment;  // m x m, E[g g^T] of the loss gradient at its outputs
+  std::function<void(const std::string&)> warn;  // settings that work but are known to go badly
 
  private:
   uint64_t seed_;
@@ -82,6 +83,13 @@ class LayerCodec {
   virtual Factors decode(const LayerContext& ctx, const EncodedLayer& e) const = 0;
 };
 
+// How paper mode picks its k coefficients. The file format (and the decoder) is the same for all.
+enum class PaperSolver {
+  Paper,  // as published: least squares over the whole pool, keep the k largest |coefficients|
+  Refit,  // repaired: the same support, coefficients refitted by least squares on it
+  Omp,    // repaired: orthogonal matching pursuit (greedy support, refit after each pick)
+};
+
 // Settings of the paper's method (SOLAR, Sec. 2 and App. D).
 struct PaperOptions {
   int64_t pool_a = 1000, pool_b = 1000;  // N_A, N_B
@@ -89,6 +97,7 @@ struct PaperOptions {
   double keep_fraction = 0.3;
   int bits = 8;        // 32, 16, 8 or 4
   double noise = 1.0;  // sigma of the Gaussian perturbation
+  PaperSolver solver = PaperSolver::Paper;
 };
 
 std::unique_ptr<LayerCodec> make_paper_codec(const PaperOptions& options);

@@ -32,6 +32,7 @@ struct CompressOptions {
   uint64_t seed = 0;
   int threads = 0;  // 0: hardware concurrency. The output does not depend on it.
   Progress progress;
+  Progress warn;  // settings that work but are known to go badly
 };
 
 inline constexpr double kDefaultTargetError = 0.05;

@@ -1,0 +1,552 @@
+"""Flower integration: send LoRA updates as ``.solar`` payloads in federated fine-tuning.
+
+Two pieces, following the pattern of Flower's central-DP ``fixedclipping_mod`` +
+``DifferentialPrivacyClientSideFixedClipping``:
+
+- :func:`solar_mod` makes a client-side mod. It runs after the ClientApp's train function and
+  replaces the LoRA factors in the reply's ``ArrayRecord`` (keys ``...lora_A[.<adapter>].weight``
+  / ``...lora_B[.<adapter>].weight``, as ``peft.get_peft_model_state_dict`` writes them, which is
+  what FlowerTune sends) by one ``.solar`` payload. Every other array (a classifier head in
+  ``modules_to_save``, biases, ...) passes through unchanged.
+- :class:`SolarStrategy` wraps a server strategy (``FedAvg`` by default). It decodes each
+  client's payload against the shared base model (``base``; ``None`` is enough for the
+  base-free ``spectral`` modes), rejects a client whose payload is corrupt, was built against
+  another base, or does not fit the global model (one ERROR log line naming the node and the
+  reason; the round goes on with the remaining clients), and then lets the wrapped strategy
+  aggregate.
+
+How the LoRA factors are aggregated (``aggregation=``):
+
+- ``"delta"`` (default, the mathematically right one): each client's update is turned into
+  dW = B A per module, the wrapped strategy aggregates dW like any other array (FedAvg: the
+  weighted mean of the clients' B_k A_k, which is the update the averaged model should
+  apply), and the server re-factors the aggregate to the global rank r by truncated SVD,
+  B' = U_r S_r^1/2, A' = S_r^1/2 V_r^T. By Eckart-Young B' A' is the best rank-r
+  approximation of the average in Frobenius (and spectral) norm; the relative error of that
+  step is measured every round (``SolarStrategy.rounds[i]["refactor_error"]`` and the
+  ``solar-refactor-error`` train metric). Clients may even use different ranks. This suits
+  strategies that aggregate the replies they are given (FedAvg, FedMedian, FedTrimmedAvg,
+  Krum, ...); server optimisers that keep their own copy of the global arrays (FedAdam,
+  FedYogi, FedAvgM, ...) should use ``"factors"``.
+- ``"factors"``: the decoded A and B go to the wrapped strategy as they are, which averages A
+  and B separately (what FlowerTune does with plain FedAvg). mean(B_k) mean(A_k) is not
+  mean(B_k A_k): the cross terms B_j A_k (j != k) enter the model, and they do not vanish when
+  clients drift apart (non-IID data).
+
+What is sent: the client's adapter itself (as FlowerTune does), not the round's change. Each
+round's payload then carries the codec's relative error with respect to the whole adapter and
+the error does not accumulate over rounds; coding only the change (adapter minus the global
+adapter received) would make the same relative error smaller in absolute terms, but errors
+then add up across rounds unless the client keeps an error-feedback residual.
+
+Usage::
+
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp.strategy import FedAvg
+    from solar.flower import SolarStrategy, solar_mod
+
+    app = ClientApp(mods=[solar_mod(mode="spectral", target_error=0.1)])
+    strategy = SolarStrategy(FedAvg(fraction_evaluate=0.0), base=None, aggregation="delta")
+
+This module needs ``flwr`` (``pip install "flwr[simulation]"``); ``import solar`` does not
+import it.
+"""
+from __future__ import annotations
+
+import re
+import time
+from logging import ERROR, INFO, WARNING
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import numpy as np
+
+try:
+    from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord
+    from flwr.common.logger import log as _flwr_log
+    from flwr.serverapp.strategy import FedAvg, Strategy
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+except ImportError as _e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "solar.flower needs Flower: pip install \"flwr[simulation]\" (import solar works without it)"
+    ) from _e
+
+from . import api
+from .errors import SolarError
+
+__all__ = [
+    "PAYLOAD_KEY",
+    "PAYLOAD_STYPE",
+    "SolarStrategy",
+    "solar_mod",
+    "message_nbytes",
+    "lora_to_delta",
+    "refactor",
+    "encode_arrays",
+    "decode_arrays",
+]
+
+#: Key of the ``.solar`` payload inside the reply's ArrayRecord.
+PAYLOAD_KEY = "solar.payload"
+#: ``Array.stype`` of the payload: raw ``.solar`` bytes, no NumPy header. ``Array.numpy()``
+#: refuses it, so a strategy that is not wrapped by :class:`SolarStrategy` fails loudly.
+PAYLOAD_STYPE = "solar"
+#: Train-config keys :class:`SolarStrategy` may set to steer the clients' codec each round.
+CONFIG_TARGET_ERROR = "solar.target-error"
+CONFIG_TARGET_BYTES = "solar.target-bytes"
+
+_PEFT_PREFIX = "base_model.model."
+# <module path>.lora_A[.<adapter name>].weight
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# Name of the key layout entry carried in the payload's adapter config.
+_META = "solar_flower"
+
+
+def _np(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+# ---- wire size ----------------------------------------------------------------------------
+
+
+def message_nbytes(msg: Any) -> int:
+    """Bytes a message puts on the wire in Flower's transport: the sum of the deflated
+    contents of every object in its tree (message, records, arrays, array chunks), each
+    distinct object once, which is what a SuperNode pushes to the SuperLink."""
+    return int(sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values()))
+
+
+# ---- key layout ---------------------------------------------------------------------------
+
+
+def _split_lora(keys: Iterable[str]) -> tuple[dict, list]:
+    """{module: {"A": key, "B": key}} for complete A/B pairs, and the other keys."""
+    pairs: dict[str, dict[str, str]] = {}
+    for k in keys:
+        m = _LORA_KEY.match(k)
+        if m:
+            pairs.setdefault(m.group("module"), {})[m.group("which")] = k
+    complete = {mod: ab for mod, ab in pairs.items() if "A" in ab and "B" in ab}
+    lora_keys = {k for ab in complete.values() for k in ab.values()}
+    return complete, [k for k in keys if k not in lora_keys]
+
+
+def _peft_key(record_key: str) -> str:
+    """PEFT's saved layout (base_model.model.<path>.lora_X.weight) for a record key."""
+    m = _LORA_KEY.match(record_key)
+    module = m.group("module")
+    if not module.startswith(_PEFT_PREFIX):
+        module = _PEFT_PREFIX + module
+    return f"{module}.lora_{m.group('which')}.weight"
+
+
+def _layout(lora_keys: list[str]) -> Optional[dict]:
+    """How record keys differ from PEFT's layout, when they all differ the same way
+    (no ``base_model.model.`` prefix and/or an adapter name); None when identical."""
+    prefixed = {k.startswith(_PEFT_PREFIX) for k in lora_keys}
+    adapters = {_LORA_KEY.match(k).group("adapter") for k in lora_keys}
+    if len(prefixed) != 1 or len(adapters) != 1:
+        return {"keys": list(lora_keys)}  # mixed: spell every key out
+    prefix = "" if prefixed == {False} else _PEFT_PREFIX
+    adapter = next(iter(adapters))
+    if prefix == _PEFT_PREFIX and adapter is None:
+        return None
+    return {"prefix": prefix, "adapter": adapter}
+
+
+def _record_key(peft_key: str, layout: Optional[dict]) -> str:
+    if layout is None:
+        return peft_key
+    m = _LORA_KEY.match(peft_key)
+    module = m.group("module")
+    if layout.get("prefix", _PEFT_PREFIX) == "" and module.startswith(_PEFT_PREFIX):
+        module = module[len(_PEFT_PREFIX):]
+    adapter = layout.get("adapter")
+    return f"{module}.lora_{m.group('which')}" + (f".{adapter}" if adapter else "") + ".weight"
+
+
+# ---- client side --------------------------------------------------------------------------
+
+
+def _lora_config(peft_config: Any, lora: Mapping[str, np.ndarray], pairs: Mapping[str, Mapping[str, str]]) -> dict:
+    if peft_config is not None:
+        cfg = peft_config.to_dict() if callable(getattr(peft_config, "to_dict", None)) else dict(peft_config)
+        return {k: v for k, v in cfg.items() if k not in ("modules_to_save",)}
+    # No config given: rank from the factors (the codec codes B A; lora_alpha = r, scaling 1).
+    ranks = {mod.removeprefix(_PEFT_PREFIX): int(lora[ab["A"]].shape[0]) for mod, ab in pairs.items()}
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    pattern = {mod: rk for mod, rk in ranks.items() if rk != r}
+    return {"peft_type": "LORA", "r": r, "lora_alpha": r, "rank_pattern": pattern,
+            "alpha_pattern": dict(pattern), "target_modules": sorted({m.rsplit(".", 1)[-1] for m in pairs})}
+
+
+def encode_arrays(
+    arrays: Mapping[str, Any],
+    *,
+    peft_config: Any = None,
+    base: Any = None,
+    **codec: Any,
+) -> tuple[dict, Optional[api.CompressedAdapter]]:
+    """Replaces the LoRA factor pairs in ``arrays`` (key -> array/tensor, in order) by one
+    ``.solar`` payload. Returns (new mapping in order, with the payload at the place of the
+    first LoRA array and every other array unchanged; the CompressedAdapter or None when
+    there were no LoRA pairs). ``codec`` goes to :func:`solar.compress` (mode, target_error, ...)."""
+    keys = list(arrays)
+    pairs, _others = _split_lora(keys)
+    if not pairs:
+        return dict(arrays), None
+    lora_keys = [k for k in keys if any(k in ab.values() for ab in pairs.values())]
+    lora = {k: _np(arrays[k]) for k in lora_keys}
+    layout = _layout(lora_keys)
+    config = _lora_config(peft_config, lora, pairs)
+    if layout is not None:
+        config[_META] = layout
+    state = {_peft_key(k): lora[k] for k in lora_keys}
+    packed = api.compress((state, config), base, **codec)
+    out: dict = {}
+    for k in keys:
+        if k in lora:
+            if PAYLOAD_KEY not in out:
+                out[PAYLOAD_KEY] = packed
+        else:
+            out[k] = arrays[k]
+    return out, packed
+
+
+def decode_arrays(payload: Any, base: Any = None, *, threads: int = 0) -> dict:
+    """The LoRA arrays of a payload (bytes or CompressedAdapter) under the client's record
+    keys, as float32/float16/... NumPy arrays in the order they were sent. Raises
+    solar.CorruptError / FormatError for damaged bytes and solar.MismatchError for a payload
+    built against another base."""
+    packed = api.load(payload) if not isinstance(payload, api.CompressedAdapter) else payload
+    layout = packed.peft_config.get(_META)
+    tensors = api.restore(packed, base, threads=threads)
+    lora = [k for k in tensors if _LORA_KEY.match(k)]
+    if layout is not None and "keys" in layout:
+        names = list(layout["keys"])
+        if len(names) != len(lora):
+            raise ValueError(f"payload lists {len(names)} keys for {len(lora)} LoRA tensors")
+        by_peft = {_peft_key(n): n for n in names}
+        mapping = {k: by_peft[k] for k in lora}
+    else:
+        mapping = {k: _record_key(k, layout) for k in lora}
+    return {mapping[k]: _np(tensors[k]) for k in lora}
+
+
+def solar_mod(
+    mode: str = "spectral",
+    *,
+    target_error: Optional[float] = 0.1,
+    target_bytes: Optional[int] = None,
+    base: Any = None,
+    peft_config: Any = None,
+    threads: int = 0,
+    verbose: bool = True,
+    **codec: Any,
+) -> Callable:
+    """A Flower client mod that sends the LoRA factors of train replies as a ``.solar`` payload.
+
+    Args:
+        mode: codec mode (``"spectral"``: needs no base on either side; ``"paper"``: the
+            published SOLAR codec, needs ``base`` here and the same base on the server).
+        target_error / target_bytes: spectral modes' rate target (relative error of every
+            B A, or the whole payload's size). The server can override them per round via the
+            train config (:class:`SolarStrategy` ``target_error=`` / ``target_bytes=``).
+        base: the frozen base model's weights (path, torch model or state dict), for the
+            modes that read W.
+        peft_config: the client's ``LoraConfig`` (or its dict); when None the rank is read off
+            the factors and lora_alpha = r (the codec codes B A, so only the rank matters).
+        threads: codec threads (0: all cores; use 1 when several simulated clients share a machine).
+        codec: further :func:`solar.compress` options (pool, keep_fraction, bits, seed, calibration, ...).
+
+    Typically the last mod to touch the arrays (e.g. after ``fixedclipping_mod`` clips them).
+    It acts on TRAIN replies only; replies without LoRA factors pass unchanged.
+    """
+    base_options = dict(codec, mode=mode)
+
+    def _options(msg: "Message") -> dict:
+        opts = dict(base_options)
+        te, tb = target_error, target_bytes
+        for cfg in msg.content.config_records.values():
+            if CONFIG_TARGET_ERROR in cfg:
+                te, tb = float(cfg[CONFIG_TARGET_ERROR]), None
+            if CONFIG_TARGET_BYTES in cfg:
+                tb, te = int(cfg[CONFIG_TARGET_BYTES]), None
+        if mode.startswith("spectral"):
+            opts["target_error"], opts["target_bytes"] = te, tb
+        return opts
+
+    def solar_compression_mod(msg: "Message", ctxt: Any, call_next: Callable) -> "Message":
+        opts = _options(msg) if msg.metadata.message_type == MessageType.TRAIN else None
+        out = call_next(msg, ctxt)
+        if opts is None or out.has_error():
+            return out
+        for name, record in list(out.content.array_records.items()):
+            if PAYLOAD_KEY in record:
+                continue
+            arrays = {k: record[k] for k in record.keys()}
+            pairs, _ = _split_lora(arrays)
+            if not pairs:
+                continue
+            t0 = time.perf_counter()
+            lora_keys = {v for ab in pairs.values() for v in ab.values()}
+            numpy_arrays = {k: (a.numpy() if k in lora_keys else a) for k, a in arrays.items()}
+            encoded, packed = encode_arrays(numpy_arrays, peft_config=peft_config, base=base,
+                                            threads=threads, **opts)
+            raw = sum(len(arrays[k].data) for k in lora_keys)
+            blob = packed.to_bytes()
+            out.content.array_records[name] = ArrayRecord({
+                k: (Array(dtype="uint8", shape=(len(blob),), stype=PAYLOAD_STYPE, data=blob) if k == PAYLOAD_KEY else v)
+                for k, v in encoded.items()
+            })
+            if verbose:
+                _flwr_log(INFO, "solar_mod: %d LoRA arrays (%d B) -> %d B .solar payload (%s) in %.2fs",
+                          2 * len(pairs), raw, len(blob), opts.get("mode"), time.perf_counter() - t0)
+        return out
+
+    return solar_compression_mod
+
+
+# ---- server side: the aggregation maths ---------------------------------------------------
+
+
+def lora_to_delta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """dW = B A (without PEFT's scaling, which is the same for every client), float64."""
+    return np.asarray(b, dtype=np.float64) @ np.asarray(a, dtype=np.float64)
+
+
+def refactor(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(A, B, relative error): the best rank-``rank`` approximation B A of ``delta`` (truncated
+    SVD, Eckart-Young), split evenly: B = U_r S_r^1/2, A = S_r^1/2 V_r^T; the error is
+    ||delta - B A||_F / ||delta||_F (0 for a zero delta)."""
+    u, s, vt = np.linalg.svd(np.asarray(delta, dtype=np.float64), full_matrices=False)
+    r = min(rank, s.size)
+    root = np.sqrt(s[:r])
+    b = np.zeros((delta.shape[0], rank))
+    a = np.zeros((rank, delta.shape[1]))
+    b[:, :r] = u[:, :r] * root
+    a[:r, :] = root[:, None] * vt[:r, :]
+    total = float(np.sum(s**2))
+    err = float(np.sqrt(np.sum(s[r:] ** 2) / total)) if total > 0 else 0.0
+    return a, b, err
+
+
+_DELTA_SUFFIX = ".lora_delta"
+
+
+class _Rejected(Exception):
+    pass
+
+
+class SolarStrategy(Strategy):
+    """Server-side strategy wrapper for replies made by :func:`solar_mod`.
+
+    Args:
+        strategy: the Flower strategy that aggregates (default ``FedAvg()``).
+        base: the shared base model's weights (path, torch model or state dict) that the
+            clients' payloads were built against; ``None`` suffices for ``spectral`` payloads.
+        aggregation: ``"delta"`` (default): aggregate dW = B A and re-factor to rank r by
+            truncated SVD; ``"factors"``: aggregate A and B separately (plain FlowerTune).
+            See the module docstring.
+        target_error / target_bytes: if given, sent to the clients in the train config every
+            round, overriding the mods' own targets.
+        threads: threads for decoding.
+
+    Plain replies (no payload) are accepted too, so the same server runs a mixed or an
+    uncompressed federation; ``aggregation="delta"`` applies to them as well.
+
+    After each round ``self.rounds`` gets a record: round, accepted / rejected node ids (with
+    the reasons), per-node uploaded bytes (:func:`message_nbytes` of the reply as received,
+    and the payload size), decode seconds, and the re-factoring error.
+    """
+
+    def __init__(
+        self,
+        strategy: Any = None,
+        base: Any = None,
+        aggregation: str = "delta",
+        *,
+        target_error: Optional[float] = None,
+        target_bytes: Optional[int] = None,
+        threads: int = 0,
+    ) -> None:
+        if aggregation not in ("delta", "factors"):
+            raise ValueError(f"aggregation must be 'delta' or 'factors', not {aggregation!r}")
+        if strategy is None:
+            strategy = FedAvg()
+        self.strategy = strategy
+        self.base = base
+        self.aggregation = aggregation
+        self.target_error = target_error
+        self.target_bytes = target_bytes
+        self.threads = threads
+        self.rounds: list[dict] = []
+        self.last_delta: Optional[dict] = None  # module -> aggregated dW before re-factoring
+        self._global: dict[str, tuple] = {}  # key -> shape of the global arrays last sent
+
+    def __repr__(self) -> str:
+        return f"SolarStrategy({self.strategy!r}, aggregation={self.aggregation!r})"
+
+    # -- Strategy API --
+
+    def summary(self) -> None:
+        _flwr_log(INFO, "\t├──> solar: aggregation=%s, base=%s", self.aggregation,
+                  "none" if self.base is None else type(self.base).__name__)
+        self.strategy.summary()
+
+    def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
+        self._global = {k: tuple(arrays[k].shape) for k in arrays.keys()}
+        if self.target_error is not None:
+            config[CONFIG_TARGET_ERROR] = float(self.target_error)
+        if self.target_bytes is not None:
+            config[CONFIG_TARGET_BYTES] = int(self.target_bytes)
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Any]) -> Any:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> tuple:
+        t0 = time.perf_counter()
+        info: dict = {"round": server_round, "accepted": [], "rejected": {}, "uploads": {},
+                      "payload_bytes": {}, "refactor_error": None}
+        keep = []
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            if msg.has_error():
+                keep.append(msg)  # the wrapped strategy reports it
+                continue
+            info["uploads"][node] = message_nbytes(msg)
+            try:
+                self._decode_reply(msg, info)
+            except _Rejected as e:
+                info["rejected"][node] = str(e)
+                _flwr_log(ERROR, "SolarStrategy: round %d: rejected the update of node %d: %s",
+                          server_round, node, e)
+                continue
+            info["accepted"].append(node)
+            keep.append(msg)
+        info["decode_seconds"] = round(time.perf_counter() - t0, 4)
+        if info["rejected"]:
+            _flwr_log(WARNING, "SolarStrategy: round %d: aggregating %d of %d replies (%d rejected)",
+                      server_round, len(info["accepted"]), len(info["accepted"]) + len(info["rejected"]),
+                      len(info["rejected"]))
+
+        modules: dict[str, dict] = {}
+        if self.aggregation == "delta":
+            for msg in keep:
+                if not msg.has_error():
+                    modules.update(self._to_delta(msg))
+        arrays, metrics = self.strategy.aggregate_train(server_round, keep)
+
+        if arrays is not None and modules:
+            arrays, info["refactor_error"] = self._refactor(arrays, modules)
+            if metrics is None:
+                metrics = MetricRecord()
+            metrics["solar-refactor-error"] = info["refactor_error"]
+            _flwr_log(INFO, "SolarStrategy: round %d: averaged dW = B A of %d modules over %d clients and "
+                      "re-factored it to the global rank (relative error %.2e)", server_round, len(modules),
+                      len(info["accepted"]), info["refactor_error"])
+        if info["payload_bytes"]:
+            _flwr_log(INFO, "SolarStrategy: round %d: decoded %d .solar payloads (%d B total) in %.2fs",
+                      server_round, len(info["payload_bytes"]), sum(info["payload_bytes"].values()),
+                      info["decode_seconds"])
+        self.rounds.append(info)
+        return arrays, metrics
+
+    # -- helpers --
+
+    def _decode_reply(self, msg: Any, info: dict) -> None:
+        node = int(msg.metadata.src_node_id)
+        for name, record in list(msg.content.array_records.items()):
+            if PAYLOAD_KEY not in record:
+                self._check_shapes({k: tuple(record[k].shape) for k in record.keys()})
+                continue
+            blob = record[PAYLOAD_KEY]
+            if blob.stype != PAYLOAD_STYPE:
+                raise _Rejected(f"'{PAYLOAD_KEY}' is not a .solar payload (stype {blob.stype!r})")
+            info["payload_bytes"][node] = info["payload_bytes"].get(node, 0) + len(blob.data)
+            try:
+                lora = decode_arrays(bytes(blob.data), self.base, threads=self.threads)
+            except SolarError as e:
+                raise _Rejected(f"{type(e).__name__}: {e}") from None
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise _Rejected(f"malformed payload: {type(e).__name__}: {e}") from None
+            for k, v in lora.items():
+                if not np.all(np.isfinite(v)):
+                    raise _Rejected(f"decoded array '{k}' has non-finite values")
+            rebuilt: dict = {}
+            for k in record.keys():
+                if k == PAYLOAD_KEY:
+                    for lk, v in lora.items():
+                        if lk in record:
+                            raise _Rejected(f"payload array '{lk}' is also sent uncompressed")
+                        rebuilt[lk] = Array(np.ascontiguousarray(v))
+                else:
+                    rebuilt[k] = record[k]
+            self._check_shapes({k: tuple(v.shape) for k, v in rebuilt.items()})
+            msg.content.array_records[name] = ArrayRecord(rebuilt)
+
+    def _check_shapes(self, shapes: Mapping[str, tuple]) -> None:
+        if not self._global:
+            return
+        missing = sorted(set(self._global) - set(shapes))
+        extra = sorted(set(shapes) - set(self._global))
+        if missing or extra:
+            raise _Rejected(f"arrays do not match the global model (missing {missing[:3]}, unexpected {extra[:3]})")
+        lora_mods, _ = _split_lora(list(shapes))
+        lora_keys = {k for ab in lora_mods.values() for k in ab.values()}
+        for k, shape in shapes.items():
+            g = self._global[k]
+            if k in lora_keys and self.aggregation == "delta":
+                # ranks may differ; the product B A must have the global shape
+                which = _LORA_KEY.match(k).group("which")
+                ok = len(shape) == 2 and (shape[1] == g[1] if which == "A" else shape[0] == g[0])
+            else:
+                ok = shape == g
+            if not ok:
+                raise _Rejected(f"array '{k}' has shape {list(shape)}, the global model's is {list(g)}")
+
+    def _refactor(self, arrays: Any, modules: Mapping[str, tuple]) -> tuple:
+        """The aggregated record with each '<module>.lora_delta' replaced by its rank-r factors
+        (r: the global model's rank), in the global model's key order; and the relative
+        Frobenius error of the re-factoring over all modules."""
+        agg = {k: arrays[k] for k in arrays.keys()}
+        num = den = 0.0
+        self.last_delta = {}
+        new: dict = {}
+        for mod, (ka, kb, rank, dtype) in modules.items():
+            delta = agg.pop(mod + _DELTA_SUFFIX).numpy()
+            self.last_delta[mod] = delta
+            a, b, err = refactor(delta, self._global[ka][0] if ka in self._global else rank)
+            norm2 = float(np.sum(np.asarray(delta, np.float64) ** 2))
+            num, den = num + err**2 * norm2, den + norm2
+            new[ka], new[kb] = Array(a.astype(dtype)), Array(b.astype(dtype))
+        merged = {**new, **agg}
+        order = [k for k in self._global if k in merged] + [k for k in merged if k not in self._global]
+        return ArrayRecord({k: merged[k] for k in order}), (float(np.sqrt(num / den)) if den > 0 else 0.0)
+
+    def _to_delta(self, msg: Any) -> dict:
+        """Replaces each LoRA pair of the reply by dW = B A under '<module>.lora_delta';
+        returns {module: (A key, B key, rank, dtype)}."""
+        found: dict = {}
+        for name, record in list(msg.content.array_records.items()):
+            pairs, _ = _split_lora(list(record.keys()))
+            if not pairs:
+                continue
+            first = {ab["A"]: mod for mod, ab in pairs.items()}
+            lora_keys = {k for ab in pairs.values() for k in ab.values()}
+            out: dict = {}
+            for k in record.keys():
+                if k in first:
+                    mod = first[k]
+                    a, b = record[pairs[mod]["A"]].numpy(), record[pairs[mod]["B"]].numpy()
+                    out[mod + _DELTA_SUFFIX] = Array(lora_to_delta(a, b).astype(np.float32))
+                    found[mod] = (pairs[mod]["A"], pairs[mod]["B"], a.shape[0], a.dtype)
+                elif k not in lora_keys:
+                    out[k] = record[k]
+            msg.content.array_records[name] = ArrayRecord(out)
+        return found
