@@ -102,8 +102,19 @@ uint32_t RangeDecoder::direct(int nbits) {
   return v;
 }
 
+// Length contexts start from a prior instead of 1/2: in context c (magnitudes around 2^(c-2)),
+// stopping below length c - 1 is unlikely and going past c is unlikely. Saves the bytes each
+// fresh model would spend learning that, which matters for small layers.
 IntModel::IntModel() {
-  for (auto& row : len_) row.fill(kProbInit);
+  for (size_t c = 0; c < len_.size(); ++c)
+    for (size_t i = 0; i < len_[c].size(); ++i) {
+      Prob p = kProbInit;  // p(stop here)
+      if (c > 0) {
+        const auto typical = static_cast<size_t>(c - 1);
+        p = i + 1 < typical ? 256 : i + 1 == typical ? 640 : i == typical ? 1024 : 1600;
+      }
+      len_[c][i] = p;
+    }
   for (auto& row : mant_) row.fill(kProbInit);
 }
 

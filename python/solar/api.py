@@ -193,6 +193,7 @@ def compress(
     target_error: Optional[float] = None,
     calibration: Any = None,
     proxy: str = "",
+    solver: str = "paper",
 ) -> CompressedAdapter:
     """Compresses a PEFT LoRA adapter against its base model.
 
@@ -218,6 +219,9 @@ def compress(
         bits: coefficient precision: 32, 16, 8 or 4.
         seed: seed of the basis pool (stored in the file).
         noise: sigma of the Gaussian perturbation of the basis.
+        solver: paper mode's coefficient choice: ``"paper"`` (as published: least squares, then
+            top-k), ``"refit"`` (least squares again on the kept support) or ``"omp"``
+            (orthogonal matching pursuit). Same file format and decoder for all three.
         threads: worker threads, 0 for all cores; the output does not depend on it.
 
     The same inputs and options give the same bytes as ``solar compress``.
@@ -241,6 +245,7 @@ def compress(
         None if target_error is None else float(target_error),
         calib,
         str(proxy),
+        str(solver),
     )
     return CompressedAdapter(c)
 

@@ -243,6 +243,7 @@ def solar_mod(
     peft_config: Any = None,
     threads: int = 0,
     verbose: bool = True,
+    report_metrics: bool = False,
     **codec: Any,
 ) -> Callable:
     """A Flower client mod that sends the LoRA factors of train replies as a ``.solar`` payload.
@@ -258,6 +259,10 @@ def solar_mod(
         peft_config: the client's ``LoraConfig`` (or its dict); when None the rank is read off
             the factors and lora_alpha = r (the codec codes B A, so only the rank matters).
         threads: codec threads (0: all cores; use 1 when several simulated clients share a machine).
+        verbose: log one line per compressed reply (sizes, time).
+        report_metrics: add ``solar-payload-bytes``, ``solar-raw-bytes`` and ``solar-encode-seconds``
+            to the reply's MetricRecord (when it has exactly one), so the strategy's train
+            metrics show them.
         codec: further :func:`solar.compress` options (pool, keep_fraction, bits, seed, calibration, ...).
 
     Typically the last mod to touch the arrays (e.g. after ``fixedclipping_mod`` clips them).
@@ -300,9 +305,15 @@ def solar_mod(
                 k: (Array(dtype="uint8", shape=(len(blob),), stype=PAYLOAD_STYPE, data=blob) if k == PAYLOAD_KEY else v)
                 for k, v in encoded.items()
             })
+            seconds = time.perf_counter() - t0
             if verbose:
                 _flwr_log(INFO, "solar_mod: %d LoRA arrays (%d B) -> %d B .solar payload (%s) in %.2fs",
-                          2 * len(pairs), raw, len(blob), opts.get("mode"), time.perf_counter() - t0)
+                          2 * len(pairs), raw, len(blob), opts.get("mode"), seconds)
+            if report_metrics and len(out.content.metric_records) == 1:
+                metrics = next(iter(out.content.metric_records.values()))
+                metrics["solar-payload-bytes"] = len(blob)
+                metrics["solar-raw-bytes"] = raw
+                metrics["solar-encode-seconds"] = seconds
         return out
 
     return solar_compression_mod

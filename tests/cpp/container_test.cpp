@@ -158,6 +158,30 @@ TEST(Container, GoldenV1FileStillDecodes) {
   EXPECT_EQ(restored.passthrough[0].second.data, original.passthrough[0].second.data);
 }
 
+Container spectral_container() {
+  InMemoryWeights none("<none>");
+  CompressOptions o;
+  o.mode = "spectral";
+  o.target_error = 0.02;
+  o.threads = 1;
+  return compress_adapter(golden_adapter(), none, o);
+}
+
+// The spectral mode's stream (range coder, integer model, step codes) pinned the same way; its
+// decoder does no floating-point factorisation, so the restored factors must match exactly.
+TEST(Container, GoldenV1SpectralFileStillDecodes) {
+  const auto bytes = test::read_bytes(kGolden + "_spectral.solar");
+  const Container c = parse_container(bytes.data(), bytes.size(), "golden_v1_spectral.solar");
+  ASSERT_EQ(c.layers.size(), 1u);
+  EXPECT_EQ(c.layers[0].mode, "spectral");
+  const PeftAdapter restored = decompress_container(c, InMemoryWeights("<none>"));
+  const SafetensorsFile expected(kGolden + "_spectral_expected.safetensors");
+  EXPECT_EQ(restored.modules[0].A.data, expected.get("A").copy().data);
+  EXPECT_EQ(restored.modules[0].B.data, expected.get("B").copy().data);
+  // And today's writer still produces the same stream for the same adapter.
+  EXPECT_EQ(spectral_container().layers[0].encoded.blobs, c.layers[0].encoded.blobs);
+}
+
 // Run with --gtest_also_run_disabled_tests --gtest_filter='*Regenerate*' only when the format
 // version changes.
 TEST(Container, DISABLED_RegenerateGoldenFiles) {
@@ -169,6 +193,10 @@ TEST(Container, DISABLED_RegenerateGoldenFiles) {
   base.add("golden.proj.weight", TensorView{w.dtype, w.shape, w.data.data(), w.data.size()});
   const PeftAdapter r = decompress_container(c, base);
   write_safetensors(kGolden + "_expected.safetensors", {{"A", r.modules[0].A}, {"B", r.modules[0].B}});
+  const Container sc = spectral_container();
+  write_container(kGolden + "_spectral.solar", sc);
+  const PeftAdapter sr = decompress_container(sc, InMemoryWeights("<none>"));
+  write_safetensors(kGolden + "_spectral_expected.safetensors", {{"A", sr.modules[0].A}, {"B", sr.modules[0].B}});
 }
 
 }  // namespace

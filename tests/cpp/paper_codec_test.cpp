@@ -116,3 +116,47 @@ TEST(PaperCodec, RejectsImpossibleSettingsAndDamagedBlobs) {
 
 }  // namespace
 }  // namespace solar
+
+namespace solar {
+namespace {
+
+TEST(PaperCodec, RepairedSolversBeatThePublishedOneAtTheSameBytes) {
+  const Layer l = make_layer(24, 24, 3, 31);
+  double err[3];
+  size_t bytes[3];
+  int i = 0;
+  for (PaperSolver solver : {PaperSolver::Paper, PaperSolver::Refit, PaperSolver::Omp}) {
+    PaperOptions o;
+    o.pool_a = o.pool_b = 200;
+    o.keep_a = o.keep_b = 40;
+    o.bits = 32;
+    o.solver = solver;
+    const EncodedLayer e = make_paper_codec(o)->encode(ctx_for(l), l.f);
+    bytes[i] = e.blobs[0].size() + e.blobs[1].size() + e.blobs[2].size() + e.blobs[3].size();
+    err[i++] = rel_err(l.f, make_decoder("paper", "t")->decode(ctx_for(l), e));  // one decoder for all
+  }
+  EXPECT_EQ(bytes[0], bytes[1]);
+  EXPECT_EQ(bytes[0], bytes[2]);
+  EXPECT_LT(err[1], err[0]);
+  EXPECT_LT(err[2], err[0]);
+}
+
+TEST(PaperCodec, WarnsWhenThePoolMakesTheSystemSquare) {
+  const Layer l = make_layer(16, 16, 2, 3);  // factors of 32 entries
+  PaperOptions o;
+  o.pool_a = o.pool_b = 32;
+  o.keep_a = o.keep_b = 10;
+  std::vector<std::string> warnings;
+  LayerContext ctx = ctx_for(l);
+  ctx.warn = [&](const std::string& w) { warnings.push_back(w); };
+  make_paper_codec(o)->encode(ctx, l.f);
+  ASSERT_EQ(warnings.size(), 2u);
+  EXPECT_NE(warnings[0].find("ill-conditioned"), std::string::npos);
+  o.solver = PaperSolver::Refit;  // the repaired solver is not hurt by it
+  warnings.clear();
+  make_paper_codec(o)->encode(ctx, l.f);
+  EXPECT_TRUE(warnings.empty());
+}
+
+}  // namespace
+}  // namespace solar
