@@ -9,7 +9,7 @@ namespace solar::cli {
 
 struct CompressArgs {
   std::string base, adapter, out;
-  std::string mode = "paper";
+  std::string mode;  // empty: paper if a paper-only option was given, else spectral
   int64_t pool = 1000;
   std::optional<int64_t> pool_a, pool_b;
   std::optional<int64_t> keep;

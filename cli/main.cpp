@@ -19,7 +19,8 @@ int main(int argc, char** argv) {
   c->add_option("--base", ca.base, "base checkpoint: a .safetensors file or a directory (sharded ok); needed by paper and spectral-w");
   c->add_option("--adapter", ca.adapter, "PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")->required();
   c->add_option("--out", ca.out, "output .solar file")->required();
-  c->add_option("--mode", ca.mode, "codec: paper (the SOLAR paper, faithful), spectral (recommended), spectral-w")
+  c->add_option("--mode", ca.mode,
+                "codec: spectral (the default), paper (the SOLAR paper, faithful; implied by --pool/--keep/--bits/...), spectral-w")
       ->check(CLI::IsMember({"paper", "spectral", "spectral-w"}));
   auto* tb = c->add_option("--target-bytes", ca.target_bytes, "spectral modes: the whole file is at most this many bytes");
   auto* te = c->add_option("--target-error", ca.target_error, "spectral modes: relative error of the updates (default 0.05)")
@@ -62,6 +63,12 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   try {
+    if (*c && ca.mode.empty()) {
+      bool paper_option = false;
+      for (const char* name : {"--pool", "--pool-a", "--pool-b", "--keep", "--keep-fraction", "--bits", "--noise", "--solver"})
+        paper_option = paper_option || c->get_option(name)->count() > 0;
+      ca.mode = paper_option ? "paper" : "spectral";
+    }
     if (*c) return run_compress(ca);
     if (*d) return run_decompress(da);
     if (*i) return run_inspect(ia);

@@ -178,22 +178,22 @@ def compress(
     adapter: Any,
     base: Any,
     *,
-    mode: str = "paper",
-    pool: int = 1000,
+    mode: Optional[str] = None,
+    pool: Optional[int] = None,
     pool_a: Optional[int] = None,
     pool_b: Optional[int] = None,
     keep: Optional[int] = None,
-    keep_fraction: float = 0.3,
-    bits: int = 8,
+    keep_fraction: Optional[float] = None,
+    bits: Optional[int] = None,
     seed: int = 0,
-    noise: float = 1.0,
+    noise: Optional[float] = None,
     threads: int = 0,
     adapter_name: Optional[str] = None,
     target_bytes: Optional[int] = None,
     target_error: Optional[float] = None,
     calibration: Any = None,
     proxy: str = "",
-    solver: str = "paper",
+    solver: Optional[str] = None,
 ) -> CompressedAdapter:
     """Compresses a PEFT LoRA adapter against its base model.
 
@@ -204,7 +204,9 @@ def compress(
         base: the base model's weights: a checkpoint path (.safetensors file, or a directory,
             sharded ok), a torch model (its ``state_dict()``), or a dict name -> tensor/array.
             In-memory CPU tensors are read in place, not copied.
-        mode: codec mode: ``"paper"`` is the SOLAR method as published; ``"spectral"`` (the
+        mode: codec mode; by default ``"paper"`` if any paper option (pool, keep, keep_fraction,
+            bits, noise, solver) is given, else ``"spectral"`` — as the CLI decides. ``"paper"`` is
+            the SOLAR method as published (defaults N = 1000, 30% kept, 8 bits, noise 1); ``"spectral"`` (the
             recommended mode) codes B A's own singular components with a global rate-distortion
             plan and needs no base; ``"spectral-w"`` codes them in W's singular basis.
         target_bytes: spectral modes: the whole file is at most this many bytes.
@@ -226,6 +228,14 @@ def compress(
 
     The same inputs and options give the same bytes as ``solar compress``.
     """
+    paper_options = (pool, pool_a, pool_b, keep, keep_fraction, bits, noise, solver)
+    if mode is None:
+        mode = "paper" if any(v is not None for v in paper_options) else "spectral"
+    pool = 1000 if pool is None else pool
+    keep_fraction = 0.3 if keep_fraction is None else keep_fraction
+    bits = 8 if bits is None else bits
+    noise = 1.0 if noise is None else noise
+    solver = "paper" if solver is None else solver
     src = _adapter_source(adapter, adapter_name)
     weights = _base_or_empty(base)
     calib = None if calibration is None else _base_source(calibration)

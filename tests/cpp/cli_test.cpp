@@ -72,7 +72,7 @@ TEST_F(Cli, ErrorsAreOneLineNamingTheFileAndLeaveNothingBehind) {
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   // Base that lacks the modules: no output file may appear.
   test::write_bytes(dir_.file("empty.safetensors"), safetensors_bytes({{"x", Tensor::from_f32({1}, {1}, DType::F32)}}));
-  r = run("compress --base " + dir_.file("empty.safetensors") + " --adapter " + dir_.file("adapter") + " --out " + dir_.file("x.solar") + " -q", dir_);
+  r = run("compress --mode paper --base " + dir_.file("empty.safetensors") + " --adapter " + dir_.file("adapter") + " --out " + dir_.file("x.solar") + " -q", dir_);
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("layers.0.attention.wq"), std::string::npos) << r.err;
   EXPECT_FALSE(std::filesystem::exists(dir_.file("x.solar")));
@@ -101,6 +101,24 @@ TEST_F(Cli, NonFiniteAdapterIsRefused) {
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("NaN"), std::string::npos) << r.err;
   EXPECT_FALSE(std::filesystem::exists(dir_.file("n.solar")));
+}
+
+}  // namespace
+}  // namespace solar
+
+namespace solar {
+namespace {
+
+TEST_F(Cli, DefaultIsSpectralAndPaperOptionsImplyPaper) {
+  ASSERT_EQ(run("compress --adapter " + dir_.file("adapter") + " --out " + dir_.file("d.solar") + " -q", dir_).code, 0);
+  ASSERT_EQ(run("compress --base " + base_ + " --adapter " + dir_.file("adapter") + " --out " + dir_.file("p.solar") + " --pool 60 -q", dir_).code, 0);
+  EXPECT_EQ(read_container(dir_.file("d.solar")).layers[0].mode, "spectral");
+  EXPECT_EQ(read_container(dir_.file("p.solar")).layers[0].mode, "paper");
+  // A spectral file restores without a base.
+  ASSERT_EQ(run("decompress " + dir_.file("d.solar") + " --out " + dir_.file("dr") + " -q", dir_).code, 0);
+  const PeftAdapter a = read_peft_adapter(dir_.file("adapter")), b = read_peft_adapter(dir_.file("dr"));
+  for (size_t k = 0; k < a.modules.size(); ++k)
+    EXPECT_LT(relative_delta_error(a.modules[k].A, a.modules[k].B, b.modules[k].A, b.modules[k].B), 0.1);
 }
 
 }  // namespace
