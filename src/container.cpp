@@ -119,15 +119,14 @@ std::vector<uint8_t> serialize_container(const Container& c) {
   for (const LayerRecord& l : c.layers) {
     nlohmann::json blobs = nlohmann::json::array();
     for (const auto& b : l.encoded.blobs) blobs.push_back(add(b));
-    layers.push_back({{"module", l.module},
-                      {"base", l.base_key},
-                      {"transpose", l.transpose_base},
-                      {"shape", {l.shape.m, l.shape.n, l.shape.r}},
-                      {"dtypes", {dtype_name(l.a_dtype), dtype_name(l.b_dtype)}},
-                      {"fingerprint", l.base_fingerprint},
-                      {"mode", l.mode},
-                      {"params", l.encoded.params},
-                      {"blobs", blobs}});
+    // Fields at their default value are left out: metadata is part of every adapter's bytes.
+    nlohmann::json rec = {{"module", l.module}, {"shape", {l.shape.m, l.shape.n, l.shape.r}}, {"mode", l.mode}, {"blobs", blobs}};
+    if (!l.base_key.empty()) rec["base"] = l.base_key;
+    if (l.transpose_base) rec["transpose"] = true;
+    if (l.a_dtype != DType::F32 || l.b_dtype != DType::F32) rec["dtypes"] = {dtype_name(l.a_dtype), dtype_name(l.b_dtype)};
+    if (l.base_fingerprint != 0) rec["fingerprint"] = l.base_fingerprint;
+    if (!l.encoded.params.empty()) rec["params"] = l.encoded.params;
+    layers.push_back(std::move(rec));
   }
   nlohmann::json pass = nlohmann::json::array();
   for (const auto& [key, t] : c.passthrough)
@@ -253,19 +252,19 @@ Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& 
     if (!j.is_object()) throw Error(ErrorKind::Format, lw, "layer record must be an object");
     LayerRecord l;
     l.module = field<std::string>(j, "module", lw);
-    l.base_key = field<std::string>(j, "base", lw);
-    l.transpose_base = field<bool>(j, "transpose", lw);
+    l.base_key = j.contains("base") ? field<std::string>(j, "base", lw) : "";
+    l.transpose_base = j.contains("transpose") && field<bool>(j, "transpose", lw);
     const auto shape = field<std::vector<int64_t>>(j, "shape", lw);
     if (shape.size() != 3) throw Error(ErrorKind::Format, lw, "shape must be [out, in, rank]");
     l.shape = {shape[0], shape[1], shape[2]};
     if (l.shape.m < 1 || l.shape.n < 1 || l.shape.r < 1 || l.shape.m > (1 << 24) || l.shape.n > (1 << 24) || l.shape.r > (1 << 16))
       throw Error(ErrorKind::Format, lw, "shape out of range");
-    const auto dts = field<std::vector<std::string>>(j, "dtypes", lw);
+    const auto dts = j.contains("dtypes") ? field<std::vector<std::string>>(j, "dtypes", lw) : std::vector<std::string>{"F32", "F32"};
     if (dts.size() != 2) throw Error(ErrorKind::Format, lw, "dtypes must name A and B");
     l.a_dtype = parse_dtype(dts[0], lw);
     l.b_dtype = parse_dtype(dts[1], lw);
     if (!is_float(l.a_dtype) || !is_float(l.b_dtype)) throw Error(ErrorKind::Format, lw, "LoRA factors must be floating point");
-    l.base_fingerprint = field<uint32_t>(j, "fingerprint", lw);
+    l.base_fingerprint = j.contains("fingerprint") ? field<uint32_t>(j, "fingerprint", lw) : 0;
     l.mode = field<std::string>(j, "mode", lw);
     l.encoded.params = j.contains("params") ? j.at("params") : nlohmann::json::object();
     const auto& blobs = j.at("blobs");

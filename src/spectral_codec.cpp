@@ -20,6 +20,7 @@ namespace {
 constexpr int kStepBits = 8;
 constexpr int kStepBias = 200, kStepsPerOctave = 8;  // step = 2^((t - 200) / 8)
 constexpr double kMaxQuant = 1 << 29;
+constexpr double kDeadZones[] = {0.0, 0.2};  // rounding offsets tried for every step
 
 double step_of(int t) { return std::exp2(static_cast<double>(t - kStepBias) / kStepsPerOctave); }
 
@@ -32,7 +33,15 @@ struct Coded {
 };
 
 // Quantises the first k columns of `m` (rows x >=k), after rotating by R^T when R is given.
-bool quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* rot, Coded& out) {
+// Rounds v to an integer, toward zero by `dead_zone` (0: nearest; larger values trade a little
+// distortion for many more zeros, which the entropy coder makes cheap).
+int32_t round_dz(double v, double dead_zone) {
+  const double a = std::floor(std::fabs(v) + 0.5 - dead_zone);
+  const auto q = static_cast<int32_t>(std::max(0.0, a));
+  return v < 0 ? -q : q;
+}
+
+bool quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* rot, Coded& out, double dead_zone = 0.0) {
   const int64_t rows = m.rows;
   Matrix coords(rows, k);
   for (int64_t i = 0; i < rows; ++i)
@@ -44,7 +53,7 @@ bool quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* rot
     for (int64_t i = 0; i < rows; ++i) {
       const double v = coords(i, j) / step;
       if (!(std::fabs(v) < kMaxQuant)) return false;
-      const auto q = static_cast<int32_t>(std::lround(v));
+      const int32_t q = round_dz(v, dead_zone);
       out.q[static_cast<size_t>(j * rows + i)] = q;
       deq(i, j) = q * step;
     }
@@ -79,7 +88,8 @@ Matrix inverse_cholesky_upper(const Matrix& h) {
 // Like quantize_columns (no rotation), but each column's rounding errors are fed forward to the
 // coordinates not yet quantised so as to minimise e^T H e (GPTQ, Frantar et al. 2022), where
 // `hinv_u` is inverse_cholesky_upper(H).
-bool quantize_columns_feedback(const Matrix& m, int64_t k, double step, const Matrix& hinv_u, Coded& out) {
+bool quantize_columns_feedback(const Matrix& m, int64_t k, double step, const Matrix& hinv_u, Coded& out,
+                               double dead_zone = 0.0) {
   const int64_t rows = m.rows;
   out.q.assign(static_cast<size_t>(rows * k), 0);
   out.value = Matrix(rows, k);
@@ -89,7 +99,7 @@ bool quantize_columns_feedback(const Matrix& m, int64_t k, double step, const Ma
     for (int64_t i = 0; i < rows; ++i) {
       const double v = w[static_cast<size_t>(i)] / step;
       if (!(std::fabs(v) < kMaxQuant)) return false;
-      const auto q = static_cast<int32_t>(std::lround(v));
+      const int32_t q = round_dz(v, dead_zone);
       out.q[static_cast<size_t>(j * rows + i)] = q;
       out.value(i, j) = q * step;
       const double err = (w[static_cast<size_t>(i)] - q * step) / hinv_u(i, i);
@@ -211,15 +221,16 @@ class SpectralCodec final : public LayerCodec {
     const bool feedback = !rotate_;
     const Matrix hx = (feedback && gm) ? inverse_cholesky_upper(*gm) : Matrix();
     const Matrix hy = (feedback && sig) ? inverse_cholesky_upper(*sig) : Matrix();
-    auto quantize = [&](const Matrix& v, int64_t k, double step, const Matrix* rot, const Matrix& h, Coded& c) {
-      return h.rows > 0 ? quantize_columns_feedback(v, k, step, h, c) : quantize_columns(v, k, step, rot, c);
+    auto quantize = [&](const Matrix& v, int64_t k, double step, const Matrix* rot, const Matrix& h, Coded& c, double dz) {
+      return h.rows > 0 ? quantize_columns_feedback(v, k, step, h, c, dz) : quantize_columns(v, k, step, rot, c, dz);
     };
     const int t_top = std::clamp(static_cast<int>(std::ceil(std::log2(8 * rms) * kStepsPerOctave)) + kStepBias, 0, 255);
     for (int tx = t_top; tx >= std::max(0, t_top - 12 * kStepsPerOctave); tx -= 2) {
-      const double step_x = step_of(tx);
+     const double step_x = step_of(tx);
+     for (double dz : kDeadZones) {
       for (int64_t k = 1; k <= s.r; ++k) {
         Coded cx;
-        if (!quantize(x, k, step_x, ru, hx, cx)) continue;
+        if (!quantize(x, k, step_x, ru, hx, cx, dz)) continue;
         // Refit Y to the quantised X in the same metric: Y^T = (X~^T G X~)^-1 X~^T G B A.
         const Matrix gx = left(cx.value);
         const Matrix xgx = matmul(cx.value, gx, true);  // k x k
@@ -228,13 +239,14 @@ class SpectralCodec final : public LayerCodec {
         for (int dy : {-2, 0, 2}) {
           const int ty = std::clamp(tx + y_offset + dy, 0, 255);
           Coded cy;
-          if (!quantize(yk, k, step_of(ty), rv, hy, cy)) continue;
+          if (!quantize(yk, k, step_of(ty), rv, hy, cy, dz)) continue;
           const double cross = frob_dot(bgx, matmul(as, cy.value));
           const double self = trace_product(xgx, matmul(cy.value, right(cy.value), true));
           const double d = std::max(0.0, energy - 2 * cross + self);
           out.push_back(make_candidate(s, k, tx, ty, cx.q, cy.q, w * d));
         }
       }
+     }
     }
     return out;
   }
