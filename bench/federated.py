@@ -32,6 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# torch's OpenMP workers spin after each op and starve NumPy's OpenBLAS threads on a small
+# machine (a 384 x 384 SVD took 2 s instead of 0.03 s); let them sleep instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -53,7 +56,7 @@ class Settings:
     pool: int = 8000  # SST-2 train examples shared out among the clients (seeded shuffle)
     local_steps: int = 20  # optimiser steps per client per round
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 3e-3
     rank: int = 8
     targets: tuple = ("query", "value")
     seed: int = 1234
@@ -131,26 +134,32 @@ def lora_config(s: Settings):
 
 
 def _model(s: Settings):
-    """The PEFT model, built once per process from the same seed (base + LoRA init + head)."""
+    """The PEFT model, built once per process from the same seed (base + LoRA init + head);
+    every use loads the arrays it needs into it. Its seed-initialised adapter is kept aside
+    for :func:`initial_arrays`."""
     key = ("model", s.rank, s.targets, s.seed)
     if key not in _CACHE:
         import torch
-        from peft import get_peft_model
+        from peft import get_peft_model, get_peft_model_state_dict
 
         from bench.fixtures.train_minilm_sst2 import load_base_model
 
         base = load_base_model(s.seed)
         torch.manual_seed(s.seed)
-        _CACHE[key] = get_peft_model(base, lora_config(s))
-    return _CACHE[key]
+        model = get_peft_model(base, lora_config(s))
+        init = {k: np.ascontiguousarray(v.detach().cpu().numpy()).copy()
+                for k, v in get_peft_model_state_dict(model).items()}
+        _CACHE[key] = (model, init)
+    return _CACHE[key][0]
 
 
 def initial_arrays(s: Settings):
+    """The seed-initialised global adapter (LoRA A random, B zero, the head's init)."""
     from flwr.app import Array, ArrayRecord
-    from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(_model(s))
-    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in state.items()})
+    _model(s)
+    init = _CACHE[("model", s.rank, s.targets, s.seed)][1]
+    return ArrayRecord({k: Array(v.copy()) for k, v in init.items()})
 
 
 def _load(model, arrays) -> None:
@@ -432,9 +441,10 @@ def report(results: dict, plot_name: str) -> str:
             bp, bq = rp["upload_bytes_per_client"], rq["upload_bytes_per_client"]
             pq = rq["payload_bytes_per_client"]
             rej = f" ({len(rq['rejected'])} rejected)" if rq["rejected"] else ""
+            fe = lambda e: "–" if e is None else f"{e:.1e}"  # noqa: E731
             L.append(f"| {rp['round']} | {rp['dev_accuracy']:.4f} | {rq['dev_accuracy']:.4f}{rej} | "
                      f"{min(bp):,}–{max(bp):,} | {min(bq):,}–{max(bq):,} | "
-                     f"{min(pq):,}–{max(pq):,} | {rp['refactor_error']:.1e} / {rq['refactor_error']:.1e} | "
+                     f"{min(pq):,}–{max(pq):,} | {fe(rp['refactor_error'])} / {fe(rq['refactor_error'])} | "
                      f"{rp['round_seconds']:.0f} s / {rq['round_seconds']:.0f} s |")
         L.append("")
         L.append(f"Wall time (simulation start to end, incl. Ray start-up and evaluation): plain "
@@ -462,9 +472,13 @@ does), then hands the replies to the wrapped strategy.
 
 - `aggregation="delta"` (default; used above): each client's pair is turned into dW = B A, the wrapped
   FedAvg averages dW (weighted by examples) — the update the averaged model should apply — and the
-  server re-factors the average to the global rank r by truncated SVD (B' = U_r S_r^½, A' = S_r^½ V_rᵀ).
-  By Eckart–Young this is the best rank-r approximation of the average; what it loses is measured every
-  round (the "re-factor error" column: ‖avg − B'A'‖_F / ‖avg‖_F over all modules).
+  server re-factors the average to the global rank r by truncated SVD, B'A' = U_r S_r V_rᵀ. By
+  Eckart–Young this is the best rank-r approximation of the average; what it loses is measured every
+  round (the "re-factor error" column: ‖avg − B'A'‖_F / ‖avg‖_F over all modules). The average of ten
+  rank-8 updates has rank up to 80, so this is not zero. Of the splits of U_r S_r V_rᵀ into B'A' the
+  server keeps the one whose A' is the clients' averaged A projected on V_r's row space (B' = U_r S_r
+  (Ā V_r)⁻¹), so the next round starts from factors like the ones the clients had; the balanced split
+  S_r^½ is the fallback when Ā V_r is ill-conditioned.
 - `aggregation="factors"`: A and B are averaged separately (what plain FlowerTune does). mean(B_k) mean(A_k)
   is not mean(B_k A_k): the cross terms B_j A_k enter the model, increasingly so when clients drift apart.
 
@@ -508,6 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--aggregation", choices=["delta", "factors"], default="delta")
     ap.add_argument("--dev-limit", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="4 clients, 2 rounds, 3 local steps, 128 dev sentences")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report and plot from the JSON results")
     args = ap.parse_args(argv)
     kw = dict(rounds=args.rounds, clients=args.clients, alpha=args.alpha, local_steps=args.local_steps,
               target_error=args.target_error, mode=args.mode, aggregation=args.aggregation, dev_limit=args.dev_limit)
@@ -518,7 +533,7 @@ def main(argv: list[str] | None = None) -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     splits = ["iid", "dirichlet"] if args.split == "both" else [args.split]
-    for split in splits:
+    for split in ([] if args.report_only else splits):
         res = run_split(Settings(split=split, **kw))
         (RESULTS / f"{prefix}_{split}.json").write_text(json.dumps(res, indent=1) + "\n")
     # The report covers whatever splits have results (a split run alone keeps the other's).

@@ -61,6 +61,7 @@ int run_compress(const CompressArgs& a) {
   o.target_bytes = a.target_bytes;
   o.target_error = a.target_error;
   o.proxy = a.proxy;
+  o.calibration_damping = a.calib_damping;
   std::unique_ptr<Checkpoint> calib;
   if (!a.calib.empty()) {
     calib = std::make_unique<Checkpoint>(a.calib);

@@ -21,6 +21,7 @@ struct CompressArgs {
   std::optional<size_t> target_bytes;
   std::optional<double> target_error;
   std::string calib, proxy;
+  double calib_damping = 0.1;
   int threads = 0;
   bool verify = true;
   bool quiet = false;

@@ -83,16 +83,17 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Adds 1% of the mean diagonal, so that directions the calibration never saw still count a little.
-Matrix damped(Matrix s) {
+// Adds a share of the mean diagonal, so that directions the calibration never saw still count.
+Matrix damped(Matrix s, double damping) {
   double mean = 0;
   for (int64_t i = 0; i < s.rows; ++i) mean += s(i, i);
   mean /= static_cast<double>(std::max<int64_t>(1, s.rows));
-  for (int64_t i = 0; i < s.rows; ++i) s(i, i) += 0.01 * mean + 1e-30;
+  for (int64_t i = 0; i < s.rows; ++i) s(i, i) += damping * mean + 1e-30;
   return s;
 }
 
-std::optional<Matrix> calibration_matrix(const WeightSource& calib, const std::string& key, int64_t dim, bool required) {
+std::optional<Matrix> calibration_matrix(const WeightSource& calib, const std::string& key, int64_t dim, bool required,
+                                         double damping) {
   if (!calib.contains(key)) {
     if (required) throw Error(ErrorKind::Mismatch, calib.describe(), "no calibration tensor '" + key + "'");
     return std::nullopt;
@@ -104,13 +105,13 @@ std::optional<Matrix> calibration_matrix(const WeightSource& calib, const std::s
   Matrix s = Matrix::from_f32(f.data(), dim, dim);
   for (double x : s.data)
     if (!std::isfinite(x)) throw Error(ErrorKind::InvalidInput, calib.describe(), "'" + key + "' has NaN or Inf");
-  return damped(std::move(s));
+  return damped(std::move(s), damping);
 }
 
 // The gradient moment of a module's outputs, when the calibration file has one.
 std::optional<Matrix> output_weighting(const CompressOptions& o, const std::string& module, const LayerRecord& l) {
   if (!o.calibration) return std::nullopt;
-  return calibration_matrix(*o.calibration, module + ".output_grad_moment", l.shape.m, false);
+  return calibration_matrix(*o.calibration, module + ".output_grad_moment", l.shape.m, false, o.calibration_damping);
 }
 
 // The n x n matrix that weighs a layer's input side (see CompressOptions).
@@ -118,7 +119,7 @@ std::optional<Matrix> input_weighting(const CompressOptions& o, const WeightSour
                                       const LayerRecord& l, bool transpose) {
   Matrix s;
   if (o.calibration) {
-    return calibration_matrix(*o.calibration, module + ".input_moment", l.shape.n, true);
+    return calibration_matrix(*o.calibration, module + ".input_moment", l.shape.n, true, o.calibration_damping);
   } else if (o.proxy == "base-gram") {
     const std::string key = resolve_base_key(base, module);
     int64_t m = 0, n = 0;
@@ -130,7 +131,7 @@ std::optional<Matrix> input_weighting(const CompressOptions& o, const WeightSour
   } else {
     throw Error(ErrorKind::InvalidInput, "compress", "unknown proxy '" + o.proxy + "' (available: base-gram)");
   }
-  return damped(std::move(s));
+  return damped(std::move(s), o.calibration_damping);
 }
 
 void assign(Container& c, std::vector<std::vector<Candidate>>& candidates, const std::vector<size_t>& pick) {

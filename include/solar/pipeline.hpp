@@ -29,6 +29,9 @@ struct CompressOptions {
   // (data-free); "" measures plain Frobenius error.
   const WeightSource* calibration = nullptr;
   std::string proxy;
+  // Added to each statistic's diagonal, as a share of its mean diagonal: how much directions the
+  // calibration data did not exercise still count.
+  double calibration_damping = 0.1;
   uint64_t seed = 0;
   int threads = 0;  // 0: hardware concurrency. The output does not depend on it.
   Progress progress;

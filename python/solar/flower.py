@@ -21,10 +21,12 @@ How the LoRA factors are aggregated (``aggregation=``):
   dW = B A per module, the wrapped strategy aggregates dW like any other array (FedAvg: the
   weighted mean of the clients' B_k A_k, which is the update the averaged model should
   apply), and the server re-factors the aggregate to the global rank r by truncated SVD,
-  B' = U_r S_r^1/2, A' = S_r^1/2 V_r^T. By Eckart-Young B' A' is the best rank-r
+  B' A' = U_r S_r V_r^T. By Eckart-Young B' A' is the best rank-r
   approximation of the average in Frobenius (and spectral) norm; the relative error of that
   step is measured every round (``SolarStrategy.rounds[i]["refactor_error"]`` and the
-  ``solar-refactor-error`` train metric). Clients may even use different ranks. This suits
+  ``solar-refactor-error`` train metric). Of the many splits of that product into B' A', the
+  one kept is the one whose A' is closest to the clients' averaged A (see :func:`refactor`),
+  so the LoRA parametrisation carries on from round to round. This suits
   strategies that aggregate the replies they are given (FedAvg, FedMedian, FedTrimmedAvg,
   Krum, ...); server optimisers that keep their own copy of the global arrays (FedAdam,
   FedYogi, FedAvgM, ...) should use ``"factors"``.
@@ -169,10 +171,16 @@ def _record_key(peft_key: str, layout: Optional[dict]) -> str:
 # ---- client side --------------------------------------------------------------------------
 
 
+_CODEC_CONFIG_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out", "rank_pattern",
+                      "alpha_pattern", "target_modules")
+
+
 def _lora_config(peft_config: Any, lora: Mapping[str, np.ndarray], pairs: Mapping[str, Mapping[str, str]]) -> dict:
     if peft_config is not None:
+        # Only what the codec reads: the server has the model's full config, and a payload
+        # should not carry local paths (base_model_name_or_path) or modules_to_save.
         cfg = peft_config.to_dict() if callable(getattr(peft_config, "to_dict", None)) else dict(peft_config)
-        return {k: v for k, v in cfg.items() if k not in ("modules_to_save",)}
+        return {k: v for k, v in cfg.items() if k in _CODEC_CONFIG_KEYS and v is not None}
     # No config given: rank from the factors (the codec codes B A; lora_alpha = r, scaling 1).
     ranks = {mod.removeprefix(_PEFT_PREFIX): int(lora[ab["A"]].shape[0]) for mod, ab in pairs.items()}
     r = max(set(ranks.values()), key=list(ranks.values()).count)
@@ -197,7 +205,8 @@ def encode_arrays(
     if not pairs:
         return dict(arrays), None
     lora_keys = [k for k in keys if any(k in ab.values() for ab in pairs.values())]
-    lora = {k: _np(arrays[k]) for k in lora_keys}
+    # The codec takes F32/F16/BF16 factors; float64 ones are sent as float32.
+    lora = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in ((k, _np(arrays[k])) for k in lora_keys)}
     layout = _layout(lora_keys)
     config = _lora_config(peft_config, lora, pairs)
     if layout is not None:
@@ -265,8 +274,9 @@ def solar_mod(
             metrics show them.
         codec: further :func:`solar.compress` options (pool, keep_fraction, bits, seed, calibration, ...).
 
-    Typically the last mod to touch the arrays (e.g. after ``fixedclipping_mod`` clips them).
-    It acts on TRAIN replies only; replies without LoRA factors pass unchanged.
+    List it first in ``ClientApp(mods=[...])``: the first mod is the outermost, so it then
+    compresses the reply after every other mod (e.g. ``fixedclipping_mod``) has worked on the
+    arrays. It acts on TRAIN replies only; replies without LoRA factors pass unchanged.
     """
     base_options = dict(codec, mode=mode)
 
@@ -327,19 +337,50 @@ def lora_to_delta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(b, dtype=np.float64) @ np.asarray(a, dtype=np.float64)
 
 
-def refactor(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """(A, B, relative error): the best rank-``rank`` approximation B A of ``delta`` (truncated
-    SVD, Eckart-Young), split evenly: B = U_r S_r^1/2, A = S_r^1/2 V_r^T; the error is
-    ||delta - B A||_F / ||delta||_F (0 for a zero delta)."""
-    u, s, vt = np.linalg.svd(np.asarray(delta, dtype=np.float64), full_matrices=False)
+def _one_blas_thread():
+    """LAPACK on one thread: these matrices are small, and a multi-threaded OpenBLAS next to
+    torch's spinning OpenMP workers can be ~50x slower (seen: 2 s for a 384 x 384 SVD)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def refactor(delta: np.ndarray, rank: int, like: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """(A, B, relative error) with B A the best rank-``rank`` approximation of ``delta``
+    (truncated SVD U_r S_r V_r^T; Eckart-Young) and error ||delta - B A||_F / ||delta||_F.
+
+    Any B = U_r S_r G^-1, A = G V_r^T gives the same product; the split chosen is
+    ``G = like V_r`` when ``like`` (an A factor, r x in: the clients' averaged A) is given and
+    well conditioned on V_r, so A stays as close to the clients' A as the product allows
+    (A = like projected on the row space of the result) and training resumes in the same
+    parametrisation; otherwise the balanced split G = S_r^1/2.
+    """
+    delta = np.asarray(delta, dtype=np.float64)
+    with _one_blas_thread():
+        u, s, vt = np.linalg.svd(delta, full_matrices=False)
     r = min(rank, s.size)
-    root = np.sqrt(s[:r])
-    b = np.zeros((delta.shape[0], rank))
-    a = np.zeros((rank, delta.shape[1]))
-    b[:, :r] = u[:, :r] * root
-    a[:r, :] = root[:, None] * vt[:r, :]
     total = float(np.sum(s**2))
     err = float(np.sqrt(np.sum(s[r:] ** 2) / total)) if total > 0 else 0.0
+    b = np.zeros((delta.shape[0], rank))
+    a = np.zeros((rank, delta.shape[1]))
+    if like is not None:
+        like = np.asarray(like, dtype=np.float64)
+        if total == 0:
+            return like.copy(), b, 0.0
+        if like.shape == a.shape and r == rank:
+            g = like @ vt[:r].T  # r x r
+            with _one_blas_thread():
+                if np.linalg.cond(g) < 1e4:
+                    a = g @ vt[:r]
+                    b = np.linalg.solve(g.T, (u[:, :r] * s[:r]).T).T  # U_r S_r G^-1
+                    return a, b, err
+    root = np.sqrt(s[:r])
+    b[:, :r] = u[:, :r] * root
+    a[:r, :] = root[:, None] * vt[:r, :]
     return a, b, err
 
 
@@ -508,31 +549,25 @@ class SolarStrategy(Strategy):
         extra = sorted(set(shapes) - set(self._global))
         if missing or extra:
             raise _Rejected(f"arrays do not match the global model (missing {missing[:3]}, unexpected {extra[:3]})")
-        lora_mods, _ = _split_lora(list(shapes))
-        lora_keys = {k for ab in lora_mods.values() for k in ab.values()}
         for k, shape in shapes.items():
             g = self._global[k]
-            if k in lora_keys and self.aggregation == "delta":
-                # ranks may differ; the product B A must have the global shape
-                which = _LORA_KEY.match(k).group("which")
-                ok = len(shape) == 2 and (shape[1] == g[1] if which == "A" else shape[0] == g[0])
-            else:
-                ok = shape == g
-            if not ok:
+            if shape != g:
                 raise _Rejected(f"array '{k}' has shape {list(shape)}, the global model's is {list(g)}")
 
     def _refactor(self, arrays: Any, modules: Mapping[str, tuple]) -> tuple:
-        """The aggregated record with each '<module>.lora_delta' replaced by its rank-r factors
-        (r: the global model's rank), in the global model's key order; and the relative
-        Frobenius error of the re-factoring over all modules."""
+        """The aggregated record with each '<module>.lora_delta' (and the averaged A) replaced by
+        rank-r factors of the averaged dW (:func:`refactor`, split along the averaged A), in the
+        global model's key order; and the relative Frobenius error of the re-factoring over all
+        modules."""
         agg = {k: arrays[k] for k in arrays.keys()}
         num = den = 0.0
         self.last_delta = {}
         new: dict = {}
         for mod, (ka, kb, rank, dtype) in modules.items():
             delta = agg.pop(mod + _DELTA_SUFFIX).numpy()
+            mean_a = agg.pop(ka).numpy()
             self.last_delta[mod] = delta
-            a, b, err = refactor(delta, self._global[ka][0] if ka in self._global else rank)
+            a, b, err = refactor(delta, rank, like=mean_a)
             norm2 = float(np.sum(np.asarray(delta, np.float64) ** 2))
             num, den = num + err**2 * norm2, den + norm2
             new[ka], new[kb] = Array(a.astype(dtype)), Array(b.astype(dtype))
@@ -541,8 +576,8 @@ class SolarStrategy(Strategy):
         return ArrayRecord({k: merged[k] for k in order}), (float(np.sqrt(num / den)) if den > 0 else 0.0)
 
     def _to_delta(self, msg: Any) -> dict:
-        """Replaces each LoRA pair of the reply by dW = B A under '<module>.lora_delta';
-        returns {module: (A key, B key, rank, dtype)}."""
+        """Replaces each LoRA pair of the reply by dW = B A under '<module>.lora_delta' (and
+        keeps A); returns {module: (A key, B key, rank, dtype)}."""
         found: dict = {}
         for name, record in list(msg.content.array_records.items()):
             pairs, _ = _split_lora(list(record.keys()))
@@ -556,6 +591,7 @@ class SolarStrategy(Strategy):
                     mod = first[k]
                     a, b = record[pairs[mod]["A"]].numpy(), record[pairs[mod]["B"]].numpy()
                     out[mod + _DELTA_SUFFIX] = Array(lora_to_delta(a, b).astype(np.float32))
+                    out[k] = record[k]  # A is averaged too: it fixes the split of the result
                     found[mod] = (pairs[mod]["A"], pairs[mod]["B"], a.shape[0], a.dtype)
                 elif k not in lora_keys:
                     out[k] = record[k]
