@@ -194,6 +194,7 @@ def compress(
     calibration: Any = None,
     proxy: str = "",
     solver: Optional[str] = None,
+    calibration_damping: float = 0.1,
 ) -> CompressedAdapter:
     """Compresses a PEFT LoRA adapter against its base model.
 
@@ -214,6 +215,8 @@ def compress(
             (default 0.05 when neither target is given).
         calibration: spectral modes: statistics from :func:`solar.calibrate` (a dict or a
             .safetensors path); errors are then weighed by what they do to the loss.
+        calibration_damping: share of each statistic's mean diagonal added to its diagonal, so
+            directions the calibration data did not exercise still count.
         proxy: spectral modes without calibration: ``"base-gram"`` weighs errors by W^T W.
         pool, pool_a, pool_b: pool sizes N_A, N_B (``pool`` for both unless overridden).
         keep: coefficients kept per factor (k_A = k_B); overrides ``keep_fraction``.
@@ -256,6 +259,7 @@ def compress(
         calib,
         str(proxy),
         str(solver),
+        float(calibration_damping),
     )
     return CompressedAdapter(c)
 

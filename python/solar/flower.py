@@ -35,6 +35,14 @@ How the LoRA factors are aggregated (``aggregation=``):
   mean(B_k A_k): the cross terms B_j A_k (j != k) enter the model, and they do not vanish when
   clients drift apart (non-IID data).
 
+Decoded factors: the ``spectral`` codec codes the product B A, so a payload decodes to B A's
+singular factors, not to the client's own A and B (any B G^-1, G A has the same product). The
+server therefore re-expresses every decoded pair in the gauge of the global A it sent that round
+(:func:`regauge`: A' = that A projected on the row space of B A, B' to match, B' A' unchanged).
+Without this, averaging factors across clients ("factors") mixes unrelated bases, and the split
+chosen after "delta" re-factoring would inherit it (seen: the federated run collapsed to chance
+in round 2).
+
 What is sent: the client's adapter itself (as FlowerTune does), not the round's change. Each
 round's payload then carries the codec's relative error with respect to the whole adapter and
 the error does not accumulate over rounds; coding only the change (adapter minus the global
@@ -83,6 +91,7 @@ __all__ = [
     "message_nbytes",
     "lora_to_delta",
     "refactor",
+    "regauge",
     "encode_arrays",
     "decode_arrays",
 ]
@@ -384,6 +393,27 @@ def refactor(delta: np.ndarray, rank: int, like: Optional[np.ndarray] = None) ->
     return a, b, err
 
 
+def regauge(a: np.ndarray, b: np.ndarray, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(A', B') with B' A' = B A exactly and A' as close to ``like`` as that allows: A' is
+    ``like`` projected on the row space of B A (the balanced split when that is ill-conditioned).
+
+    A decoded ``spectral`` payload gives B A's singular factors, not the client's own A and B
+    (the codec codes the product); this puts every client's pair back into the gauge of the
+    global A the clients started from, so pairs from different clients can be compared and
+    averaged. Works on the thin factors (QR of A^T and B, SVD of an r x r core)."""
+    a64, b64, like = (np.asarray(x, dtype=np.float64) for x in (a, b, like))
+    with _one_blas_thread():
+        qb, rb = np.linalg.qr(b64)
+        qa, ra = np.linalg.qr(a64.T)
+        uc, s, vct = np.linalg.svd(rb @ ra.T)
+        u, vt = qb @ uc, vct @ qa.T
+        g = like @ vt.T
+        if np.linalg.cond(g) < 1e4:
+            return (g @ vt).astype(a.dtype), np.linalg.solve(g.T, (u * s).T).T.astype(b.dtype)
+    root = np.sqrt(s)
+    return (root[:, None] * vt).astype(a.dtype), (u * root).astype(b.dtype)
+
+
 _DELTA_SUFFIX = ".lora_delta"
 
 
@@ -436,6 +466,7 @@ class SolarStrategy(Strategy):
         self.rounds: list[dict] = []
         self.last_delta: Optional[dict] = None  # module -> aggregated dW before re-factoring
         self._global: dict[str, tuple] = {}  # key -> shape of the global arrays last sent
+        self._global_a: dict[str, np.ndarray] = {}  # LoRA A key -> the global A last sent
 
     def __repr__(self) -> str:
         return f"SolarStrategy({self.strategy!r}, aggregation={self.aggregation!r})"
@@ -447,8 +478,15 @@ class SolarStrategy(Strategy):
                   "none" if self.base is None else type(self.base).__name__)
         self.strategy.summary()
 
-    def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
+    def remember_global(self, arrays: Any) -> None:
+        """Notes the global arrays sent for training (shapes to check the replies against, and
+        the A factors that decoded pairs are re-gauged to). ``configure_train`` calls it."""
         self._global = {k: tuple(arrays[k].shape) for k in arrays.keys()}
+        pairs, _ = _split_lora(list(arrays.keys()))
+        self._global_a = {ab["A"]: arrays[ab["A"]].numpy() for ab in pairs.values()}
+
+    def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
+        self.remember_global(arrays)
         if self.target_error is not None:
             config[CONFIG_TARGET_ERROR] = float(self.target_error)
         if self.target_bytes is not None:
@@ -530,6 +568,11 @@ class SolarStrategy(Strategy):
             for k, v in lora.items():
                 if not np.all(np.isfinite(v)):
                     raise _Rejected(f"decoded array '{k}' has non-finite values")
+            pairs, _ = _split_lora(list(lora))
+            for ab in pairs.values():
+                ref = self._global_a.get(ab["A"])
+                if ref is not None and ref.shape == lora[ab["A"]].shape and lora[ab["B"]].shape[1] == ref.shape[0]:
+                    lora[ab["A"]], lora[ab["B"]] = regauge(lora[ab["A"]], lora[ab["B"]], ref)
             rebuilt: dict = {}
             for k in record.keys():
                 if k == PAYLOAD_KEY:

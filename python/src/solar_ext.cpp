@@ -237,8 +237,10 @@ struct Compressed {
 Compressed compress(const Adapter& adapter, const Base& base, const std::string& mode, int64_t pool_a,
                     int64_t pool_b, std::optional<int64_t> keep, double keep_fraction, int bits, uint64_t seed,
                     double noise, int threads, std::optional<size_t> target_bytes, std::optional<double> target_error,
-                    const Base* calibration, const std::string& proxy, const std::string& solver) {
+                    const Base* calibration, const std::string& proxy, const std::string& solver,
+                    double calibration_damping) {
   solar::CompressOptions o;
+  o.calibration_damping = calibration_damping;
   if (solver == "paper") o.paper.solver = solar::PaperSolver::Paper;
   else if (solver == "refit") o.paper.solver = solar::PaperSolver::Refit;
   else if (solver == "omp") o.paper.solver = solar::PaperSolver::Omp;
@@ -336,7 +338,7 @@ NB_MODULE(_ext, m) {
 
   m.def("compress", &compress, "adapter"_a, "base"_a, "mode"_a, "pool_a"_a, "pool_b"_a, "keep"_a.none(),
         "keep_fraction"_a, "bits"_a, "seed"_a, "noise"_a, "threads"_a, "target_bytes"_a.none(), "target_error"_a.none(),
-        "calibration"_a.none(), "proxy"_a, "solver"_a);
+        "calibration"_a.none(), "proxy"_a, "solver"_a, "calibration_damping"_a);
   m.def("decompress", &decompress, "compressed"_a, "base"_a, "threads"_a,
         "Returns (config_json, [(key, dtype, shape, uint8 array)], file_metadata).");
   m.def("restore_to_dir", &restore_to_dir, "compressed"_a, "base"_a, "out_dir"_a, "threads"_a);
