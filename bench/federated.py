@@ -474,13 +474,15 @@ does), then hands the replies to the wrapped strategy.
   FedAvg averages dW (weighted by examples) — the update the averaged model should apply — and the
   server re-factors the average to the global rank r by truncated SVD, B'A' = U_r S_r V_rᵀ. By
   Eckart–Young this is the best rank-r approximation of the average; what it loses is measured every
-  round (the "re-factor error" column: ‖avg − B'A'‖_F / ‖avg‖_F over all modules). The average of ten
-  rank-8 updates has rank up to 80, so this is not zero. Of the splits of U_r S_r V_rᵀ into B'A' the
-  server keeps the one whose A' is the clients' averaged A projected on V_r's row space (B' = U_r S_r
-  (Ā V_r)⁻¹), so the next round starts from factors like the ones the clients had; the balanced split
-  S_r^½ is the fallback when Ā V_r is ill-conditioned.
+  round (the "re-factor error" column: ‖avg − B'A'‖_F / ‖avg‖_F over all modules; the average of ten
+  rank-8 updates has rank up to 80, so it is not zero). The product is split evenly, B' = U_r S_r^½,
+  A' = S_r^½ V_rᵀ. A decoded `.solar` payload carries B A, not the client's own A and B, so the clients'
+  factors cannot be used to pick the split (tried during development: the split taken from the averaged
+  decoded A made the run collapse to chance accuracy in round 2).
 - `aggregation="factors"`: A and B are averaged separately (what plain FlowerTune does). mean(B_k) mean(A_k)
   is not mean(B_k A_k): the cross terms B_j A_k enter the model, increasingly so when clients drift apart.
+  With `.solar` replies the server first re-expresses each decoded pair in the basis of the global A it
+  sent (`solar.flower.regauge`, exact in the product), otherwise it would average unrelated bases.
 
 A reply whose payload is corrupt (`CorruptError`/`FormatError`), was built against another base
 (`MismatchError`), decodes to non-finite values or does not fit the global model is dropped with one

@@ -225,7 +225,7 @@ class SpectralCodec final : public LayerCodec {
       return h.rows > 0 ? quantize_columns_feedback(v, k, step, h, c, dz) : quantize_columns(v, k, step, rot, c, dz);
     };
     const int t_top = std::clamp(static_cast<int>(std::ceil(std::log2(8 * rms) * kStepsPerOctave)) + kStepBias, 0, 255);
-    for (int tx = t_top; tx >= std::max(0, t_top - 12 * kStepsPerOctave); tx -= 2) {
+    for (int tx = t_top; tx >= std::max(0, t_top - 16 * kStepsPerOctave); tx -= 2) {
      const double step_x = step_of(tx);
      for (double dz : kDeadZones) {
       for (int64_t k = 1; k <= s.r; ++k) {

@@ -24,9 +24,9 @@ How the LoRA factors are aggregated (``aggregation=``):
   B' A' = U_r S_r V_r^T. By Eckart-Young B' A' is the best rank-r
   approximation of the average in Frobenius (and spectral) norm; the relative error of that
   step is measured every round (``SolarStrategy.rounds[i]["refactor_error"]`` and the
-  ``solar-refactor-error`` train metric). Of the many splits of that product into B' A', the
-  one kept is the one whose A' is closest to the clients' averaged A (see :func:`refactor`),
-  so the LoRA parametrisation carries on from round to round. This suits
+  ``solar-refactor-error`` train metric). The product is split evenly, B' = U_r S_r^1/2,
+  A' = S_r^1/2 V_r^T (the clients' own factors cannot serve as a reference for the split:
+  decoded payloads carry B A, not the client's A and B). This suits
   strategies that aggregate the replies they are given (FedAvg, FedMedian, FedTrimmedAvg,
   Krum, ...); server optimisers that keep their own copy of the global arrays (FedAdam,
   FedYogi, FedAvgM, ...) should use ``"factors"``.
@@ -36,12 +36,13 @@ How the LoRA factors are aggregated (``aggregation=``):
   clients drift apart (non-IID data).
 
 Decoded factors: the ``spectral`` codec codes the product B A, so a payload decodes to B A's
-singular factors, not to the client's own A and B (any B G^-1, G A has the same product). The
-server therefore re-expresses every decoded pair in the gauge of the global A it sent that round
-(:func:`regauge`: A' = that A projected on the row space of B A, B' to match, B' A' unchanged).
-Without this, averaging factors across clients ("factors") mixes unrelated bases, and the split
-chosen after "delta" re-factoring would inherit it (seen: the federated run collapsed to chance
-in round 2).
+singular factors, not to the client's own A and B (any B G^-1, G A has the same product).
+"delta" only uses products, so it is unaffected. For "factors" the server re-expresses every
+decoded pair in the gauge of the global A it sent that round (:func:`regauge`: A' as close to
+that A as B' A' = B A allows), since averaging factors that live in unrelated bases is
+meaningless; this is an approximation of the client's own factors (exact in the product), one
+more reason to prefer "delta". (Seen during development: choosing the split of the "delta"
+result from the averaged decoded A made the federated run collapse to chance in round 2.)
 
 What is sent: the client's adapter itself (as FlowerTune does), not the round's change. Each
 round's payload then carries the codec's relative error with respect to the whole adapter and
@@ -358,16 +359,10 @@ def _one_blas_thread():
     return threadpool_limits(1, user_api="blas")
 
 
-def refactor(delta: np.ndarray, rank: int, like: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """(A, B, relative error) with B A the best rank-``rank`` approximation of ``delta``
-    (truncated SVD U_r S_r V_r^T; Eckart-Young) and error ||delta - B A||_F / ||delta||_F.
-
-    Any B = U_r S_r G^-1, A = G V_r^T gives the same product; the split chosen is
-    ``G = like V_r`` when ``like`` (an A factor, r x in: the clients' averaged A) is given and
-    well conditioned on V_r, so A stays as close to the clients' A as the product allows
-    (A = like projected on the row space of the result) and training resumes in the same
-    parametrisation; otherwise the balanced split G = S_r^1/2.
-    """
+def refactor(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(A, B, relative error): B A is the best rank-``rank`` approximation of ``delta``
+    (truncated SVD U_r S_r V_r^T; Eckart-Young), split evenly: B = U_r S_r^1/2,
+    A = S_r^1/2 V_r^T; the error is ||delta - B A||_F / ||delta||_F (0 for a zero delta)."""
     delta = np.asarray(delta, dtype=np.float64)
     with _one_blas_thread():
         u, s, vt = np.linalg.svd(delta, full_matrices=False)
@@ -376,17 +371,6 @@ def refactor(delta: np.ndarray, rank: int, like: Optional[np.ndarray] = None) ->
     err = float(np.sqrt(np.sum(s[r:] ** 2) / total)) if total > 0 else 0.0
     b = np.zeros((delta.shape[0], rank))
     a = np.zeros((rank, delta.shape[1]))
-    if like is not None:
-        like = np.asarray(like, dtype=np.float64)
-        if total == 0:
-            return like.copy(), b, 0.0
-        if like.shape == a.shape and r == rank:
-            g = like @ vt[:r].T  # r x r
-            with _one_blas_thread():
-                if np.linalg.cond(g) < 1e4:
-                    a = g @ vt[:r]
-                    b = np.linalg.solve(g.T, (u[:, :r] * s[:r]).T).T  # U_r S_r G^-1
-                    return a, b, err
     root = np.sqrt(s[:r])
     b[:, :r] = u[:, :r] * root
     a[:r, :] = root[:, None] * vt[:r, :]
@@ -394,22 +378,34 @@ def refactor(delta: np.ndarray, rank: int, like: Optional[np.ndarray] = None) ->
 
 
 def regauge(a: np.ndarray, b: np.ndarray, like: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(A', B') with B' A' = B A exactly and A' as close to ``like`` as that allows: A' is
-    ``like`` projected on the row space of B A (the balanced split when that is ill-conditioned).
+    """(A', B') with B' A' = B A exactly and A' as close to ``like`` (r x in) as that allows.
 
     A decoded ``spectral`` payload gives B A's singular factors, not the client's own A and B
-    (the codec codes the product); this puts every client's pair back into the gauge of the
-    global A the clients started from, so pairs from different clients can be compared and
-    averaged. Works on the thin factors (QR of A^T and B, SVD of an r x r core)."""
-    a64, b64, like = (np.asarray(x, dtype=np.float64) for x in (a, b, like))
+    (the codec codes the product, and may keep fewer than r components or none); this puts
+    every client's pair back into the gauge of the global A the clients started from, so
+    pairs from different clients can be compared and averaged. With B A = U_k S_k V_k^T
+    (k <= r nonzero singular values), A' is ``like`` projected on the span of V_k plus the
+    r - k directions of ``like``'s remaining rows that carry most of it (A' = ``like`` when
+    k = 0), and B' = [U_k S_k, 0] (``like`` V)^-1. Falls back to the balanced split when that
+    r x r matrix is ill-conditioned. Works on the thin factors (QR of A^T and B, SVD of an
+    r x r core)."""
+    a64, b64, like64 = (np.asarray(x, dtype=np.float64) for x in (a, b, like))
+    r = a64.shape[0]
     with _one_blas_thread():
         qb, rb = np.linalg.qr(b64)
         qa, ra = np.linalg.qr(a64.T)
         uc, s, vct = np.linalg.svd(rb @ ra.T)
         u, vt = qb @ uc, vct @ qa.T
-        g = like @ vt.T
+        k = int(np.sum(s > (s[0] if s.size else 0.0) * 1e-9)) if s.size and s[0] > 0 else 0
+        vk = vt[:k]
+        rest = like64 - (like64 @ vk.T) @ vk
+        _, _, rt = np.linalg.svd(rest, full_matrices=False)
+        v = np.concatenate([vk, rt[: r - k]], axis=0)  # r x in, orthonormal rows
+        g = like64 @ v.T  # r x r
         if np.linalg.cond(g) < 1e4:
-            return (g @ vt).astype(a.dtype), np.linalg.solve(g.T, (u * s).T).T.astype(b.dtype)
+            us = np.zeros((b64.shape[0], r))
+            us[:, :k] = u[:, :k] * s[:k]
+            return (g @ v).astype(a.dtype), np.linalg.solve(g.T, us.T).T.astype(b.dtype)
     root = np.sqrt(s)
     return (root[:, None] * vt).astype(a.dtype), (u * root).astype(b.dtype)
 
@@ -568,7 +564,7 @@ class SolarStrategy(Strategy):
             for k, v in lora.items():
                 if not np.all(np.isfinite(v)):
                     raise _Rejected(f"decoded array '{k}' has non-finite values")
-            pairs, _ = _split_lora(list(lora))
+            pairs, _ = _split_lora(list(lora) if self.aggregation == "factors" else [])
             for ab in pairs.values():
                 ref = self._global_a.get(ab["A"])
                 if ref is not None and ref.shape == lora[ab["A"]].shape and lora[ab["B"]].shape[1] == ref.shape[0]:
@@ -598,19 +594,17 @@ class SolarStrategy(Strategy):
                 raise _Rejected(f"array '{k}' has shape {list(shape)}, the global model's is {list(g)}")
 
     def _refactor(self, arrays: Any, modules: Mapping[str, tuple]) -> tuple:
-        """The aggregated record with each '<module>.lora_delta' (and the averaged A) replaced by
-        rank-r factors of the averaged dW (:func:`refactor`, split along the averaged A), in the
-        global model's key order; and the relative Frobenius error of the re-factoring over all
-        modules."""
+        """The aggregated record with each '<module>.lora_delta' replaced by rank-r factors of
+        the averaged dW (:func:`refactor`, balanced split), in the global model's key order; and
+        the relative Frobenius error of the re-factoring over all modules."""
         agg = {k: arrays[k] for k in arrays.keys()}
         num = den = 0.0
         self.last_delta = {}
         new: dict = {}
         for mod, (ka, kb, rank, dtype) in modules.items():
             delta = agg.pop(mod + _DELTA_SUFFIX).numpy()
-            mean_a = agg.pop(ka).numpy()
             self.last_delta[mod] = delta
-            a, b, err = refactor(delta, rank, like=mean_a)
+            a, b, err = refactor(delta, rank)
             norm2 = float(np.sum(np.asarray(delta, np.float64) ** 2))
             num, den = num + err**2 * norm2, den + norm2
             new[ka], new[kb] = Array(a.astype(dtype)), Array(b.astype(dtype))
@@ -619,8 +613,8 @@ class SolarStrategy(Strategy):
         return ArrayRecord({k: merged[k] for k in order}), (float(np.sqrt(num / den)) if den > 0 else 0.0)
 
     def _to_delta(self, msg: Any) -> dict:
-        """Replaces each LoRA pair of the reply by dW = B A under '<module>.lora_delta' (and
-        keeps A); returns {module: (A key, B key, rank, dtype)}."""
+        """Replaces each LoRA pair of the reply by dW = B A under '<module>.lora_delta';
+        returns {module: (A key, B key, rank, dtype)}."""
         found: dict = {}
         for name, record in list(msg.content.array_records.items()):
             pairs, _ = _split_lora(list(record.keys()))
@@ -634,7 +628,6 @@ class SolarStrategy(Strategy):
                     mod = first[k]
                     a, b = record[pairs[mod]["A"]].numpy(), record[pairs[mod]["B"]].numpy()
                     out[mod + _DELTA_SUFFIX] = Array(lora_to_delta(a, b).astype(np.float32))
-                    out[k] = record[k]  # A is averaged too: it fixes the split of the result
                     found[mod] = (pairs[mod]["A"], pairs[mod]["B"], a.shape[0], a.dtype)
                 elif k not in lora_keys:
                     out[k] = record[k]

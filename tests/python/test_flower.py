@@ -25,6 +25,7 @@ from solar.flower import (  # noqa: E402
     lora_to_delta,
     message_nbytes,
     refactor,
+    regauge,
     solar_mod,
 )
 from solar.flower import _one_blas_thread  # noqa: E402
@@ -106,22 +107,40 @@ class FlwrLog(logging.Handler):
 def test_refactor_is_the_truncated_svd():
     g = np.random.default_rng(0)
     delta = g.standard_normal((64, 48)) @ np.diag(np.exp(-np.arange(48) / 4)) @ g.standard_normal((48, 48))
-    u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    with _one_blas_thread():
+        u, s, vt = np.linalg.svd(delta, full_matrices=False)
     best = (u[:, :8] * s[:8]) @ vt[:8]
-    expect_err = np.linalg.norm(delta - best) / np.linalg.norm(delta)
-    for like in (None, g.standard_normal((8, 48))):
-        a, b, err = refactor(delta, 8, like=like)
-        assert a.shape == (8, 48) and b.shape == (64, 8)
-        np.testing.assert_allclose(b @ a, best, rtol=1e-9, atol=1e-9)
-        assert err == pytest.approx(expect_err, rel=1e-9)
-    # the split follows the averaged A: A' is `like` projected on the result's row space
-    like = g.standard_normal((8, 48))
-    a, _, _ = refactor(delta, 8, like=like)
-    np.testing.assert_allclose(a, like @ vt[:8].T @ vt[:8], atol=1e-10)
+    a, b, err = refactor(delta, 8)
+    assert a.shape == (8, 48) and b.shape == (64, 8)
+    np.testing.assert_allclose(b @ a, best, rtol=1e-9, atol=1e-9)
+    assert err == pytest.approx(np.linalg.norm(delta - best) / np.linalg.norm(delta), rel=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(a), np.linalg.norm(b))  # balanced split
     # an exactly rank-r average is reproduced exactly
     a, b, err = refactor(best, 8)
     np.testing.assert_allclose(b @ a, best, atol=1e-9)
     assert err < 1e-7
+    a, b, err = refactor(np.zeros((5, 4)), 2)
+    assert not a.any() and not b.any() and err == 0.0
+
+
+def test_regauge_keeps_the_product_and_moves_A_towards_the_reference():
+    g = np.random.default_rng(1)
+    like = g.standard_normal((8, 48))
+    a_true = like + 0.05 * g.standard_normal((8, 48))
+    b_true = g.standard_normal((64, 8)) * 0.1
+    prod = b_true @ a_true
+    with _one_blas_thread():
+        u, s, vt = np.linalg.svd(prod, full_matrices=False)
+    a_dec, b_dec = np.sqrt(s[:8])[:, None] * vt[:8], u[:, :8] * np.sqrt(s[:8])  # what a decoder gives
+    a, b = regauge(a_dec, b_dec, like)
+    np.testing.assert_allclose(b @ a, prod, atol=1e-9)
+    assert np.linalg.norm(a - a_true) < 0.2 * np.linalg.norm(a_dec - a_true)
+    # rank-deficient and zero products keep A near the reference
+    a, b = regauge(a_dec[:8] * np.r_[1, 1, 0, 0, 0, 0, 0, 0][:, None], b_dec, like)
+    np.testing.assert_allclose(b @ a, b_dec[:, :2] @ a_dec[:2], atol=1e-9)
+    a, b = regauge(np.zeros((8, 48)), np.zeros((64, 8)), like)
+    np.testing.assert_allclose(a, like, atol=1e-9)
+    assert not b.any()
 
 
 def test_delta_aggregation_averages_BA_then_refactors():
