@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> None:
         "spectral, target error 0.05": ["--mode", "spectral", "--target-error", "0.05"],
         "spectral, at most 1500 bytes": ["--mode", "spectral", "--target-bytes", "1500"],
     }
+    # Calibration statistics (K-FAC, from 32 windows of the *training* text) for the calibrated rows.
+    from bench.calibration import ensure
+    calib = str(ensure("stories260k"))
+    print(f"calibration statistics: {calib}")
+    jobs["spectral + calibration, target 0.3"] = ["--mode", "spectral", "--target-error", "0.3", "--calib", calib]
+    jobs["spectral + calibration, <= 1500 bytes"] = ["--mode", "spectral", "--target-bytes", "1500", "--calib", calib]
     files = {}
     for i, (name, flags) in enumerate(jobs.items()):
         f = out / f"stories_{i}.solar"
@@ -82,12 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nvalidation loss on TinyShakespeare ({a.windows} windows of 256 tokens):")
     print(f"  base model (no adapter): {no_adapter:.4f}    LoRA: {lora:.4f}")
     print(f"  fp16 LoRA tensors: {fp16_tensor_bytes} bytes; PEFT file as stored: {os.path.getsize(f'{adapter}/adapter_model.safetensors')} bytes\n")
-    print(f"  {'method':34s} {'bytes':>7s} {'% fp16':>7s} {'val loss':>9s} {'retention':>10s}")
+    print(f"  {'method':38s} {'bytes':>7s} {'% fp16':>7s} {'val loss':>9s} {'retention':>10s}")
     for name, (f, restored) in files.items():
         loss = loss_with(load_file(f"{restored}/adapter_model.safetensors"))
         size = f.stat().st_size
         retention = (no_adapter - loss) / (no_adapter - lora)
-        print(f"  {name:34s} {size:7d} {100 * size / fp16_tensor_bytes:6.1f}% {loss:9.4f} {100 * retention:9.1f}%")
+        print(f"  {name:38s} {size:7d} {100 * size / fp16_tensor_bytes:6.1f}% {loss:9.4f} {100 * retention:9.1f}%")
     print("\nretention = (loss without adapter - loss restored) / (loss without adapter - LoRA loss)")
 
 
