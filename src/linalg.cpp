@@ -47,6 +47,35 @@ void canonical_sign(Matrix& u, Matrix* v, int64_t j) {
   }
 }
 
+// Householder QR of a (rows x cols, rows >= cols; LAPACK dgeqrf + dorgqr): returns the first
+// q_cols columns of Q (cols <= q_cols <= rows) and, if asked, the cols x cols R.
+Matrix householder_q(const Matrix& a_in, int64_t q_cols, Matrix* r) {
+  const int64_t rows = a_in.rows, cols = a_in.cols;
+  const int m = checked_int(rows, "rows"), n = checked_int(cols, "cols"), nq = checked_int(q_cols, "q cols");
+  std::vector<double> a = to_col_major(a_in);
+  a.resize(static_cast<size_t>(rows * q_cols), 0.0);
+  std::vector<double> tau(static_cast<size_t>(cols));
+  int info = 0, lwork = -1;
+  double wq = 0;
+  dgeqrf_(&m, &n, a.data(), &m, tau.data(), &wq, &lwork, &info);
+  lwork = std::max(1, static_cast<int>(wq));
+  std::vector<double> work(static_cast<size_t>(lwork));
+  dgeqrf_(&m, &n, a.data(), &m, tau.data(), work.data(), &lwork, &info);
+  lapack_check(info, "dgeqrf");
+  if (r) {
+    *r = Matrix(cols, cols);
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t i = 0; i <= j; ++i) (*r)(i, j) = a[static_cast<size_t>(j * rows + i)];
+  }
+  lwork = -1;
+  dorgqr_(&m, &nq, &n, a.data(), &m, tau.data(), &wq, &lwork, &info);
+  lwork = std::max(1, static_cast<int>(wq));
+  work.assign(static_cast<size_t>(lwork), 0.0);
+  dorgqr_(&m, &nq, &n, a.data(), &m, tau.data(), work.data(), &lwork, &info);
+  lapack_check(info, "dorgqr");
+  return from_col_major(a.data(), rows, q_cols);
+}
+
 // Completes the orthonormal columns of `thin` (rows x k) to a square orthonormal basis using the
 // Householder QR of `thin`: the trailing columns of Q span the orthogonal complement.
 Matrix complete_basis(const Matrix& thin) {
@@ -55,24 +84,7 @@ Matrix complete_basis(const Matrix& thin) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < k; ++j) full(i, j) = thin(i, j);
   if (k == rows) return full;
-  const int m = checked_int(rows, "rows"), kk = checked_int(k, "cols");
-  std::vector<double> a = to_col_major(thin);
-  a.resize(static_cast<size_t>(rows) * rows, 0.0);
-  std::vector<double> tau(static_cast<size_t>(k));
-  int info = 0, lwork = -1;
-  double wq = 0;
-  dgeqrf_(&m, &kk, a.data(), &m, tau.data(), &wq, &lwork, &info);
-  lwork = std::max(1, static_cast<int>(wq));
-  std::vector<double> work(static_cast<size_t>(lwork));
-  dgeqrf_(&m, &kk, a.data(), &m, tau.data(), work.data(), &lwork, &info);
-  lapack_check(info, "dgeqrf");
-  lwork = -1;
-  dorgqr_(&m, &m, &kk, a.data(), &m, tau.data(), &wq, &lwork, &info);
-  lwork = std::max(1, static_cast<int>(wq));
-  work.assign(static_cast<size_t>(lwork), 0.0);
-  dorgqr_(&m, &m, &kk, a.data(), &m, tau.data(), work.data(), &lwork, &info);
-  lapack_check(info, "dorgqr");
-  Matrix q = from_col_major(a.data(), rows, rows);
+  const Matrix q = householder_q(thin, rows, nullptr);
   for (int64_t j = k; j < rows; ++j) {
     for (int64_t i = 0; i < rows; ++i) full(i, j) = q(i, j);
     canonical_sign(full, nullptr, j);
@@ -186,28 +198,10 @@ void pin_blas_single_thread() {
 namespace solar {
 
 Qr thin_qr(const Matrix& a) {
-  const int64_t rows = a.rows, cols = a.cols;
-  if (rows < cols) throw std::invalid_argument("thin_qr needs rows >= cols");
-  Qr out{Matrix(rows, cols), Matrix(cols, cols)};
-  if (cols == 0) return out;
-  const int m = checked_int(rows, "rows"), n = checked_int(cols, "cols");
-  std::vector<double> w = to_col_major(a), tau(static_cast<size_t>(cols));
-  int info = 0, lwork = -1;
-  double wq = 0;
-  dgeqrf_(&m, &n, w.data(), &m, tau.data(), &wq, &lwork, &info);
-  lwork = std::max(1, static_cast<int>(wq));
-  std::vector<double> work(static_cast<size_t>(lwork));
-  dgeqrf_(&m, &n, w.data(), &m, tau.data(), work.data(), &lwork, &info);
-  lapack_check(info, "dgeqrf");
-  for (int64_t j = 0; j < cols; ++j)
-    for (int64_t i = 0; i <= j; ++i) out.R(i, j) = w[static_cast<size_t>(j * rows + i)];
-  lwork = -1;
-  dorgqr_(&m, &n, &n, w.data(), &m, tau.data(), &wq, &lwork, &info);
-  lwork = std::max(1, static_cast<int>(wq));
-  work.assign(static_cast<size_t>(lwork), 0.0);
-  dorgqr_(&m, &n, &n, w.data(), &m, tau.data(), work.data(), &lwork, &info);
-  lapack_check(info, "dorgqr");
-  out.Q = from_col_major(w.data(), rows, cols);
+  if (a.rows < a.cols) throw std::invalid_argument("thin_qr needs rows >= cols");
+  Qr out{Matrix(a.rows, a.cols), Matrix(a.cols, a.cols)};
+  if (a.cols == 0) return out;
+  out.Q = householder_q(a, a.cols, &out.R);
   return out;
 }
 
