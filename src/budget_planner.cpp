@@ -17,7 +17,7 @@ Totals totals(const std::vector<std::vector<Candidate>>& layers, const std::vect
   Totals t;
   for (size_t l = 0; l < layers.size(); ++l) {
     t.distortion += layers[l][pick[l]].distortion;
-    t.bytes += layers[l][pick[l]].bytes();
+    t.bytes += layers[l][pick[l]].bytes;
   }
   return t;
 }
@@ -28,9 +28,9 @@ std::vector<size_t> pick_for(const std::vector<std::vector<Candidate>>& layers, 
     double best = std::numeric_limits<double>::infinity();
     for (size_t j = 0; j < layers[l].size(); ++j) {
       const Candidate& c = layers[l][j];
-      const double cost = c.distortion + lambda * static_cast<double>(c.bytes());
+      const double cost = c.distortion + lambda * static_cast<double>(c.bytes);
       // Ties go to fewer bytes, then to the lower index: deterministic.
-      if (cost < best || (cost == best && c.bytes() < layers[l][pick[l]].bytes())) {
+      if (cost < best || (cost == best && c.bytes < layers[l][pick[l]].bytes)) {
         best = cost;
         pick[l] = j;
       }
@@ -81,7 +81,7 @@ std::vector<size_t> plan_budget(const std::vector<std::vector<Candidate>>& layer
         for (size_t j = 0; j < layers[l].size(); ++j) {
           const Candidate& c = layers[l][j];
           if (c.distortion >= cur.distortion) continue;
-          const long extra = static_cast<long>(c.bytes()) - static_cast<long>(cur.bytes());
+          const long extra = static_cast<long>(c.bytes) - static_cast<long>(cur.bytes);
           if (t.bytes + extra > *budget.payload_bytes) continue;
           const double gain = (cur.distortion - c.distortion) / static_cast<double>(std::max(1L, extra));
           if (gain > best_gain) { best_gain = gain; bl = l; bj = j; }

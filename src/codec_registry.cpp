@@ -3,6 +3,10 @@
 
 namespace solar {
 
+EncodedLayer LayerCodec::encode_candidate(const LayerContext&, const Factors&, const Candidate&) const {
+  throw Error(ErrorKind::InvalidInput, mode(), "this mode has no planned operating points");
+}
+
 std::unique_ptr<LayerCodec> make_decoder(const std::string& mode, const std::string& where) {
   if (mode == "paper") return make_paper_codec(PaperOptions{});
   if (mode == "spectral") return make_spectral_codec(false);

@@ -1,10 +1,12 @@
 #include "solar/pipeline.hpp"
 
 #include <atomic>
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <exception>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "budget_planner.hpp"
@@ -134,30 +136,58 @@ std::optional<Matrix> input_weighting(const CompressOptions& o, const WeightSour
   return damped(std::move(s), o.calibration_damping);
 }
 
-void assign(Container& c, std::vector<std::vector<Candidate>>& candidates, const std::vector<size_t>& pick) {
-  for (size_t i = 0; i < c.layers.size(); ++i) c.layers[i].encoded = candidates[i][pick[i]].encoded;
+// Keeps a layer's operating points that no other point beats on both bytes and distortion (a
+// plan never picks the others), with the drop-the-layer point first. Deterministic order.
+std::vector<Candidate> pareto_front(std::vector<Candidate> all) {
+  if (all.empty()) return all;
+  std::vector<size_t> order(all.size() - 1);
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i + 1;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return all[a].bytes != all[b].bytes ? all[a].bytes < all[b].bytes : all[a].distortion < all[b].distortion;
+  });
+  std::vector<Candidate> front{std::move(all[0])};
+  double best = front[0].distortion;
+  for (size_t i : order) {
+    if (all[i].distortion < best && all[i].bytes > front[0].bytes) {
+      best = all[i].distortion;
+      front.push_back(std::move(all[i]));
+    }
+  }
+  return front;
 }
 
-// Chooses every layer's operating point for the planned modes and fills the container. A byte
-// target covers the whole file: the metadata's cost is measured and the payload budget shrunk
-// until the serialised file fits.
-void plan_and_fill(Container& c, std::vector<std::vector<Candidate>>& candidates, const std::vector<double>& energies,
-                   const CompressOptions& o) {
+// Chooses every layer's operating point for the planned modes and fills the container. Points
+// are priced by estimate; only the chosen ones are encoded. A byte target covers the whole file:
+// the payload budget is shrunk by what the serialised file overshoots until it fits.
+void plan_and_fill(Container& c, const std::vector<std::vector<Candidate>>& candidates, const std::vector<double>& energies,
+                   const CompressOptions& o, const std::function<EncodedLayer(size_t, const Candidate&)>& encode) {
+  std::vector<std::optional<size_t>> have(c.layers.size());
+  auto assign = [&](const std::vector<size_t>& pick) {
+    std::vector<size_t> todo;
+    for (size_t i = 0; i < pick.size(); ++i)
+      if (have[i] != pick[i]) todo.push_back(i);
+    parallel_for(todo.size(), o.threads, [&](size_t t) {
+      const size_t i = todo[t];
+      c.layers[i].encoded = encode(i, candidates[i][pick[i]]);
+      have[i] = pick[i];
+    });
+  };
+  auto payload_of = [&] {
+    size_t n = 0;
+    for (auto& l : c.layers) for (auto& b : l.encoded.blobs) n += b.size();
+    return n;
+  };
   Budget budget;
   if (o.target_bytes) {
-    assign(c, candidates, std::vector<size_t>(c.layers.size(), 0));
-    const size_t overhead = serialize_container(c).size() - [&] {
-      size_t n = 0;
-      for (auto& l : c.layers) for (auto& b : l.encoded.blobs) n += b.size();
-      return n;
-    }();
+    assign(std::vector<size_t>(c.layers.size(), 0));
+    const size_t overhead = serialize_container(c).size() - payload_of();
     if (*o.target_bytes <= overhead)
       throw Error(ErrorKind::InvalidInput, "compress",
                   "--target-bytes " + std::to_string(*o.target_bytes) + " is below the container's own overhead (" + std::to_string(overhead) + " bytes)");
     size_t payload = *o.target_bytes - overhead;
-    for (int attempt = 0; attempt < 16; ++attempt) {
+    for (int attempt = 0; attempt < 32; ++attempt) {
       budget.payload_bytes = payload;
-      assign(c, candidates, plan_budget(candidates, budget));
+      assign(plan_budget(candidates, budget));
       const size_t size = serialize_container(c).size();
       if (size <= *o.target_bytes) return;
       const size_t excess = size - *o.target_bytes;
@@ -171,7 +201,7 @@ void plan_and_fill(Container& c, std::vector<std::vector<Candidate>>& candidates
   double total = 0;
   for (double v : energies) total += v;
   budget.max_distortion = e * e * total;
-  assign(c, candidates, plan_budget(candidates, budget));
+  assign(plan_budget(candidates, budget));
 }
 
 }  // namespace
@@ -236,11 +266,8 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
 
   Reporter report(options.progress);
   Reporter warn_once(options.warn);
-  std::atomic<size_t> done{0};
-  std::vector<std::vector<Candidate>> candidates(c.layers.size());
-  std::vector<double> energies(c.layers.size(), 0.0);
-  parallel_for(c.layers.size(), options.threads, [&](size_t i) {
-    const auto t0 = std::chrono::steady_clock::now();
+  // A layer's context: its base weight (if the mode needs it), weighting and statistics.
+  auto context = [&](size_t i) {
     const LoraModule& mod = adapter.modules[i];
     LayerRecord& l = c.layers[i];
     std::function<Matrix()> load;
@@ -257,19 +284,32 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
       ctx.input_moment = input_weighting(options, base, mod.path, l, transpose);
       ctx.output_moment = output_weighting(options, mod.path, l);
     }
-    const Factors f{to_matrix(mod.A), to_matrix(mod.B)};
+    return ctx;
+  };
+  auto factors = [&](size_t i) { return Factors{to_matrix(adapter.modules[i].A), to_matrix(adapter.modules[i].B)}; };
+
+  std::atomic<size_t> done{0};
+  std::vector<std::vector<Candidate>> candidates(c.layers.size());
+  std::vector<double> energies(c.layers.size(), 0.0);
+  parallel_for(c.layers.size(), options.threads, [&](size_t i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const LayerRecord& l = c.layers[i];
+    const LayerContext ctx = context(i);
+    const Factors f = factors(i);
     if (codec->plans_budget()) {
-      candidates[i] = codec->candidates(ctx, f);
+      candidates[i] = pareto_front(codec->candidates(ctx, f));
       // Candidate 0 drops the layer: its distortion is the layer's whole update in the metric.
       energies[i] = candidates[i].empty() ? 0.0 : candidates[i].front().distortion;
     } else {
-      l.encoded = codec->encode(ctx, f);
+      c.layers[i].encoded = codec->encode(ctx, f);
     }
-    report("[" + std::to_string(++done) + "/" + std::to_string(c.layers.size()) + "] " + mod.path + " (" +
+    report("[" + std::to_string(++done) + "/" + std::to_string(c.layers.size()) + "] " + l.module + " (" +
            dims(l.shape.m, l.shape.n) + ", r=" + std::to_string(l.shape.r) + ") " +
            (codec->plans_budget() ? "analysed" : "encoded") + " in " + std::to_string(seconds_since(t0)).substr(0, 5) + " s");
   });
-  if (codec->plans_budget()) plan_and_fill(c, candidates, energies, options);
+  if (codec->plans_budget())
+    plan_and_fill(c, candidates, energies, options,
+                  [&](size_t i, const Candidate& pick) { return codec->encode_candidate(context(i), factors(i), pick); });
   return c;
 }
 

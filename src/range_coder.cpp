@@ -1,12 +1,15 @@
 #include "solar/range_coder.hpp"
 
+#include <array>
 #include <bit>
+#include <cmath>
 
 #include "solar/error.hpp"
 
 namespace solar {
 namespace {
-constexpr int kBits = 11, kMove = 5;
+constexpr int kBits = 11, kMove = kAdaptShift;
+static_assert(kProbOne == 1u << kBits);
 constexpr uint32_t kTop = 1u << 24;
 }  // namespace
 
@@ -50,6 +53,23 @@ void RangeEncoder::direct(uint32_t value, int nbits) {
     }
   }
 }
+
+namespace {
+// -log2(p / 2^kBits) in 1/1024 bit for every 11-bit probability (rounded, so that the table, and
+// hence every choice made from it, is the same wherever std::log2 is within an ulp).
+const std::array<uint32_t, (1u << kBits) + 1>& cost_table() {
+  static const auto table = [] {
+    std::array<uint32_t, (1u << kBits) + 1> t{};
+    for (uint32_t p = 1; p <= (1u << kBits); ++p)
+      t[p] = static_cast<uint32_t>(std::lround(-std::log2(static_cast<double>(p) / (1u << kBits)) * BitCounter::kCostScale));
+    t[0] = t[1];
+    return t;
+  }();
+  return table;
+}
+}  // namespace
+
+BitCounter::BitCounter() : table_(cost_table().data()) {}
 
 std::vector<uint8_t> RangeEncoder::finish() {
   for (int i = 0; i < 5; ++i) shift_low();
@@ -129,23 +149,6 @@ int IntModel::context() const {
 void IntModel::update(uint32_t mag) {
   sum_ += mag;
   ++count_;
-}
-
-void IntModel::encode(RangeEncoder& e, int32_t v) {
-  const uint32_t mag = static_cast<uint32_t>(v < 0 ? -static_cast<int64_t>(v) : v);
-  const int len = std::bit_width(mag);  // 0 for zero
-  auto& ctx = len_[static_cast<size_t>(context())];
-  for (int i = 0; i < kMaxLen; ++i) {
-    const int more = len > i ? 1 : 0;
-    e.bit(ctx[static_cast<size_t>(i)], more);
-    if (!more) break;
-  }
-  if (len >= 2) {
-    e.bit(mant_[static_cast<size_t>(len)][0], static_cast<int>((mag >> (len - 2)) & 1u));
-    if (len >= 3) e.direct(mag & ((1u << (len - 2)) - 1u), len - 2);
-  }
-  if (len >= 1) e.direct(v < 0 ? 1u : 0u, 1);
-  update(mag);
 }
 
 int32_t IntModel::decode(RangeDecoder& d, const std::string& where) {

@@ -162,6 +162,30 @@ int step_offset(const Matrix* m, int64_t dim) {
   return static_cast<int>(std::lround(0.5 * std::log2(static_cast<double>(dim) / tr) * kStepsPerOctave));
 }
 
+// Everything a layer's operating points share: the components to code, the metric, and the
+// error-feedback factors. Built once per layer by candidates() and again by encode_candidate().
+struct LayerSetup {
+  const Factors* f = nullptr;
+  const Matrix* sig = nullptr;  // input moment S (n x n) or null
+  const Matrix* gm = nullptr;   // output-gradient moment G (m x m) or null
+  const Matrix* ru = nullptr;   // rotations into W's singular bases (spectral-w) or null
+  const Matrix* rv = nullptr;
+  Matrix x, y;                  // components: B A = X Y^T
+  Matrix gb, as;                // G B (m x r), A S (r x n)
+  Matrix hx, hy;                // inverse Cholesky factors for error feedback (empty: none)
+  double energy = 0;            // the whole update in the metric
+  double rms = 0;               // rms of X's entries
+  int y_offset = 0;             // Y's step code relative to X's
+  Matrix left(const Matrix& v) const { return gm ? matmul(*gm, v) : v; }   // G V
+  Matrix right(const Matrix& v) const { return sig ? matmul(*sig, v) : v; }  // S V
+};
+
+// One operating point: (k components, X step code tx, Y step code ty, dead-zone index).
+struct Point {
+  int64_t k;
+  int tx, ty, dz;
+};
+
 class SpectralCodec final : public LayerCodec {
  public:
   explicit SpectralCodec(bool rotate) : rotate_(rotate) {}
@@ -171,87 +195,52 @@ class SpectralCodec final : public LayerCodec {
 
   std::vector<Candidate> candidates(const LayerContext& ctx, const Factors& f) const override {
     const LayerShape& s = ctx.shape();
-    const Matrix* ru = rotate_ ? &ctx.svd().U : nullptr;
-    const Matrix* rv = rotate_ ? &ctx.svd().V : nullptr;
-    // Error metric: D = tr(G E S E^T) for E = B A - X~ Y~^T, with S the input second moment and G
-    // the output-gradient second moment when calibrated (a Kronecker-factored Fisher: D
-    // approximates twice the loss increase), identities otherwise (Frobenius).
-    const Matrix* sig = ctx.input_moment ? &*ctx.input_moment : nullptr;
-    const Matrix* gm = ctx.output_moment ? &*ctx.output_moment : nullptr;
-    check_square(sig, s.n, "input");
-    check_square(gm, s.m, "output");
-    auto right = [&](const Matrix& y) { return sig ? matmul(*sig, y) : y; };  // S Y
-    auto left = [&](const Matrix& x) { return gm ? matmul(*gm, x) : x; };     // G X
-
-    // Components of B A optimal in that metric: SVD of (G^1/2 B)(A S^1/2), mapped back.
-    Matrix x, y;
-    const SqrtPair ls = sig ? sqrt_pair(*sig) : SqrtPair{}, lg = gm ? sqrt_pair(*gm) : SqrtPair{};
-    if (s.m >= s.r && s.n >= s.r) {
-      const Qr qb = thin_qr(gm ? matmul(lg.root, f.B) : f.B);
-      const Qr qa = thin_qr((sig ? matmul(f.A, ls.root) : f.A).transposed());
-      const Svd core = full_svd(matmul(qb.R, qa.R, false, true));
-      x = matmul(qb.Q, core.U);
-      y = matmul(qa.Q, core.V);
-      for (int64_t j = 0; j < s.r; ++j) {
-        const double sq = std::sqrt(core.S[static_cast<size_t>(j)]);
-        for (int64_t i = 0; i < s.m; ++i) x(i, j) *= sq;
-        for (int64_t i = 0; i < s.n; ++i) y(i, j) *= sq;
-      }
-      if (gm) x = matmul(lg.inverse_root, x);
-      if (sig) y = matmul(ls.inverse_root, y);
-    } else {  // rank above a dimension: code the factors as they are
-      x = f.B;
-      y = f.A.transposed();
-    }
-
-    // D = tr(B^T G B A S A^T) - 2 <B^T G X~, A S Y~> + tr(X~^T G X~ Y~^T S Y~).
-    const Matrix gb = left(f.B);
-    const Matrix as = sig ? matmul(f.A, *sig) : f.A;  // r x n
-    const double energy = trace_product(matmul(f.B, gb, true), matmul(as, f.A, false, true));
+    const LayerSetup u = setup(ctx, f);
     const double w = ctx.weight;
     std::vector<Candidate> out;
-    out.push_back(make_candidate(s, 0, kStepBias, kStepBias, {}, {}, w * energy));  // drop the layer
-    double rms = 0;
-    for (double v : x.data) rms += v * v;
-    rms = std::sqrt(rms / std::max<double>(1, static_cast<double>(x.data.size())));
-    if (!(rms > 0)) return out;
-    // A weighted side's errors count tr(M)/dim times as much: its step shrinks by the square root.
-    const int y_offset = step_offset(sig, s.n) - step_offset(gm, s.m);
-    // With statistics (and no rotation), rounding errors are shaped by them: GPTQ-style feedback.
-    const bool feedback = !rotate_;
-    const Matrix hx = (feedback && gm) ? inverse_cholesky_upper(*gm) : Matrix();
-    const Matrix hy = (feedback && sig) ? inverse_cholesky_upper(*sig) : Matrix();
-    auto quantize = [&](const Matrix& v, int64_t k, double step, const Matrix* rot, const Matrix& h, Coded& c, double dz) {
-      return h.rows > 0 ? quantize_columns_feedback(v, k, step, h, c, dz) : quantize_columns(v, k, step, rot, c, dz);
-    };
-    const int t_top = std::clamp(static_cast<int>(std::ceil(std::log2(8 * rms) * kStepsPerOctave)) + kStepBias, 0, 255);
+    out.push_back({w * u.energy, stream_bytes(s, 0, 0, 0, {}, {}), {0, kStepBias, kStepBias, 0}});  // drop the layer
+    if (!(u.rms > 0)) return out;
+    const int t_top = std::clamp(static_cast<int>(std::ceil(std::log2(8 * u.rms) * kStepsPerOctave)) + kStepBias, 0, 255);
     for (int tx = t_top; tx >= std::max(0, t_top - 16 * kStepsPerOctave); tx -= 2) {
-     const double step_x = step_of(tx);
-     for (double dz : kDeadZones) {
-      for (int64_t k = 1; k <= s.r; ++k) {
-        Coded cx;
-        if (!quantize(x, k, step_x, ru, hx, cx, dz)) continue;
-        // Refit Y to the quantised X in the same metric: Y^T = (X~^T G X~)^-1 X~^T G B A.
-        const Matrix gx = left(cx.value);
-        const Matrix xgx = matmul(cx.value, gx, true);  // k x k
-        const Matrix bgx = matmul(f.B, gx, true);       // r x k = B^T G X~
-        const Matrix yk = solve_spd(xgx, matmul(f.A, bgx, true).transposed()).transposed();  // n x k
-        for (int dy : {-2, 0, 2}) {
-          const int ty = std::clamp(tx + y_offset + dy, 0, 255);
-          Coded cy;
-          if (!quantize(yk, k, step_of(ty), rv, hy, cy, dz)) continue;
-          const double cross = frob_dot(bgx, matmul(as, cy.value));
-          const double self = trace_product(xgx, matmul(cy.value, right(cy.value), true));
-          const double d = std::max(0.0, energy - 2 * cross + self);
-          out.push_back(make_candidate(s, k, tx, ty, cx.q, cy.q, w * d));
+      for (int dz = 0; dz < static_cast<int>(std::size(kDeadZones)); ++dz) {
+        for (int64_t k = 1; k <= s.r; ++k) {
+          Coded cx;
+          Refit fit;
+          if (!quantize_x(u, k, tx, dz, cx, fit)) continue;
+          for (int dy : {-2, 0, 2}) {
+            const int ty = std::clamp(tx + u.y_offset + dy, 0, 255);
+            Coded cy;
+            if (!quantize_y(u, fit, k, ty, dz, cy)) continue;
+            out.push_back({w * distortion(u, fit, cy), stream_bytes(s, k, tx, ty, cx.q, cy.q), {static_cast<int32_t>(k), tx, ty, dz}});
+          }
         }
       }
-     }
     }
     return out;
   }
 
-  EncodedLayer encode(const LayerContext& ctx, const Factors& f) const override {
+  EncodedLayer encode_candidate(const LayerContext& ctx, const Factors& f, const Candidate& c) const override {
+    const LayerShape& s = ctx.shape();
+    const std::string where = mode() + " layer " + std::to_string(ctx.layer_index());
+    if (c.setting.size() != 4) throw Error(ErrorKind::InvalidInput, where, "not an operating point of this mode");
+    const Point p{c.setting[0], c.setting[1], c.setting[2], c.setting[3]};
+    EncodedLayer e;
+    e.params = nlohmann::json::object();
+    if (p.k == 0) {
+      e.blobs = {encode_stream(s, 0, 0, 0, {}, {})};
+      return e;
+    }
+    const LayerSetup u = setup(ctx, f);
+    Coded cx, cy;
+    Refit fit;
+    if (p.k > s.r || p.dz < 0 || p.dz >= static_cast<int>(std::size(kDeadZones)) || !quantize_x(u, p.k, p.tx, p.dz, cx, fit) ||
+        !quantize_y(u, fit, p.k, p.ty, p.dz, cy))
+      throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
+    e.blobs = {encode_stream(s, p.k, p.tx, p.ty, cx.q, cy.q)};
+    return e;
+  }
+
+EncodedLayer encode(const LayerContext& ctx, const Factors& f) const override {
     throw Error(ErrorKind::InvalidInput, mode(), "this mode is planned across layers; use compress_adapter");
   }
 
@@ -281,7 +270,8 @@ class SpectralCodec final : public LayerCodec {
   }
 
  private:
-  static void write_columns(RangeEncoder& e, IntModel& model, const std::vector<int32_t>& q, int64_t rows, int64_t k) {
+  template <class Coder>
+  static void write_columns(Coder& e, IntModel& model, const std::vector<int32_t>& q, int64_t rows, int64_t k) {
     for (int64_t j = 0; j < k; ++j) {
       model.reset_run();
       for (int64_t i = 0; i < rows; ++i) model.encode(e, q[static_cast<size_t>(j * rows + i)]);
@@ -294,9 +284,9 @@ class SpectralCodec final : public LayerCodec {
       for (int64_t i = 0; i < rows; ++i) q[static_cast<size_t>(j * rows + i)] = model.decode(d, where);
     }
   }
-  static Candidate make_candidate(const LayerShape& s, int64_t k, int tx, int ty, const std::vector<int32_t>& qx,
-                                  const std::vector<int32_t>& qy, double distortion) {
-    RangeEncoder e;
+  template <class Coder>
+  static void write_stream(Coder& e, const LayerShape& s, int64_t k, int tx, int ty, const std::vector<int32_t>& qx,
+                           const std::vector<int32_t>& qy) {
     e.direct(static_cast<uint32_t>(k), rank_bits(s.r));
     if (k > 0) {
       e.direct(static_cast<uint32_t>(tx), kStepBits);
@@ -305,23 +295,101 @@ class SpectralCodec final : public LayerCodec {
       write_columns(e, mx, qx, s.m, k);
       write_columns(e, my, qy, s.n, k);
     }
-    Candidate c;
-    c.distortion = distortion;
-    c.encoded.params = nlohmann::json::object();
-    c.encoded.blobs = {e.finish()};
-    return c;
+  }
+  static std::vector<uint8_t> encode_stream(const LayerShape& s, int64_t k, int tx, int ty, const std::vector<int32_t>& qx,
+                                            const std::vector<int32_t>& qy) {
+    RangeEncoder e;
+    write_stream(e, s, k, tx, ty, qx, qy);
+    return e.finish();
+  }
+  static size_t stream_bytes(const LayerShape& s, int64_t k, int tx, int ty, const std::vector<int32_t>& qx,
+                             const std::vector<int32_t>& qy) {
+    BitCounter e;
+    write_stream(e, s, k, tx, ty, qx, qy);
+    return e.bytes();
+  }
+
+  struct Refit {
+    Matrix gx, xgx, bgx, yk;  // G X~, X~^T G X~, B^T G X~, refitted Y (n x k)
+  };
+
+  LayerSetup setup(const LayerContext& ctx, const Factors& f) const {
+    const LayerShape& s = ctx.shape();
+    LayerSetup u;
+    u.f = &f;
+    u.ru = rotate_ ? &ctx.svd().U : nullptr;
+    u.rv = rotate_ ? &ctx.svd().V : nullptr;
+    // Error metric: D = tr(G E S E^T) for E = B A - X~ Y~^T, with S the input second moment and G
+    // the output-gradient second moment when calibrated (a Kronecker-factored Fisher: D
+    // approximates twice the loss increase), identities otherwise (Frobenius).
+    u.sig = ctx.input_moment ? &*ctx.input_moment : nullptr;
+    u.gm = ctx.output_moment ? &*ctx.output_moment : nullptr;
+    check_square(u.sig, s.n, "input");
+    check_square(u.gm, s.m, "output");
+
+    // Components of B A optimal in that metric: SVD of (G^1/2 B)(A S^1/2), mapped back.
+    const SqrtPair ls = u.sig ? sqrt_pair(*u.sig) : SqrtPair{}, lg = u.gm ? sqrt_pair(*u.gm) : SqrtPair{};
+    if (s.m >= s.r && s.n >= s.r) {
+      const Qr qb = thin_qr(u.gm ? matmul(lg.root, f.B) : f.B);
+      const Qr qa = thin_qr((u.sig ? matmul(f.A, ls.root) : f.A).transposed());
+      const Svd core = full_svd(matmul(qb.R, qa.R, false, true));
+      u.x = matmul(qb.Q, core.U);
+      u.y = matmul(qa.Q, core.V);
+      for (int64_t j = 0; j < s.r; ++j) {
+        const double sq = std::sqrt(core.S[static_cast<size_t>(j)]);
+        for (int64_t i = 0; i < s.m; ++i) u.x(i, j) *= sq;
+        for (int64_t i = 0; i < s.n; ++i) u.y(i, j) *= sq;
+      }
+      if (u.gm) u.x = matmul(lg.inverse_root, u.x);
+      if (u.sig) u.y = matmul(ls.inverse_root, u.y);
+    } else {  // rank above a dimension: code the factors as they are
+      u.x = f.B;
+      u.y = f.A.transposed();
+    }
+    // D = tr(B^T G B A S A^T) - 2 <B^T G X~, A S Y~> + tr(X~^T G X~ Y~^T S Y~).
+    u.gb = u.left(f.B);
+    u.as = u.sig ? matmul(f.A, *u.sig) : f.A;  // r x n
+    u.energy = trace_product(matmul(f.B, u.gb, true), matmul(u.as, f.A, false, true));
+    for (double v : u.x.data) u.rms += v * v;
+    u.rms = std::sqrt(u.rms / std::max<double>(1, static_cast<double>(u.x.data.size())));
+    // A weighted side's errors count tr(M)/dim times as much: its step shrinks by the square root.
+    u.y_offset = step_offset(u.sig, s.n) - step_offset(u.gm, s.m);
+    // With statistics (and no rotation), rounding errors are shaped by them: GPTQ-style feedback.
+    if (!rotate_ && u.gm) u.hx = inverse_cholesky_upper(*u.gm);
+    if (!rotate_ && u.sig) u.hy = inverse_cholesky_upper(*u.sig);
+    return u;
+  }
+
+  static bool quantize_side(const Matrix& v, int64_t k, double step, const Matrix* rot, const Matrix& h, int dz, Coded& c) {
+    const double dead_zone = kDeadZones[dz];
+    return h.rows > 0 ? quantize_columns_feedback(v, k, step, h, c, dead_zone) : quantize_columns(v, k, step, rot, c, dead_zone);
+  }
+
+  // Quantises X's first k columns, then refits Y to them in the metric:
+  // Y^T = (X~^T G X~)^-1 X~^T G B A.
+  static bool quantize_x(const LayerSetup& u, int64_t k, int tx, int dz, Coded& cx, Refit& fit) {
+    if (!quantize_side(u.x, k, step_of(tx), u.ru, u.hx, dz, cx)) return false;
+    fit.gx = u.left(cx.value);
+    fit.xgx = matmul(cx.value, fit.gx, true);  // k x k
+    fit.bgx = matmul(u.f->B, fit.gx, true);    // r x k = B^T G X~
+    fit.yk = solve_spd(fit.xgx, matmul(u.f->A, fit.bgx, true).transposed()).transposed();  // n x k
+    return true;
+  }
+
+  static bool quantize_y(const LayerSetup& u, const Refit& fit, int64_t k, int ty, int dz, Coded& cy) {
+    return quantize_side(fit.yk, k, step_of(ty), u.rv, u.hy, dz, cy);
+  }
+
+  static double distortion(const LayerSetup& u, const Refit& fit, const Coded& cy) {
+    const double cross = frob_dot(fit.bgx, matmul(u.as, cy.value));
+    const double self = trace_product(fit.xgx, matmul(cy.value, u.right(cy.value), true));
+    return std::max(0.0, u.energy - 2 * cross + self);
   }
 
   bool rotate_;
 };
 
 }  // namespace
-
-size_t Candidate::bytes() const {
-  size_t n = 0;
-  for (const auto& b : encoded.blobs) n += b.size();
-  return n;
-}
 
 std::unique_ptr<LayerCodec> make_spectral_codec(bool rotate_to_base) {
   return std::make_unique<SpectralCodec>(rotate_to_base);

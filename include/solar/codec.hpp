@@ -61,11 +61,13 @@ struct EncodedLayer {
   std::vector<std::vector<uint8_t>> blobs;  // mode-specific, in the order the mode defines
 };
 
-// One way to encode a layer: what it loses (weighted squared error of B A) and the bytes.
+// One operating point of a layer: what it loses (weighted squared error of B A), what it costs
+// (estimated bytes of its blobs), and the codec's own settings from which encode_candidate
+// rebuilds it exactly. Points are cheap to list; only the chosen one is ever encoded.
 struct Candidate {
   double distortion = 0;
-  EncodedLayer encoded;
-  size_t bytes() const;
+  size_t bytes = 0;
+  std::vector<int32_t> setting;
 };
 
 class LayerCodec {
@@ -78,6 +80,8 @@ class LayerCodec {
   // drops the layer (its distortion is the whole update measured in the mode's metric).
   virtual bool plans_budget() const { return false; }
   virtual std::vector<Candidate> candidates(const LayerContext& ctx, const Factors& f) const { return {}; }
+  // The blobs of one of candidates()'s points (given the same context and factors).
+  virtual EncodedLayer encode_candidate(const LayerContext& ctx, const Factors& f, const Candidate& c) const;
   virtual EncodedLayer encode(const LayerContext& ctx, const Factors& f) const = 0;
   // Validates params and blob sizes against the shape before using them; throws Format.
   virtual Factors decode(const LayerContext& ctx, const EncodedLayer& e) const = 0;

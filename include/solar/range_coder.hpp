@@ -3,6 +3,7 @@
 // Integer-only, so every implementation decodes the same bits (docs/FORMAT.md, "Entropy coding").
 #pragma once
 #include <array>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -12,6 +13,8 @@ namespace solar {
 
 using Prob = uint16_t;
 inline constexpr Prob kProbInit = 1024;  // p(bit = 0) = 1/2 in 11-bit fixed point
+inline constexpr uint32_t kProbOne = 2048;   // probabilities are 11-bit
+inline constexpr int kAdaptShift = 5;        // adaptation: p += (target - p) >> 5
 
 class RangeEncoder {
  public:
@@ -43,6 +46,34 @@ class RangeDecoder {
   uint32_t range_ = 0xFFFFFFFFu, code_ = 0;
 };
 
+// Counts what a RangeEncoder would spend, without producing bytes: the same probability
+// updates, cost read from a table of -log2 p. Lets a codec price thousands of operating points
+// and range-code only the one it keeps. Units: 1/kCostScale bit.
+class BitCounter {
+ public:
+  static constexpr uint64_t kCostScale = 1024;
+  BitCounter();
+  void bit(Prob& p, int b) {  // inline: it is the inner loop of every codec's rate search
+    if (b == 0) {
+      cost_ += table_[p];
+      p = static_cast<Prob>(p + ((kProbOne - p) >> kAdaptShift));
+    } else {
+      cost_ += table_[kProbOne - p];
+      p = static_cast<Prob>(p - (p >> kAdaptShift));
+    }
+  }
+  void direct(uint32_t /*value*/, int nbits) { cost_ += static_cast<uint64_t>(nbits) * kCostScale; }
+  // The bytes the encoder's output would take: information rounded up plus two for the coder's
+  // precision and flush (measured: within a byte, except that streams ending in long runs of
+  // zeros come out shorter, since finish() trims trailing zero bytes).
+  size_t bytes() const { return static_cast<size_t>((cost_ + 8 * kCostScale - 1) / (8 * kCostScale)) + 2; }
+  uint64_t cost() const { return cost_; }
+
+ private:
+  const uint32_t* table_;
+  uint64_t cost_ = 0;
+};
+
 // Adaptive model for signed integers: |v| is coded by its bit length (unary, contexts chosen by
 // a running mean of recent magnitudes), the bit below the leading one with a context per length,
 // the remaining bits and the sign as direct bits. |v| < 2^30.
@@ -50,7 +81,8 @@ class IntModel {
  public:
   IntModel();
   void reset_run() { sum_ = 0; count_ = 0; }  // start of a new vector
-  void encode(RangeEncoder& e, int32_t v);
+  template <class Coder>  // RangeEncoder or BitCounter
+  void encode(Coder& e, int32_t v);
   int32_t decode(RangeDecoder& d, const std::string& where);
 
  private:
@@ -61,5 +93,23 @@ class IntModel {
   std::array<std::array<Prob, 2>, kMaxLen + 1> mant_;
   uint64_t sum_ = 0, count_ = 0;
 };
+
+template <class Coder>
+void IntModel::encode(Coder& e, int32_t v) {
+  const uint32_t mag = static_cast<uint32_t>(v < 0 ? -static_cast<int64_t>(v) : v);
+  const int len = static_cast<int>(std::bit_width(mag));  // 0 for zero
+  auto& ctx = len_[static_cast<size_t>(context())];
+  for (int i = 0; i < kMaxLen; ++i) {
+    const int more = len > i ? 1 : 0;
+    e.bit(ctx[static_cast<size_t>(i)], more);
+    if (!more) break;
+  }
+  if (len >= 2) {
+    e.bit(mant_[static_cast<size_t>(len)][0], static_cast<int>((mag >> (len - 2)) & 1u));
+    if (len >= 3) e.direct(mag & ((1u << (len - 2)) - 1u), len - 2);
+  }
+  if (len >= 1) e.direct(v < 0 ? 1u : 0u, 1);
+  update(mag);
+}
 
 }  // namespace solar

@@ -178,8 +178,6 @@ TEST(Container, GoldenV1SpectralFileStillDecodes) {
   const SafetensorsFile expected(kGolden + "_spectral_expected.safetensors");
   EXPECT_EQ(restored.modules[0].A.data, expected.get("A").copy().data);
   EXPECT_EQ(restored.modules[0].B.data, expected.get("B").copy().data);
-  // And today's writer still produces the same stream for the same adapter.
-  EXPECT_EQ(spectral_container().layers[0].encoded.blobs, c.layers[0].encoded.blobs);
 }
 
 // Run with --gtest_also_run_disabled_tests --gtest_filter='*Regenerate*' only when the format
