@@ -109,17 +109,20 @@ int run_inspect(const InspectArgs& a) {
     j["file"] = a.file;
     j["producer"] = c.producer;
     j["seed"] = std::to_string(c.seed);
+    j["version"] = c.version;
     std::cout << j.dump(2) << "\n";
     return 0;
   }
-  std::printf("%s: solar format v%u, written by %s, seed %llu\n", a.file.c_str(), kFormatVersion, c.producer.c_str(),
+  std::printf("%s: solar format v%u, written by %s, seed %llu\n", a.file.c_str(), c.version, c.producer.c_str(),
               static_cast<unsigned long long>(c.seed));
   std::printf("%-48s %-6s %14s %-28s %10s\n", "module", "mode", "out x in, r", "params", "bytes");
   for (const auto& l : r.layers) {
     const std::string shape = std::to_string(l.shape.m) + "x" + std::to_string(l.shape.n) + ", " + std::to_string(l.shape.r);
     std::string params = l.params.dump();
     if (params.size() > 28) params = params.substr(0, 25) + "...";
-    std::printf("%-48s %-6s %14s %-28s %10zu\n", l.module.c_str(), l.mode.c_str(), shape.c_str(), params.c_str(), l.payload_bytes);
+    // v2: a streamed mode's layers share the first one's blob (docs/FORMAT.md, "Shared streams").
+    const std::string size = (c.version >= 2 && l.payload_bytes == 0) ? "in stream" : std::to_string(l.payload_bytes);
+    std::printf("%-48s %-6s %14s %-28s %10s\n", l.module.c_str(), l.mode.c_str(), shape.c_str(), params.c_str(), size.c_str());
   }
   std::printf("passthrough tensors: %zu (%zu bytes)\n", c.passthrough.size(), r.passthrough_raw_bytes);
   std::printf("header+checksum %zu B, metadata %zu B (raw %zu), payload %zu B (raw %zu)\n", r.header_bytes, r.metadata_bytes,

@@ -101,7 +101,27 @@ class PayloadReader {
   size_t pos_ = 0;
 };
 
-Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& payload, const std::string& where);
+Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& payload, uint32_t version, const std::string& where);
+
+// v2 stores passthrough tensors as byte planes (byte 0 of every element, then byte 1, ...): the
+// sign/exponent bytes of floats then sit together, where the payload's zstd frame finds them.
+std::vector<uint8_t> byte_planes(const std::vector<uint8_t>& v, size_t width) {
+  if (width <= 1) return v;
+  const size_t n = v.size() / width;
+  std::vector<uint8_t> out(v.size());
+  for (size_t i = 0; i < n; ++i)
+    for (size_t b = 0; b < width; ++b) out[b * n + i] = v[i * width + b];
+  return out;
+}
+
+std::vector<uint8_t> from_byte_planes(const std::vector<uint8_t>& v, size_t width) {
+  if (width <= 1) return v;
+  const size_t n = v.size() / width;
+  std::vector<uint8_t> out(v.size());
+  for (size_t i = 0; i < n; ++i)
+    for (size_t b = 0; b < width; ++b) out[i * width + b] = v[b * n + i];
+  return out;
+}
 
 }  // namespace
 
@@ -120,7 +140,8 @@ std::vector<uint8_t> serialize_container(const Container& c) {
     nlohmann::json blobs = nlohmann::json::array();
     for (const auto& b : l.encoded.blobs) blobs.push_back(add(b));
     // Fields at their default value are left out: metadata is part of every adapter's bytes.
-    nlohmann::json rec = {{"module", l.module}, {"shape", {l.shape.m, l.shape.n, l.shape.r}}, {"mode", l.mode}, {"blobs", blobs}};
+    nlohmann::json rec = {{"module", l.module}, {"shape", {l.shape.m, l.shape.n, l.shape.r}}, {"mode", l.mode}};
+    if (c.version < 2 || !blobs.empty()) rec["blobs"] = blobs;  // v2: absent means none
     if (!l.base_key.empty()) rec["base"] = l.base_key;
     if (l.transpose_base) rec["transpose"] = true;
     if (l.a_dtype != DType::F32 || l.b_dtype != DType::F32) rec["dtypes"] = {dtype_name(l.a_dtype), dtype_name(l.b_dtype)};
@@ -129,8 +150,10 @@ std::vector<uint8_t> serialize_container(const Container& c) {
     layers.push_back(std::move(rec));
   }
   nlohmann::json pass = nlohmann::json::array();
-  for (const auto& [key, t] : c.passthrough)
-    pass.push_back({{"key", key}, {"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"blob", add(t.data)}});
+  for (const auto& [key, t] : c.passthrough) {
+    const size_t blob = add(c.version >= 2 ? byte_planes(t.data, dtype_size(t.dtype)) : t.data);
+    pass.push_back({{"key", key}, {"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"blob", blob}});
+  }
   const nlohmann::json meta = {{"producer", c.producer},   {"seed", std::to_string(c.seed)},
                                {"peft_config", c.peft_config}, {"key_prefix", c.key_prefix},
                                {"file_metadata", c.file_metadata}, {"layers", layers},
@@ -154,7 +177,9 @@ std::vector<uint8_t> serialize_container(const Container& c) {
     }
   }
   std::vector<uint8_t> out(kMagic, kMagic + 4);
-  out.push_back(static_cast<uint8_t>(kFormatVersion));
+  if (c.version < kOldestReadableVersion || c.version > kFormatVersion)
+    throw Error(ErrorKind::InvalidInput, "container", "cannot write format version " + std::to_string(c.version));
+  out.push_back(static_cast<uint8_t>(c.version));
   out.push_back(static_cast<uint8_t>(flags));
   put_varint(out, meta_stored.size());
   put_varint(out, meta_raw.size());
@@ -174,8 +199,10 @@ ContainerHeader parse_container_header(const uint8_t* data, size_t size, const s
   if (size < 6 + kTrailerSize) throw Error(ErrorKind::Format, where, "truncated header");
   ContainerHeader h;
   h.version = data[4];
-  if (h.version != kFormatVersion)
-    throw Error(ErrorKind::Unsupported, where, "format version " + std::to_string(h.version) + " (this build reads version " + std::to_string(kFormatVersion) + ")");
+  if (h.version < kOldestReadableVersion || h.version > kFormatVersion)
+    throw Error(ErrorKind::Unsupported, where,
+                "format version " + std::to_string(h.version) + " (this build reads versions " + std::to_string(kOldestReadableVersion) +
+                    " to " + std::to_string(kFormatVersion) + ")");
   h.flags = data[5];
   size_t pos = 6;
   const size_t limit = size - kTrailerSize;
@@ -219,7 +246,7 @@ Container parse_container(const uint8_t* data, size_t size, const std::string& w
   }
   if (!meta.is_object()) throw Error(ErrorKind::Format, where, "metadata must be a JSON object");
   try {
-    return from_metadata(meta, payload, where);
+    return from_metadata(meta, payload, h.version, where);
   } catch (const nlohmann::json::exception& e) {
     throw Error(ErrorKind::Format, where, std::string("malformed metadata: ") + e.what());
   }
@@ -227,8 +254,9 @@ Container parse_container(const uint8_t* data, size_t size, const std::string& w
 
 namespace {
 
-Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& payload, const std::string& where) {
+Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& payload, uint32_t version, const std::string& where) {
   Container c;
+  c.version = version;
   PayloadReader blobs_in(payload, where);
   c.producer = field<std::string>(meta, "producer", where);
   const std::string seed = field<std::string>(meta, "seed", where);
@@ -267,6 +295,10 @@ Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& 
     l.base_fingerprint = j.contains("fingerprint") ? field<uint32_t>(j, "fingerprint", lw) : 0;
     l.mode = field<std::string>(j, "mode", lw);
     l.encoded.params = j.contains("params") ? j.at("params") : nlohmann::json::object();
+    if (version >= 2 && !j.contains("blobs")) {
+      c.layers.push_back(std::move(l));
+      continue;
+    }
     const auto& blobs = j.at("blobs");
     if (!blobs.is_array()) throw Error(ErrorKind::Format, lw, "blobs must be an array");
     for (const auto& len : blobs) l.encoded.blobs.push_back(blobs_in.take(len, lw));
@@ -287,6 +319,7 @@ Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& 
       numel *= static_cast<uint64_t>(d);
     }
     if (numel * dtype_size(t.dtype) != t.data.size()) throw Error(ErrorKind::Format, pw, "tensor size does not match its shape");
+    if (version >= 2) t.data = from_byte_planes(t.data, dtype_size(t.dtype));
     c.passthrough.emplace_back(key, std::move(t));
   }
   blobs_in.finish();

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <exception>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -156,45 +157,84 @@ std::vector<Candidate> pareto_front(std::vector<Candidate> all) {
   return front;
 }
 
-// Chooses every layer's operating point for the planned modes and fills the container. Points
-// are priced by estimate; only the chosen ones are encoded. A byte target covers the whole file:
-// the payload budget is shrunk by what the serialised file overshoots until it fits.
-void plan_and_fill(Container& c, const std::vector<std::vector<Candidate>>& candidates, const std::vector<double>& energies,
-                   const CompressOptions& o, const std::function<EncodedLayer(size_t, const Candidate&)>& encode) {
-  std::vector<std::optional<size_t>> have(c.layers.size());
+// Chooses every layer's operating point for a planned mode and fills the container: the chosen
+// points' symbols, in layer order, form one stream stored as the first layer's blob (format v2).
+// Points are priced by estimate (as if each began a fresh stream); only the chosen ones are
+// built. A byte target covers the whole file: the payload budget is corrected by what the
+// serialised file misses the target by, shrinking until it fits, then growing into the slack.
+void plan_and_fill(Container& c, const LayerCodec& codec, const std::vector<std::vector<Candidate>>& candidates,
+                   const std::vector<double>& energies, const CompressOptions& o,
+                   const std::function<std::vector<int32_t>(size_t, const Candidate&)>& symbols_of) {
+  const size_t count = c.layers.size();
+  if (count == 0) return;
+  std::vector<std::optional<size_t>> have(count);
+  std::vector<std::vector<int32_t>> symbols(count);
+  std::vector<LayerShape> shapes;
+  for (const auto& l : c.layers) shapes.push_back(l.shape);
   auto assign = [&](const std::vector<size_t>& pick) {
     std::vector<size_t> todo;
-    for (size_t i = 0; i < pick.size(); ++i)
+    for (size_t i = 0; i < count; ++i)
       if (have[i] != pick[i]) todo.push_back(i);
     parallel_for(todo.size(), o.threads, [&](size_t t) {
       const size_t i = todo[t];
-      c.layers[i].encoded = encode(i, candidates[i][pick[i]]);
+      symbols[i] = symbols_of(i, candidates[i][pick[i]]);
       have[i] = pick[i];
     });
+    for (auto& l : c.layers) l.encoded = EncodedLayer{nlohmann::json::object(), {}};
+    if (count > 0) c.layers[0].encoded.blobs = {codec.write_stream(shapes, symbols)};
   };
-  auto payload_of = [&] {
-    size_t n = 0;
-    for (auto& l : c.layers) for (auto& b : l.encoded.blobs) n += b.size();
-    return n;
+  auto distortion_of = [&](const std::vector<size_t>& pick) {
+    double d = 0;
+    for (size_t i = 0; i < count; ++i) d += candidates[i][pick[i]].distortion;
+    return d;
   };
   Budget budget;
   if (o.target_bytes) {
-    assign(std::vector<size_t>(c.layers.size(), 0));
-    const size_t overhead = serialize_container(c).size() - payload_of();
-    if (*o.target_bytes <= overhead)
+    const size_t target = *o.target_bytes;
+    assign(std::vector<size_t>(count, 0));
+    const size_t smallest = serialize_container(c).size();
+    if (target < smallest)
       throw Error(ErrorKind::InvalidInput, "compress",
-                  "--target-bytes " + std::to_string(*o.target_bytes) + " is below the container's own overhead (" + std::to_string(overhead) + " bytes)");
-    size_t payload = *o.target_bytes - overhead;
-    for (int attempt = 0; attempt < 32; ++attempt) {
-      budget.payload_bytes = payload;
-      assign(plan_budget(candidates, budget));
-      const size_t size = serialize_container(c).size();
-      if (size <= *o.target_bytes) return;
-      const size_t excess = size - *o.target_bytes;
-      if (excess >= payload) break;
-      payload -= excess;
+                  "--target-bytes " + std::to_string(target) + " is below the smallest file for this adapter (" + std::to_string(smallest) + " bytes)");
+    const size_t overhead = smallest - c.layers.front().encoded.blobs.front().size();
+    std::optional<std::vector<size_t>> best;
+    double best_distortion = 0;
+    auto estimate = [&](const std::vector<size_t>& pick) {
+      long n = 0;
+      for (size_t i = 0; i < count; ++i) n += static_cast<long>(candidates[i][pick[i]].bytes);
+      return n;
+    };
+    std::map<std::vector<size_t>, long> sizes;  // plans tried -> their file size
+    long payload = static_cast<long>(target - overhead);
+    for (int attempt = 0; attempt < 32 && payload > 0; ++attempt) {
+      budget.payload_bytes = static_cast<size_t>(payload);
+      std::vector<size_t> pick;
+      try {
+        pick = plan_budget(candidates, budget);
+      } catch (const Error&) {
+        break;  // below every plan's estimate
+      }
+      if (const auto seen = sizes.find(pick); seen != sizes.end()) {
+        if (seen->second <= static_cast<long>(target)) break;  // more room changes nothing
+        payload = std::min(payload, estimate(pick)) - 1;        // force a smaller plan
+        continue;
+      }
+      assign(pick);
+      const long size = static_cast<long>(serialize_container(c).size());
+      sizes[pick] = size;
+      if (size <= static_cast<long>(target)) {
+        const double d = distortion_of(pick);
+        if (!best || d < best_distortion) {
+          best = pick;
+          best_distortion = d;
+        }
+        if (size == static_cast<long>(target)) break;
+      }
+      payload += static_cast<long>(target) - size;
     }
-    throw Error(ErrorKind::InvalidInput, "compress", "cannot fit the adapter in " + std::to_string(*o.target_bytes) + " bytes");
+    if (!best) throw Error(ErrorKind::InvalidInput, "compress", "cannot fit the adapter in " + std::to_string(target) + " bytes");
+    assign(*best);
+    return;
   }
   const double e = o.target_error.value_or(kDefaultTargetError);
   if (!(e >= 0)) throw Error(ErrorKind::InvalidInput, "compress", "target error must be non-negative");
@@ -308,8 +348,8 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
            (codec->plans_budget() ? "analysed" : "encoded") + " in " + std::to_string(seconds_since(t0)).substr(0, 5) + " s");
   });
   if (codec->plans_budget())
-    plan_and_fill(c, candidates, energies, options,
-                  [&](size_t i, const Candidate& pick) { return codec->encode_candidate(context(i), factors(i), pick); });
+    plan_and_fill(c, *codec, candidates, energies, options,
+                  [&](size_t i, const Candidate& pick) { return codec->candidate_symbols(context(i), factors(i), pick); });
   return c;
 }
 
@@ -322,6 +362,27 @@ PeftAdapter decompress_container(const Container& c, const WeightSource& base, c
   out.passthrough = c.passthrough;
   out.modules.resize(c.layers.size());
   Reporter report(options.progress);
+  // Format v2: the layers of a planned mode share one stream, stored as the blob of the mode's
+  // first layer. Read it (sequentially: the models carry over) before the per-layer work.
+  std::vector<std::optional<std::vector<int32_t>>> streamed(c.layers.size());
+  if (c.version >= 2) {
+    std::map<std::string, std::vector<size_t>> by_mode;
+    for (size_t i = 0; i < c.layers.size(); ++i) by_mode[c.layers[i].mode].push_back(i);
+    for (const auto& [mode, idx] : by_mode) {
+      const std::unique_ptr<LayerCodec> codec = make_decoder(mode, "layer " + c.layers[idx.front()].module);
+      if (!codec->plans_budget()) continue;
+      const std::string where = "stream of the " + mode + " layers";
+      std::vector<LayerShape> shapes;
+      for (size_t k = 0; k < idx.size(); ++k) {
+        const LayerRecord& l = c.layers[idx[k]];
+        if (l.encoded.blobs.size() != (k == 0 ? 1u : 0u))
+          throw Error(ErrorKind::Format, "layer " + l.module, k == 0 ? "the stream's first layer must hold it as its one blob" : "a streamed layer has blobs of its own");
+        shapes.push_back(l.shape);
+      }
+      auto symbols = codec->read_stream(shapes, c.layers[idx.front()].encoded.blobs.front(), where);
+      for (size_t k = 0; k < idx.size(); ++k) streamed[idx[k]] = std::move(symbols[k]);
+    }
+  }
   std::atomic<size_t> done{0};
   parallel_for(c.layers.size(), options.threads, [&](size_t i) {
     const LayerRecord& l = c.layers[i];
@@ -350,7 +411,7 @@ PeftAdapter decompress_container(const Container& c, const WeightSource& base, c
       load = [w = std::move(w), m, n] { return Matrix::from_f32(w.data(), m, n); };
     }
     LayerContext ctx(c.seed, static_cast<uint32_t>(i), l.shape, std::move(load));
-    Factors f = codec->decode(ctx, l.encoded);
+    Factors f = streamed[i] ? codec->decode_symbols(ctx, *streamed[i]) : codec->decode(ctx, l.encoded);
     if (f.A.rows != l.shape.r || f.A.cols != l.shape.n || f.B.rows != l.shape.m || f.B.cols != l.shape.r)
       throw Error(ErrorKind::Format, "layer " + l.module, "decoded factors have the wrong shape");
     LoraModule& mod = out.modules[i];

@@ -163,7 +163,7 @@ int step_offset(const Matrix* m, int64_t dim) {
 }
 
 // Everything a layer's operating points share: the components to code, the metric, and the
-// error-feedback factors. Built once per layer by candidates() and again by encode_candidate().
+// error-feedback factors. Built once per layer by candidates() and again by candidate_symbols().
 struct LayerSetup {
   const Factors* f = nullptr;
   const Matrix* sig = nullptr;  // input moment S (n x n) or null
@@ -219,31 +219,61 @@ class SpectralCodec final : public LayerCodec {
     return out;
   }
 
-  EncodedLayer encode_candidate(const LayerContext& ctx, const Factors& f, const Candidate& c) const override {
+  std::vector<int32_t> candidate_symbols(const LayerContext& ctx, const Factors& f, const Candidate& c) const override {
     const LayerShape& s = ctx.shape();
     const std::string where = mode() + " layer " + std::to_string(ctx.layer_index());
     if (c.setting.size() != 4) throw Error(ErrorKind::InvalidInput, where, "not an operating point of this mode");
     const Point p{c.setting[0], c.setting[1], c.setting[2], c.setting[3]};
-    EncodedLayer e;
-    e.params = nlohmann::json::object();
-    if (p.k == 0) {
-      e.blobs = {encode_stream(s, 0, 0, 0, {}, {})};
-      return e;
-    }
+    if (p.k == 0) return {0};
     const LayerSetup u = setup(ctx, f);
     Coded cx, cy;
     Refit fit;
     if (p.k > s.r || p.dz < 0 || p.dz >= static_cast<int>(std::size(kDeadZones)) || !quantize_x(u, p.k, p.tx, p.dz, cx, fit) ||
         !quantize_y(u, fit, p.k, p.ty, p.dz, cy))
       throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
-    e.blobs = {encode_stream(s, p.k, p.tx, p.ty, cx.q, cy.q)};
-    return e;
+    return symbols_of(p.k, p.tx, p.ty, cx.q, cy.q);
   }
 
-EncodedLayer encode(const LayerContext& ctx, const Factors& f) const override {
+  std::vector<uint8_t> write_stream(const std::vector<LayerShape>& shapes, const std::vector<std::vector<int32_t>>& symbols) const override {
+    if (shapes.size() != symbols.size()) throw Error(ErrorKind::InvalidInput, mode(), "one symbol list per layer");
+    RangeEncoder e;
+    StreamModels models;
+    for (size_t i = 0; i < shapes.size(); ++i) put_layer(e, models, shapes[i], symbols[i]);
+    return e.finish();
+  }
+
+  std::vector<std::vector<int32_t>> read_stream(const std::vector<LayerShape>& shapes, const std::vector<uint8_t>& stream,
+                                                const std::string& where) const override {
+    RangeDecoder d(stream.data(), stream.size());
+    StreamModels models;
+    std::vector<std::vector<int32_t>> out;
+    for (size_t i = 0; i < shapes.size(); ++i) out.push_back(get_layer(d, models, shapes[i], where + " (stream layer " + std::to_string(i) + ")"));
+    return out;
+  }
+
+  Factors decode_symbols(const LayerContext& ctx, const std::vector<int32_t>& sym) const override {
+    const std::string where = mode() + " layer " + std::to_string(ctx.layer_index());
+    const LayerShape& s = ctx.shape();
+    Factors f{Matrix(s.r, s.n), Matrix(s.m, s.r)};
+    if (sym.empty() || sym[0] < 0 || sym[0] > s.r) throw Error(ErrorKind::Format, where, "bad component count");
+    const int64_t k = sym[0];
+    if (k == 0) return f;
+    if (sym.size() != static_cast<size_t>(3 + (s.m + s.n) * k)) throw Error(ErrorKind::Format, where, "wrong number of symbols");
+    const std::vector<int32_t> qx(sym.begin() + 3, sym.begin() + 3 + s.m * k), qy(sym.begin() + 3 + s.m * k, sym.end());
+    const Matrix x = dequantize_columns(qx, s.m, k, step_of(sym[1]), rotate_ ? &ctx.svd().U : nullptr);
+    const Matrix y = dequantize_columns(qy, s.n, k, step_of(sym[2]), rotate_ ? &ctx.svd().V : nullptr);
+    for (int64_t j = 0; j < k; ++j) {
+      for (int64_t i = 0; i < s.m; ++i) f.B(i, j) = x(i, j);
+      for (int64_t i = 0; i < s.n; ++i) f.A(j, i) = y(i, j);
+    }
+    return f;
+  }
+
+  EncodedLayer encode(const LayerContext& ctx, const Factors& f) const override {
     throw Error(ErrorKind::InvalidInput, mode(), "this mode is planned across layers; use compress_adapter");
   }
 
+  // Format v1: one blob per layer, fresh models (the v2 stream's layer syntax, minus sharing).
   Factors decode(const LayerContext& ctx, const EncodedLayer& e) const override {
     const std::string where = mode() + " layer " + std::to_string(ctx.layer_index());
     const LayerShape& s = ctx.shape();
@@ -252,31 +282,17 @@ EncodedLayer encode(const LayerContext& ctx, const Factors& f) const override {
     RangeDecoder dec(blob.data(), blob.size());
     const auto k = static_cast<int64_t>(dec.direct(rank_bits(s.r)));
     if (k > s.r) throw Error(ErrorKind::Format, where, "more components than the rank");
-    Factors f{Matrix(s.r, s.n), Matrix(s.m, s.r)};
-    if (k == 0) return f;
+    if (k == 0) return decode_symbols(ctx, {0});
     const int tx = static_cast<int>(dec.direct(kStepBits));
     const int ty = static_cast<int>(dec.direct(kStepBits));
     IntModel mx, my;
     std::vector<int32_t> qx(static_cast<size_t>(s.m * k)), qy(static_cast<size_t>(s.n * k));
     read_columns(dec, mx, qx, s.m, k, where);
     read_columns(dec, my, qy, s.n, k, where);
-    const Matrix x = dequantize_columns(qx, s.m, k, step_of(tx), rotate_ ? &ctx.svd().U : nullptr);
-    const Matrix y = dequantize_columns(qy, s.n, k, step_of(ty), rotate_ ? &ctx.svd().V : nullptr);
-    for (int64_t j = 0; j < k; ++j) {
-      for (int64_t i = 0; i < s.m; ++i) f.B(i, j) = x(i, j);
-      for (int64_t i = 0; i < s.n; ++i) f.A(j, i) = y(i, j);
-    }
-    return f;
+    return decode_symbols(ctx, symbols_of(k, tx, ty, qx, qy));
   }
 
  private:
-  template <class Coder>
-  static void write_columns(Coder& e, IntModel& model, const std::vector<int32_t>& q, int64_t rows, int64_t k) {
-    for (int64_t j = 0; j < k; ++j) {
-      model.reset_run();
-      for (int64_t i = 0; i < rows; ++i) model.encode(e, q[static_cast<size_t>(j * rows + i)]);
-    }
-  }
   static void read_columns(RangeDecoder& d, IntModel& model, std::vector<int32_t>& q, int64_t rows, int64_t k,
                            const std::string& where) {
     for (int64_t j = 0; j < k; ++j) {
@@ -284,28 +300,72 @@ EncodedLayer encode(const LayerContext& ctx, const Factors& f) const override {
       for (int64_t i = 0; i < rows; ++i) q[static_cast<size_t>(j * rows + i)] = model.decode(d, where);
     }
   }
+  static std::vector<int32_t> symbols_of(int64_t k, int tx, int ty, const std::vector<int32_t>& qx, const std::vector<int32_t>& qy) {
+    std::vector<int32_t> sym{static_cast<int32_t>(k), tx, ty};
+    sym.insert(sym.end(), qx.begin(), qx.end());
+    sym.insert(sym.end(), qy.begin(), qy.end());
+    return sym;
+  }
+
+  // Adaptive state carried through a v2 stream from one layer to the next.
+  struct StreamModels {
+    IntModel step_change, step_gap, x, y;
+    int previous_tx = kStepBias;
+  };
+
+  // One layer of a v2 stream: k (bit_width(r) direct bits); if k > 0, tx - previous tx and
+  // ty - tx (signed integers, their own models), then X's k columns and Y's k columns.
   template <class Coder>
-  static void write_stream(Coder& e, const LayerShape& s, int64_t k, int tx, int ty, const std::vector<int32_t>& qx,
-                           const std::vector<int32_t>& qy) {
+  static void put_layer(Coder& e, StreamModels& m, const LayerShape& s, int64_t k, int tx, int ty, const int32_t* qx,
+                        const int32_t* qy) {
     e.direct(static_cast<uint32_t>(k), rank_bits(s.r));
-    if (k > 0) {
-      e.direct(static_cast<uint32_t>(tx), kStepBits);
-      e.direct(static_cast<uint32_t>(ty), kStepBits);
-      IntModel mx, my;
-      write_columns(e, mx, qx, s.m, k);
-      write_columns(e, my, qy, s.n, k);
+    if (k == 0) return;
+    m.step_change.encode(e, tx - m.previous_tx);
+    m.step_gap.encode(e, ty - tx);
+    m.previous_tx = tx;
+    for (int64_t j = 0; j < k; ++j) {
+      m.x.reset_run();
+      for (int64_t i = 0; i < s.m; ++i) m.x.encode(e, qx[j * s.m + i]);
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      m.y.reset_run();
+      for (int64_t i = 0; i < s.n; ++i) m.y.encode(e, qy[j * s.n + i]);
     }
   }
-  static std::vector<uint8_t> encode_stream(const LayerShape& s, int64_t k, int tx, int ty, const std::vector<int32_t>& qx,
-                                            const std::vector<int32_t>& qy) {
-    RangeEncoder e;
-    write_stream(e, s, k, tx, ty, qx, qy);
-    return e.finish();
+  static void put_layer(RangeEncoder& e, StreamModels& m, const LayerShape& s, const std::vector<int32_t>& sym) {
+    const int64_t k = sym.empty() ? -1 : sym[0];
+    if (k < 0 || k > s.r || sym.size() != static_cast<size_t>(k == 0 ? 1 : 3 + (s.m + s.n) * k))
+      throw Error(ErrorKind::InvalidInput, "spectral stream", "symbols do not match the layer's shape");
+    put_layer(e, m, s, k, k ? sym[1] : 0, k ? sym[2] : 0, sym.data() + 3, sym.data() + 3 + s.m * k);
   }
+  static std::vector<int32_t> get_layer(RangeDecoder& d, StreamModels& m, const LayerShape& s, const std::string& where) {
+    const auto k = static_cast<int64_t>(d.direct(rank_bits(s.r)));
+    if (k > s.r) throw Error(ErrorKind::Format, where, "more components than the rank");
+    if (k == 0) return {0};
+    const int64_t tx = m.previous_tx + static_cast<int64_t>(m.step_change.decode(d, where));
+    const int64_t ty = tx + m.step_gap.decode(d, where);
+    if (tx < 0 || tx > 255 || ty < 0 || ty > 255) throw Error(ErrorKind::Format, where, "step code out of range");
+    m.previous_tx = static_cast<int>(tx);
+    std::vector<int32_t> sym{static_cast<int32_t>(k), static_cast<int32_t>(tx), static_cast<int32_t>(ty)};
+    sym.resize(static_cast<size_t>(3 + (s.m + s.n) * k));
+    size_t at = 3;
+    for (int64_t j = 0; j < k; ++j) {
+      m.x.reset_run();
+      for (int64_t i = 0; i < s.m; ++i) sym[at++] = m.x.decode(d, where);
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      m.y.reset_run();
+      for (int64_t i = 0; i < s.n; ++i) sym[at++] = m.y.decode(d, where);
+    }
+    return sym;
+  }
+  // What a point costs as a layer of a fresh stream (an estimate: in a real stream the models
+  // have learned from the layers before it, so it is usually a little cheaper).
   static size_t stream_bytes(const LayerShape& s, int64_t k, int tx, int ty, const std::vector<int32_t>& qx,
                              const std::vector<int32_t>& qy) {
     BitCounter e;
-    write_stream(e, s, k, tx, ty, qx, qy);
+    StreamModels m;
+    put_layer(e, m, s, k, tx, ty, qx.data(), qy.data());
     return e.bytes();
   }
 

@@ -78,10 +78,17 @@ class LayerCodec {
   // Modes whose budget is planned across layers list each layer's operating points instead of
   // encoding at fixed settings; the pipeline picks one point per layer. The first candidate
   // drops the layer (its distortion is the whole update measured in the mode's metric).
+  // Since format v2 such a mode codes all its layers into one range-coded stream (adaptive
+  // models carried from layer to layer, one flush), as a list of integer symbols per layer.
   virtual bool plans_budget() const { return false; }
   virtual std::vector<Candidate> candidates(const LayerContext& ctx, const Factors& f) const { return {}; }
-  // The blobs of one of candidates()'s points (given the same context and factors).
-  virtual EncodedLayer encode_candidate(const LayerContext& ctx, const Factors& f, const Candidate& c) const;
+  // The symbols of one of candidates()'s points (given the same context and factors).
+  virtual std::vector<int32_t> candidate_symbols(const LayerContext& ctx, const Factors& f, const Candidate& c) const;
+  virtual std::vector<uint8_t> write_stream(const std::vector<LayerShape>& shapes,
+                                            const std::vector<std::vector<int32_t>>& symbols) const;
+  virtual std::vector<std::vector<int32_t>> read_stream(const std::vector<LayerShape>& shapes, const std::vector<uint8_t>& stream,
+                                                        const std::string& where) const;
+  virtual Factors decode_symbols(const LayerContext& ctx, const std::vector<int32_t>& symbols) const;
   virtual EncodedLayer encode(const LayerContext& ctx, const Factors& f) const = 0;
   // Validates params and blob sizes against the shape before using them; throws Format.
   virtual Factors decode(const LayerContext& ctx, const EncodedLayer& e) const = 0;

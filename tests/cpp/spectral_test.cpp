@@ -70,7 +70,7 @@ TEST_F(Spectral, ByteBudgetIsNeverExceeded) {
   CompressOptions tiny;
   tiny.mode = "spectral";
   tiny.target_bytes = 20;
-  EXPECT_SOLAR_ERROR(compress_adapter(adapter_, none, tiny), ErrorKind::InvalidInput, "overhead");
+  EXPECT_SOLAR_ERROR(compress_adapter(adapter_, none, tiny), ErrorKind::InvalidInput, "smallest file");
 }
 
 TEST_F(Spectral, OutputIsByteIdenticalWhateverTheThreadCount) {
