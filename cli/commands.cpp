@@ -109,7 +109,6 @@ int run_inspect(const InspectArgs& a) {
     j["file"] = a.file;
     j["producer"] = c.producer;
     j["seed"] = std::to_string(c.seed);
-    j["version"] = c.version;
     std::cout << j.dump(2) << "\n";
     return 0;
   }

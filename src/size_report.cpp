@@ -23,6 +23,7 @@ size_t peft_file_bytes(const Container& c, DType dtype) {
 SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes) {
   SizeReport r;
   r.file_bytes = bytes.size();
+  r.version = c.version;
   const ContainerHeader h = parse_container_header(bytes.data(), bytes.size(), "<container>");
   r.header_bytes = h.header_bytes + kTrailerSize;
   r.metadata_bytes = h.metadata_stored;
@@ -46,7 +47,8 @@ nlohmann::json SizeReport::to_json() const {
   for (const Layer& l : layers)
     L.push_back({{"module", l.module}, {"mode", l.mode}, {"shape", {l.shape.m, l.shape.n, l.shape.r}},
                  {"params", l.params}, {"payload_bytes", l.payload_bytes}});
-  return {{"file_bytes", file_bytes},
+  return {{"version", version},
+          {"file_bytes", file_bytes},
           {"header_bytes", header_bytes},
           {"metadata_bytes", metadata_bytes},
           {"metadata_raw_bytes", metadata_raw_bytes},

@@ -41,7 +41,8 @@ int32_t round_dz(double v, double dead_zone) {
   return v < 0 ? -q : q;
 }
 
-bool quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* rot, Coded& out, double dead_zone = 0.0) {
+// Returns how many leading columns could be quantised (all k unless a value overflows).
+int64_t quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* rot, Coded& out, double dead_zone = 0.0) {
   const int64_t rows = m.rows;
   Matrix coords(rows, k);
   for (int64_t i = 0; i < rows; ++i)
@@ -49,16 +50,21 @@ bool quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* rot
   if (rot) coords = matmul(*rot, coords, /*trans_a=*/true);
   out.q.assign(static_cast<size_t>(rows * k), 0);
   Matrix deq(rows, k);
-  for (int64_t j = 0; j < k; ++j)
+  int64_t ok = k;
+  for (int64_t j = 0; j < k && ok == k; ++j)
     for (int64_t i = 0; i < rows; ++i) {
       const double v = coords(i, j) / step;
-      if (!(std::fabs(v) < kMaxQuant)) return false;
+      if (!(std::fabs(v) < kMaxQuant)) {
+        ok = j;  // this column and the ones after it stay zero
+        for (int64_t t = 0; t < i; ++t) deq(t, j) = 0;
+        break;
+      }
       const int32_t q = round_dz(v, dead_zone);
       out.q[static_cast<size_t>(j * rows + i)] = q;
       deq(i, j) = q * step;
     }
   out.value = rot ? matmul(*rot, deq) : deq;
-  return true;
+  return ok;
 }
 
 // Upper Cholesky factor U of H^-1 (H^-1 = U^T U) for error-feedback quantisation.
@@ -87,26 +93,51 @@ Matrix inverse_cholesky_upper(const Matrix& h) {
 
 // Like quantize_columns (no rotation), but each column's rounding errors are fed forward to the
 // coordinates not yet quantised so as to minimise e^T H e (GPTQ, Frantar et al. 2022), where
-// `hinv_u` is inverse_cholesky_upper(H).
-bool quantize_columns_feedback(const Matrix& m, int64_t k, double step, const Matrix& hinv_u, Coded& out,
-                               double dead_zone = 0.0) {
+// `hinv_u` is inverse_cholesky_upper(H). As in GPTQ, rows go in blocks: feedback inside a block
+// is applied row by row, to the rows after it in one matrix product. Columns stay independent.
+int64_t quantize_columns_feedback(const Matrix& m, int64_t k, double step, const Matrix& hinv_u, Coded& out,
+                                  double dead_zone = 0.0) {
+  constexpr int64_t kBlock = 32;
   const int64_t rows = m.rows;
+  Matrix w(rows, k);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < k; ++j) w(i, j) = m(i, j);
   out.q.assign(static_cast<size_t>(rows * k), 0);
   out.value = Matrix(rows, k);
-  std::vector<double> w(static_cast<size_t>(rows));
-  for (int64_t j = 0; j < k; ++j) {
-    for (int64_t i = 0; i < rows; ++i) w[static_cast<size_t>(i)] = m(i, j);
-    for (int64_t i = 0; i < rows; ++i) {
-      const double v = w[static_cast<size_t>(i)] / step;
-      if (!(std::fabs(v) < kMaxQuant)) return false;
-      const int32_t q = round_dz(v, dead_zone);
-      out.q[static_cast<size_t>(j * rows + i)] = q;
-      out.value(i, j) = q * step;
-      const double err = (w[static_cast<size_t>(i)] - q * step) / hinv_u(i, i);
-      for (int64_t t = i + 1; t < rows; ++t) w[static_cast<size_t>(t)] -= err * hinv_u(i, t);
+  int64_t ok = k;
+  for (int64_t b0 = 0; b0 < rows; b0 += kBlock) {
+    const int64_t b1 = std::min(rows, b0 + kBlock);
+    Matrix err(b1 - b0, k);
+    for (int64_t i = b0; i < b1; ++i) {
+      for (int64_t j = 0; j < k; ++j) {
+        const double v = w(i, j) / step;
+        if (!(std::fabs(v) < kMaxQuant)) {
+          ok = std::min(ok, j);  // this column (and, for the caller, the ones after it) is lost
+          continue;
+        }
+        const int32_t q = round_dz(v, dead_zone);
+        out.q[static_cast<size_t>(j * rows + i)] = q;
+        out.value(i, j) = q * step;
+        const double e = (w(i, j) - q * step) / hinv_u(i, i);
+        err(i - b0, j) = e;
+        for (int64_t t = i + 1; t < b1; ++t) w(t, j) -= e * hinv_u(i, t);
+      }
+    }
+    if (b1 < rows) {
+      Matrix h(b1 - b0, rows - b1);
+      for (int64_t i = b0; i < b1; ++i)
+        for (int64_t t = b1; t < rows; ++t) h(i - b0, t - b1) = hinv_u(i, t);
+      const Matrix update = matmul(h, err, /*trans_a=*/true);  // (rows - b1) x k
+      for (int64_t t = b1; t < rows; ++t)
+        for (int64_t j = 0; j < k; ++j) w(t, j) -= update(t - b1, j);
     }
   }
-  return true;
+  for (int64_t j = ok; j < k; ++j)  // lost columns are left out entirely
+    for (int64_t i = 0; i < rows; ++i) {
+      out.q[static_cast<size_t>(j * rows + i)] = 0;
+      out.value(i, j) = 0;
+    }
+  return ok;
 }
 
 Matrix dequantize_columns(const std::vector<int32_t>& q, int64_t rows, int64_t k, double step, const Matrix* rot) {
@@ -203,10 +234,13 @@ class SpectralCodec final : public LayerCodec {
     const int t_top = std::clamp(static_cast<int>(std::ceil(std::log2(8 * u.rms) * kStepsPerOctave)) + kStepBias, 0, 255);
     for (int tx = t_top; tx >= std::max(0, t_top - 16 * kStepsPerOctave); tx -= 2) {
       for (int dz = 0; dz < static_cast<int>(std::size(kDeadZones)); ++dz) {
-        for (int64_t k = 1; k <= s.r; ++k) {
-          Coded cx;
-          Refit fit;
-          if (!quantize_x(u, k, tx, dz, cx, fit)) continue;
+        // Columns are quantised independently (feedback stays within a column), so X's first k
+        // columns are a prefix of all of them.
+        Coded all;
+        const int64_t ok = quantize_side(u.x, s.r, step_of(tx), u.ru, u.hx, dz, all);
+        for (int64_t k = 1; k <= ok; ++k) {
+          const Coded cx = prefix(all, s.m, k);
+          Refit fit = refit(u, cx);
           for (int dy : {-2, 0, 2}) {
             const int ty = std::clamp(tx + u.y_offset + dy, 0, 255);
             Coded cy;
@@ -228,8 +262,10 @@ class SpectralCodec final : public LayerCodec {
     const LayerSetup u = setup(ctx, f);
     Coded cx, cy;
     Refit fit;
-    if (p.k > s.r || p.dz < 0 || p.dz >= static_cast<int>(std::size(kDeadZones)) || !quantize_x(u, p.k, p.tx, p.dz, cx, fit) ||
-        !quantize_y(u, fit, p.k, p.ty, p.dz, cy))
+    Coded all;  // exactly as candidates() computed it: all r columns, then the prefix
+    if (p.k > s.r || p.dz < 0 || p.dz >= static_cast<int>(std::size(kDeadZones)) ||
+        quantize_side(u.x, s.r, step_of(p.tx), u.ru, u.hx, p.dz, all) < p.k ||
+        !quantize_y(u, fit = refit(u, cx = prefix(all, s.m, p.k)), p.k, p.ty, p.dz, cy))
       throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
     return symbols_of(p.k, p.tx, p.ty, cx.q, cy.q);
   }
@@ -420,24 +456,32 @@ class SpectralCodec final : public LayerCodec {
     return u;
   }
 
-  static bool quantize_side(const Matrix& v, int64_t k, double step, const Matrix* rot, const Matrix& h, int dz, Coded& c) {
+  static int64_t quantize_side(const Matrix& v, int64_t k, double step, const Matrix* rot, const Matrix& h, int dz, Coded& c) {
     const double dead_zone = kDeadZones[dz];
     return h.rows > 0 ? quantize_columns_feedback(v, k, step, h, c, dead_zone) : quantize_columns(v, k, step, rot, c, dead_zone);
   }
 
-  // Quantises X's first k columns, then refits Y to them in the metric:
-  // Y^T = (X~^T G X~)^-1 X~^T G B A.
-  static bool quantize_x(const LayerSetup& u, int64_t k, int tx, int dz, Coded& cx, Refit& fit) {
-    if (!quantize_side(u.x, k, step_of(tx), u.ru, u.hx, dz, cx)) return false;
+  static Coded prefix(const Coded& all, int64_t rows, int64_t k) {
+    Coded c;
+    c.q.assign(all.q.begin(), all.q.begin() + rows * k);
+    c.value = Matrix(rows, k);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < k; ++j) c.value(i, j) = all.value(i, j);
+    return c;
+  }
+
+  // Refits Y to the quantised X in the metric: Y^T = (X~^T G X~)^-1 X~^T G B A.
+  static Refit refit(const LayerSetup& u, const Coded& cx) {
+    Refit fit;
     fit.gx = u.left(cx.value);
     fit.xgx = matmul(cx.value, fit.gx, true);  // k x k
     fit.bgx = matmul(u.f->B, fit.gx, true);    // r x k = B^T G X~
     fit.yk = solve_spd(fit.xgx, matmul(u.f->A, fit.bgx, true).transposed()).transposed();  // n x k
-    return true;
+    return fit;
   }
 
   static bool quantize_y(const LayerSetup& u, const Refit& fit, int64_t k, int ty, int dz, Coded& cy) {
-    return quantize_side(fit.yk, k, step_of(ty), u.rv, u.hy, dz, cy);
+    return quantize_side(fit.yk, k, step_of(ty), u.rv, u.hy, dz, cy) == k;
   }
 
   static double distortion(const LayerSetup& u, const Refit& fit, const Coded& cy) {

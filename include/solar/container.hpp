@@ -61,6 +61,7 @@ struct SizeReport {
     nlohmann::json params;
     size_t payload_bytes = 0;  // raw bytes of its blobs
   };
+  uint32_t version = 0;           // format version of the file
   size_t file_bytes = 0;
   size_t header_bytes = 0;        // magic, version, flags, sizes and checksum
   size_t metadata_bytes = 0;      // as stored
