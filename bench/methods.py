@@ -48,9 +48,9 @@ FAMILY_ORDER = ["peft", "int-quant", "svd-fp16", "svd+int8", "svd+int4", "compef
                 "solar-spectral-cal"]
 
 # Calibrated spectral: K-FAC statistics from bench/calibration.py (computed once, cached).
-SPECTRAL_CAL_TARGETS = [0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03]
+SPECTRAL_CAL_TARGETS = [0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.07, 0.05, 0.04, 0.03]
 
-SPECTRAL_TARGETS = [0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01]
+SPECTRAL_TARGETS = [0.5, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01]
 SPECTRAL_W_TARGETS = [0.3, 0.2, 0.1, 0.05, 0.02]
 
 

@@ -27,17 +27,28 @@ def families(res: dict) -> list[str]:
     return [f for f in FAMILY_ORDER if f in seen] + sorted(seen - set(FAMILY_ORDER))
 
 
-def smallest_at(res: dict, level: float, family: str, key=None) -> dict | None:
+def file_bytes(p: dict) -> int:
+    return p["bytes"]
+
+
+def lora_bytes(res: dict):
+    """Bytes minus the raw size of the passthrough tensors every file carries (MiniLM's classifier
+    head): what the LoRA factors cost, the size the issue's own probe measured."""
+    raw = res["adapter"]["passthrough_bytes"]
+    return lambda p: p["bytes"] - raw
+
+
+def smallest_at(res: dict, level: float, family: str, key=None, size=file_bytes) -> dict | None:
     key = key or (lambda p: headline_retention(res, p))
     pts = [p for p in res["points"] if _ok(p) and p["family"] == family and key(p) >= level]
-    return min(pts, key=lambda p: (p["bytes"], p["name"])) if pts else None
+    return min(pts, key=lambda p: (size(p), p["name"])) if pts else None
 
 
 def _fmt_bytes(b: int) -> str:
     return f"{b:,}"
 
 
-def headline_table(res: dict, key=None, label: str | None = None) -> str:
+def headline_table(res: dict, key=None, label: str | None = None, size=file_bytes) -> str:
     fams = families(res)
     t16 = res["adapter"]["fp16_tensor_bytes"]
     lines = [f"| family | " + " | ".join(f"smallest at ≥{int(l * 100)}%" for l in LEVELS) + " |",
@@ -46,23 +57,23 @@ def headline_table(res: dict, key=None, label: str | None = None) -> str:
     for fam in fams:
         cells = []
         for lv in LEVELS:
-            p = smallest_at(res, lv, fam, key)
+            p = smallest_at(res, lv, fam, key, size)
             cells.append("not reached" if p is None else
-                         f"{_fmt_bytes(p['bytes'])} B ({100 * p['bytes'] / t16:.1f}%) `{p['name']}`")
+                         f"{_fmt_bytes(size(p))} B ({100 * size(p) / t16:.1f}%) `{p['name']}`")
         lines.append(f"| {fam} | " + " | ".join(cells) + " |")
     for lv in LEVELS:
-        best = [(p["bytes"], fam, p["name"]) for fam in fams if (p := smallest_at(res, lv, fam, key))]
+        best = [(size(p), fam, p["name"]) for fam in fams if (p := smallest_at(res, lv, fam, key, size))]
         winners.append(min(best) if best else None)
     lines.append("| **winner** | " + " | ".join(
         "none" if w is None else f"**{w[1]}** ({_fmt_bytes(w[0])} B)" for w in winners) + " |")
     return "\n".join(lines)
 
 
-def winners_sentence(res: dict) -> str:
+def winners_sentence(res: dict, size=file_bytes) -> str:
     out = []
     fams = families(res)
     for lv in LEVELS:
-        best = sorted((p["bytes"], fam, p["name"]) for fam in fams if (p := smallest_at(res, lv, fam)))
+        best = sorted((size(p), fam, p["name"]) for fam in fams if (p := smallest_at(res, lv, fam, size=size)))
         if not best:
             out.append(f"at ≥{int(lv * 100)}% no family gets there")
             continue
@@ -258,6 +269,11 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
             for m in res["metrics"]:
                 md += [f"Headline by {m} retention alone:", "",
                        headline_table(res, key=lambda p, m=m: p["retention"][m]), ""]
+        if a["passthrough_bytes"]:
+            md += ["Headline by LoRA bytes (file bytes minus the passthrough tensors' raw "
+                   f"{_fmt_bytes(a['passthrough_bytes'])} B, which every method stores losslessly), ranked as the "
+                   "main headline:", "", headline_table(res, size=lora_bytes(res)), "",
+                   winners_sentence(res, size=lora_bytes(res)), ""]
         md += ["All points:", "", points_table(res), ""]
     if not any(r["smoke"] for r in runs) or speed:
         md += [speed_section(speed, results), ""]
