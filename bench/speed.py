@@ -43,7 +43,8 @@ def parse(raw: dict) -> dict:
         args = [int(x) for x in parts[1:] if x.isdigit()]
         rows.append({"kernel": parts[0], "args": args, "cpu_ms": _ms(b), "real_ms": _ms(b, "real_time"),
                      "gflops": b.get("GFLOPs"), "mnormals_per_s": b.get("Mnormals_per_s"),
-                     "melems_per_s": b.get("Melems_per_s"), "iterations": b.get("iterations")})
+                     "melems_per_s": b.get("Melems_per_s"), "iterations": b.get("iterations"),
+                     "points": b.get("points")})
     ctx = raw.get("context", {})
     peak = float(ctx.get("dgemm_peak_GFLOPs_1024", "nan"))
     return {"context": {k: ctx.get(k) for k in ("host_name", "num_cpus", "mhz_per_cpu", "load_avg", "library_build_type",
@@ -95,6 +96,19 @@ def markdown(sp: dict) -> str:
                 "top-k), one core. The least squares dominates as soon as N approaches r·n; cases above "
                 "1.5e11 model flops (minutes per call) are not run.", "",
                 "| layer | SVD ms | pool ms (per factor) | lstsq ms (per factor) | total ms |", "|---|---|---|---|---|"] + est
+    spec = by("spectral")
+    if spec:
+        gemm = peak * 1e9  # flop/s
+        out += ["", "Spectral mode, analysis of one n×n layer of rank r (every operating point — step × dead zone × k "
+                "× Y step — quantised, its distortion computed and its bits counted), one core; random factors, and "
+                "for the calibrated case random SPD moments. Ratio: time / time of one n×n×n dgemm at the same-run "
+                "peak.", "",
+                "| layer | statistics | points priced | time (ms) | × n³ dgemm |", "|---|---|---|---|---|"]
+        for r in spec:
+            n, k, c = r["args"]
+            dgemm_ms = 2.0 * n ** 3 / gemm * 1e3
+            out.append(f"| n={n}, r={k} | {'K-FAC (calibrated)' if c else 'none (data-free)'} | "
+                       f"{r.get('points') or 0:.0f} | {r['cpu_ms']:.0f} | {r['cpu_ms'] / dgemm_ms:.0f} |")
     return "\n".join(out)
 
 

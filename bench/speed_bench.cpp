@@ -10,6 +10,8 @@
 //   lstsq/n/r/N     solar::lstsq_min_norm_col_major of the (r*n) x N pool (dgelsd)
 //   topk/N          the stable sort by |coefficient| that picks the kept members
 //   dgemm/n         n x n x n dgemm, the reference peak
+//   spectral/n/r/c  the spectral mode's analysis of one n x n layer of rank r (every operating
+//                   point priced): c = 0 data-free, c = 1 calibrated (K-FAC moments, GPTQ feedback)
 // Counters: GFLOPs = flop model / CPU time (models in the context: flop_model_*), and the
 // start-up dgemm peak (also CPU time) to divide by. bench/speed.py turns this into tables.
 #include <benchmark/benchmark.h>
@@ -24,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "solar/codec.hpp"
 #include "solar/linalg.hpp"
 #include "solar/philox.hpp"
 
@@ -146,6 +149,41 @@ void BM_topk(benchmark::State& st) {
                                                    benchmark::Counter::kIsRate);
 }
 
+solar::Matrix random_matrix(int64_t rows, int64_t cols, uint64_t seed, double scale) {
+  const std::vector<double> v = random_vec(static_cast<size_t>(rows * cols), seed);
+  solar::Matrix m(rows, cols);
+  for (size_t i = 0; i < v.size(); ++i) m.data[i] = scale * v[i];
+  return m;
+}
+
+// A random SPD second moment with a decaying spectrum, like a layer's input statistics.
+solar::Matrix random_moment(int64_t n, uint64_t seed) {
+  const solar::Matrix z = random_matrix(n, 2 * n, seed, 1.0);
+  solar::Matrix m = solar::matmul(z, z, false, true);
+  for (int64_t i = 0; i < n; ++i) m(i, i) += 0.1 * static_cast<double>(n);
+  return m;
+}
+
+void BM_spectral(benchmark::State& st) {
+  const int64_t n = st.range(0), r = st.range(1);
+  const bool calibrated = st.range(2) != 0;
+  const auto codec = solar::make_spectral_codec(false);
+  solar::LayerContext ctx(0, 0, {n, n, r}, nullptr);
+  if (calibrated) {
+    ctx.input_moment = random_moment(n, 5);
+    ctx.output_moment = random_moment(n, 6);
+  }
+  const solar::Factors f{random_matrix(r, n, 3, 0.02), random_matrix(n, r, 4, 0.02)};
+  size_t points = 0;
+  for (auto _ : st) {
+    const auto c = codec->candidates(ctx, f);
+    points = c.size();
+    benchmark::DoNotOptimize(c.data());
+  }
+  st.counters["points"] = static_cast<double>(points);
+  st.counters["dgemm_peak_GFLOPs"] = g_peak_gflops;
+}
+
 constexpr double kMaxLstsqFlops = 1.5e11;  // larger cases take minutes per call on one core
 
 void register_all() {
@@ -164,6 +202,11 @@ void register_all() {
       }
   for (int64_t p : {100, 1000, 4000, 100000})
     benchmark::RegisterBenchmark("topk", BM_topk)->Arg(p)->Unit(benchmark::kMicrosecond)->MinTime(0.1);
+  for (int64_t n : g_quick ? std::vector<int64_t>{384} : std::vector<int64_t>{384, 1024})
+    for (int64_t r : {8, 16})
+      for (int64_t c : {0, 1})
+        if (!(g_quick && r == 16))
+          benchmark::RegisterBenchmark("spectral", BM_spectral)->Args({n, r, c})->Unit(benchmark::kMillisecond)->Iterations(1);
 }
 
 }  // namespace

@@ -103,24 +103,21 @@ class PayloadReader {
 
 Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& payload, uint32_t version, const std::string& where);
 
-// v2 stores passthrough tensors as byte planes (byte 0 of every element, then byte 1, ...): the
-// sign/exponent bytes of floats then sit together, where the payload's zstd frame finds them.
-std::vector<uint8_t> byte_planes(const std::vector<uint8_t>& v, size_t width) {
-  if (width <= 1) return v;
-  const size_t n = v.size() / width;
+// The bytes of a rows x cols byte matrix, transposed.
+std::vector<uint8_t> transpose_bytes(const std::vector<uint8_t>& v, size_t rows, size_t cols) {
   std::vector<uint8_t> out(v.size());
-  for (size_t i = 0; i < n; ++i)
-    for (size_t b = 0; b < width; ++b) out[b * n + i] = v[i * width + b];
+  for (size_t i = 0; i < rows; ++i)
+    for (size_t j = 0; j < cols; ++j) out[j * rows + i] = v[i * cols + j];
   return out;
 }
 
+// v2 stores passthrough tensors as byte planes (byte 0 of every element, then byte 1, ...): the
+// sign/exponent bytes of floats then sit together, where the payload's zstd frame finds them.
+std::vector<uint8_t> byte_planes(const std::vector<uint8_t>& v, size_t width) {
+  return transpose_bytes(v, v.size() / width, width);
+}
 std::vector<uint8_t> from_byte_planes(const std::vector<uint8_t>& v, size_t width) {
-  if (width <= 1) return v;
-  const size_t n = v.size() / width;
-  std::vector<uint8_t> out(v.size());
-  for (size_t i = 0; i < n; ++i)
-    for (size_t b = 0; b < width; ++b) out[i * width + b] = v[b * n + i];
-  return out;
+  return transpose_bytes(v, width, v.size() / width);
 }
 
 }  // namespace

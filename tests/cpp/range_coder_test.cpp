@@ -16,13 +16,18 @@ std::vector<int32_t> gaussian_ints(size_t n, double sd, uint64_t seed) {
   return q;
 }
 
-std::vector<uint8_t> encode(const std::vector<int32_t>& v, size_t run) {
-  RangeEncoder e;
+template <class Coder>  // RangeEncoder or BitCounter
+void code_all(Coder& e, const std::vector<int32_t>& v, size_t run) {
   IntModel m;
   for (size_t i = 0; i < v.size(); ++i) {
     if (i % run == 0) m.reset_run();
     m.encode(e, v[i]);
   }
+}
+
+std::vector<uint8_t> encode(const std::vector<int32_t>& v, size_t run) {
+  RangeEncoder e;
+  code_all(e, v, run);
   return e.finish();
 }
 
@@ -72,11 +77,7 @@ TEST(RangeCoder, GaussianIntegersCostCloseToTheirEntropy) {
 
 size_t counted(const std::vector<int32_t>& v, size_t run) {
   BitCounter c;
-  IntModel m;
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (i % run == 0) m.reset_run();
-    m.encode(c, v[i]);
-  }
+  code_all(c, v, run);
   return c.bytes();
 }
 
