@@ -229,7 +229,7 @@ class SpectralCodec final : public LayerCodec {
     const LayerSetup u = setup(ctx, f);
     const double w = ctx.weight;
     std::vector<Candidate> out;
-    out.push_back({w * u.energy, stream_bytes(s, 0, 0, 0, {}, {}), {0, kStepBias, kStepBias, 0}});  // drop the layer
+    out.push_back({w * u.energy, BitCounter::bytes_for(header_cost(s, 0, 0, 0)), {0, kStepBias, kStepBias, 0}});  // drop the layer
     if (!(u.rms > 0)) return out;
     const int t_top = std::clamp(static_cast<int>(std::ceil(std::log2(8 * u.rms) * kStepsPerOctave)) + kStepBias, 0, 255);
     for (int tx = t_top; tx >= std::max(0, t_top - 16 * kStepsPerOctave); tx -= 2) {
@@ -238,6 +238,7 @@ class SpectralCodec final : public LayerCodec {
         // columns are a prefix of all of them.
         Coded all;
         const int64_t ok = quantize_side(u.x, s.r, step_of(tx), u.ru, u.hx, dz, all);
+        const std::vector<uint64_t> x_cost = column_costs(all.q.data(), s.m, ok);
         for (int64_t k = 1; k <= ok; ++k) {
           const Coded cx = prefix(all, s.m, k);
           Refit fit = refit(u, cx);
@@ -245,7 +246,8 @@ class SpectralCodec final : public LayerCodec {
             const int ty = std::clamp(tx + u.y_offset + dy, 0, 255);
             Coded cy;
             if (!quantize_y(u, fit, k, ty, dz, cy)) continue;
-            out.push_back({w * distortion(u, fit, cy), stream_bytes(s, k, tx, ty, cx.q, cy.q), {static_cast<int32_t>(k), tx, ty, dz}});
+            const uint64_t bits = header_cost(s, k, tx, ty) + x_cost[static_cast<size_t>(k)] + column_costs(cy.q.data(), s.n, k).back();
+            out.push_back({w * distortion(u, fit, cy), BitCounter::bytes_for(bits), {static_cast<int32_t>(k), tx, ty, dz}});
           }
         }
       }
@@ -352,21 +354,27 @@ class SpectralCodec final : public LayerCodec {
   // One layer of a v2 stream: k (bit_width(r) direct bits); if k > 0, tx - previous tx and
   // ty - tx (signed integers, their own models), then X's k columns and Y's k columns.
   template <class Coder>
-  static void put_layer(Coder& e, StreamModels& m, const LayerShape& s, int64_t k, int tx, int ty, const int32_t* qx,
-                        const int32_t* qy) {
+  static void put_header(Coder& e, StreamModels& m, const LayerShape& s, int64_t k, int tx, int ty) {
     e.direct(static_cast<uint32_t>(k), rank_bits(s.r));
     if (k == 0) return;
     m.step_change.encode(e, tx - m.previous_tx);
     m.step_gap.encode(e, ty - tx);
     m.previous_tx = tx;
+  }
+  template <class Coder>
+  static void put_columns(Coder& e, IntModel& model, const int32_t* q, int64_t rows, int64_t k) {
     for (int64_t j = 0; j < k; ++j) {
-      m.x.reset_run();
-      for (int64_t i = 0; i < s.m; ++i) m.x.encode(e, qx[j * s.m + i]);
+      model.reset_run();
+      for (int64_t i = 0; i < rows; ++i) model.encode(e, q[j * rows + i]);
     }
-    for (int64_t j = 0; j < k; ++j) {
-      m.y.reset_run();
-      for (int64_t i = 0; i < s.n; ++i) m.y.encode(e, qy[j * s.n + i]);
-    }
+  }
+  template <class Coder>
+  static void put_layer(Coder& e, StreamModels& m, const LayerShape& s, int64_t k, int tx, int ty, const int32_t* qx,
+                        const int32_t* qy) {
+    put_header(e, m, s, k, tx, ty);
+    if (k == 0) return;
+    put_columns(e, m.x, qx, s.m, k);
+    put_columns(e, m.y, qy, s.n, k);
   }
   static void put_layer(RangeEncoder& e, StreamModels& m, const LayerShape& s, const std::vector<int32_t>& sym) {
     const int64_t k = sym.empty() ? -1 : sym[0];
@@ -396,13 +404,24 @@ class SpectralCodec final : public LayerCodec {
     return sym;
   }
   // What a point costs as a layer of a fresh stream (an estimate: in a real stream the models
-  // have learned from the layers before it, so it is usually a little cheaper).
-  static size_t stream_bytes(const LayerShape& s, int64_t k, int tx, int ty, const std::vector<int32_t>& qx,
-                             const std::vector<int32_t>& qy) {
+  // have learned from the layers before it, so it is usually a little cheaper). The header, X
+  // and Y use separate models, so their costs add up; X's cost after each column serves every k.
+  static uint64_t header_cost(const LayerShape& s, int64_t k, int tx, int ty) {
     BitCounter e;
     StreamModels m;
-    put_layer(e, m, s, k, tx, ty, qx.data(), qy.data());
-    return e.bytes();
+    put_header(e, m, s, k, tx, ty);
+    return e.cost();
+  }
+  static std::vector<uint64_t> column_costs(const int32_t* q, int64_t rows, int64_t k) {  // [0, after 1, ..., after k]
+    BitCounter e;
+    IntModel model;
+    std::vector<uint64_t> out{0};
+    for (int64_t j = 0; j < k; ++j) {
+      model.reset_run();
+      for (int64_t i = 0; i < rows; ++i) model.encode(e, q[j * rows + i]);
+      out.push_back(e.cost());
+    }
+    return out;
   }
 
   struct Refit {

@@ -66,7 +66,8 @@ class BitCounter {
   // The bytes the encoder's output would take: information rounded up plus two for the coder's
   // precision and flush (measured: within a byte, except that streams ending in long runs of
   // zeros come out shorter, since finish() trims trailing zero bytes).
-  size_t bytes() const { return static_cast<size_t>((cost_ + 8 * kCostScale - 1) / (8 * kCostScale)) + 2; }
+  size_t bytes() const { return bytes_for(cost_); }
+  static size_t bytes_for(uint64_t cost) { return static_cast<size_t>((cost + 8 * kCostScale - 1) / (8 * kCostScale)) + 2; }
   uint64_t cost() const { return cost_; }
 
  private:
