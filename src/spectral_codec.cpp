@@ -7,6 +7,8 @@
 // many (step, k) points; the pipeline picks one per layer to meet a global budget.
 // `spectral-w` codes X and Y in the coordinates of W's singular vectors (U_W^T X, V_W^T Y).
 #include <algorithm>
+#include <map>
+#include <numeric>
 #include <bit>
 #include <cmath>
 
@@ -211,6 +213,24 @@ struct LayerSetup {
   Matrix right(const Matrix& v) const { return sig ? matmul(*sig, v) : v; }  // S V
 };
 
+// Indices of the points no other point beats on both bytes and distortion, the first (the
+// drop-the-layer point) excluded.
+std::vector<size_t> front_indices(const std::vector<Candidate>& c) {
+  std::vector<size_t> order(c.size() > 0 ? c.size() - 1 : 0);
+  std::iota(order.begin(), order.end(), size_t{1});
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return c[a].bytes != c[b].bytes ? c[a].bytes < c[b].bytes : c[a].distortion < c[b].distortion;
+  });
+  std::vector<size_t> front;
+  double best = c.empty() ? 0 : c[0].distortion;
+  for (size_t i : order)
+    if (c[i].distortion < best) {
+      best = c[i].distortion;
+      front.push_back(i);
+    }
+  return front;
+}
+
 // One operating point: (k components, X step code tx, Y step code ty, dead-zone index).
 struct Point {
   int64_t k;
@@ -232,25 +252,37 @@ class SpectralCodec final : public LayerCodec {
     out.push_back({w * u.energy, BitCounter::bytes_for(header_cost(s, 0, 0, 0)), {0, kStepBias, kStepBias, 0}});  // drop the layer
     if (!(u.rms > 0)) return out;
     const int t_top = std::clamp(static_cast<int>(std::ceil(std::log2(8 * u.rms) * kStepsPerOctave)) + kStepBias, 0, 255);
-    for (int tx = t_top; tx >= std::max(0, t_top - 16 * kStepsPerOctave); tx -= 2) {
-      for (int dz = 0; dz < static_cast<int>(std::size(kDeadZones)); ++dz) {
-        // Columns are quantised independently (feedback stays within a column), so X's first k
-        // columns are a prefix of all of them.
-        Coded all;
-        const int64_t ok = quantize_side(u.x, s.r, step_of(tx), u.ru, u.hx, dz, all);
-        const std::vector<uint64_t> x_cost = column_costs(all.q.data(), s.m, ok);
-        for (int64_t k = 1; k <= ok; ++k) {
-          const Coded cx = prefix(all, s.m, k);
-          Refit fit = refit(u, cx);
-          for (int dy : {-2, 0, 2}) {
-            const int ty = std::clamp(tx + u.y_offset + dy, 0, 255);
-            Coded cy;
-            if (!quantize_y(u, fit, k, ty, dz, cy)) continue;
-            const uint64_t bits = header_cost(s, k, tx, ty) + x_cost[static_cast<size_t>(k)] + column_costs(cy.q.data(), s.n, k).back();
-            out.push_back({w * distortion(u, fit, cy), BitCounter::bytes_for(bits), {static_cast<int32_t>(k), tx, ty, dz}});
-          }
+    // Prices the points (tx, dead zone dz, k in ks, Y step code tx + offset + dy for dy in dys).
+    auto price = [&](int tx, int dz, const std::vector<int64_t>& ks, const std::vector<int>& dys) {
+      // Columns are quantised independently (feedback stays within a column), so X's first k
+      // columns are a prefix of all of them, and so are their bit costs.
+      Coded all;
+      const int64_t ok = quantize_side(u.x, s.r, step_of(tx), u.ru, u.hx, dz, all);
+      const std::vector<uint64_t> x_cost = column_costs(all.q.data(), s.m, ok);
+      for (int64_t k : ks) {
+        if (k > ok) continue;
+        const Coded cx = prefix(all, s.m, k);
+        const Refit fit = refit(u, cx);
+        for (int dy : dys) {
+          const int ty = std::clamp(tx + u.y_offset + dy, 0, 255);
+          Coded cy;
+          if (!quantize_y(u, fit, k, ty, dz, cy)) continue;
+          const uint64_t bits = header_cost(s, k, tx, ty) + x_cost[static_cast<size_t>(k)] + column_costs(cy.q.data(), s.n, k).back();
+          out.push_back({w * distortion(u, fit, cy), BitCounter::bytes_for(bits), {static_cast<int32_t>(k), tx, ty, dz}});
         }
       }
+    };
+    // Coarse to fine: every step and every k with plain rounding and Y's default step, then the
+    // dead-zone and Y-step variants only where those points reach the layer's Pareto front.
+    std::vector<int64_t> all_k(static_cast<size_t>(s.r));
+    std::iota(all_k.begin(), all_k.end(), int64_t{1});
+    for (int tx = t_top; tx >= std::max(0, t_top - 16 * kStepsPerOctave); tx -= 2) price(tx, 0, all_k, {0});
+    std::map<int, std::vector<int64_t>> refine;  // tx -> the ks of its points on the front
+    for (size_t i : front_indices(out)) refine[out[i].setting[1]].push_back(out[i].setting[0]);
+    for (auto& [tx, ks] : refine) {
+      std::sort(ks.begin(), ks.end());
+      price(tx, 0, ks, {-2, 2});
+      for (int dz = 1; dz < static_cast<int>(std::size(kDeadZones)); ++dz) price(tx, dz, ks, {-2, 0, 2});
     }
     return out;
   }
