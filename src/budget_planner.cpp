@@ -1,6 +1,8 @@
 #include "budget_planner.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <limits>
 
 #include "solar/error.hpp"
@@ -44,6 +46,23 @@ bool fits(const Totals& t, const Budget& b) {
 }
 
 }  // namespace
+
+std::vector<size_t> pareto_indices(const std::vector<Candidate>& c) {
+  if (c.empty()) return {};
+  std::vector<size_t> order(c.size() - 1);
+  std::iota(order.begin(), order.end(), size_t{1});
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return c[a].bytes != c[b].bytes ? c[a].bytes < c[b].bytes : c[a].distortion < c[b].distortion;
+  });
+  std::vector<size_t> front;
+  double best = c[0].distortion;
+  for (size_t i : order)
+    if (c[i].distortion < best) {
+      best = c[i].distortion;
+      front.push_back(i);
+    }
+  return front;
+}
 
 std::vector<size_t> plan_budget(const std::vector<std::vector<Candidate>>& layers, const Budget& budget) {
   for (const auto& l : layers)

@@ -137,23 +137,11 @@ std::optional<Matrix> input_weighting(const CompressOptions& o, const WeightSour
   return damped(std::move(s), o.calibration_damping);
 }
 
-// Keeps a layer's operating points that no other point beats on both bytes and distortion (a
-// plan never picks the others), with the drop-the-layer point first. Deterministic order.
+// A layer's Pareto-optimal points, the drop-the-layer point first (the planner's convention).
 std::vector<Candidate> pareto_front(std::vector<Candidate> all) {
   if (all.empty()) return all;
-  std::vector<size_t> order(all.size() - 1);
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i + 1;
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return all[a].bytes != all[b].bytes ? all[a].bytes < all[b].bytes : all[a].distortion < all[b].distortion;
-  });
   std::vector<Candidate> front{std::move(all[0])};
-  double best = front[0].distortion;
-  for (size_t i : order) {
-    if (all[i].distortion < best && all[i].bytes > front[0].bytes) {
-      best = all[i].distortion;
-      front.push_back(std::move(all[i]));
-    }
-  }
+  for (size_t i : pareto_indices(all)) front.push_back(std::move(all[i]));
   return front;
 }
 

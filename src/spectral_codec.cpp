@@ -12,6 +12,7 @@
 #include <bit>
 #include <cmath>
 
+#include "budget_planner.hpp"
 #include "solar/codec.hpp"
 #include "solar/error.hpp"
 #include "solar/range_coder.hpp"
@@ -213,24 +214,6 @@ struct LayerSetup {
   Matrix right(const Matrix& v) const { return sig ? matmul(*sig, v) : v; }  // S V
 };
 
-// Indices of the points no other point beats on both bytes and distortion, the first (the
-// drop-the-layer point) excluded.
-std::vector<size_t> front_indices(const std::vector<Candidate>& c) {
-  std::vector<size_t> order(c.size() > 0 ? c.size() - 1 : 0);
-  std::iota(order.begin(), order.end(), size_t{1});
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return c[a].bytes != c[b].bytes ? c[a].bytes < c[b].bytes : c[a].distortion < c[b].distortion;
-  });
-  std::vector<size_t> front;
-  double best = c.empty() ? 0 : c[0].distortion;
-  for (size_t i : order)
-    if (c[i].distortion < best) {
-      best = c[i].distortion;
-      front.push_back(i);
-    }
-  return front;
-}
-
 // One operating point: (k components, X step code tx, Y step code ty, dead-zone index).
 struct Point {
   int64_t k;
@@ -278,7 +261,7 @@ class SpectralCodec final : public LayerCodec {
     std::iota(all_k.begin(), all_k.end(), int64_t{1});
     for (int tx = t_top; tx >= std::max(0, t_top - 16 * kStepsPerOctave); tx -= 2) price(tx, 0, all_k, {0});
     std::map<int, std::vector<int64_t>> refine;  // tx -> the ks of its points on the front
-    for (size_t i : front_indices(out)) refine[out[i].setting[1]].push_back(out[i].setting[0]);
+    for (size_t i : pareto_indices(out)) refine[out[i].setting[1]].push_back(out[i].setting[0]);
     for (auto& [tx, ks] : refine) {
       std::sort(ks.begin(), ks.end());
       price(tx, 0, ks, {-2, 2});
