@@ -205,6 +205,35 @@ Qr thin_qr(const Matrix& a) {
   return out;
 }
 
+Matrix inverse_cholesky_upper(const Matrix& h) {
+  const int64_t n64 = h.rows;
+  if (h.cols != n64) throw std::invalid_argument("inverse_cholesky_upper: shapes");
+  if (n64 == 0) return Matrix();
+  const int n = static_cast<int>(n64);
+  double tr = 0;
+  for (int64_t i = 0; i < n64; ++i) tr += h(i, i);
+  // The buffer is symmetric, so row- and column-major read the same; LAPACK works column-major.
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    std::vector<double> a = h.data;
+    const double jitter = attempt == 0 ? 0.0 : tr / static_cast<double>(n) * std::pow(10.0, -12 + 2 * attempt);
+    for (int64_t i = 0; i < n64; ++i) a[static_cast<size_t>(i * n64 + i)] += jitter;
+    int info = 0;
+    dpotrf_("U", &n, a.data(), &n, &info);  // H = R^T R
+    if (info != 0) continue;
+    dpotri_("U", &n, a.data(), &n, &info);  // upper triangle of H^-1
+    if (info != 0) continue;
+    for (int64_t j = 0; j < n64; ++j)
+      for (int64_t i = 0; i < j; ++i) a[static_cast<size_t>(j + i * n64)] = a[static_cast<size_t>(i + j * n64)];
+    dpotrf_("U", &n, a.data(), &n, &info);  // H^-1 = U^T U
+    if (info != 0) continue;
+    Matrix u(n64, n64);
+    for (int64_t j = 0; j < n64; ++j)
+      for (int64_t i = 0; i <= j; ++i) u(i, j) = a[static_cast<size_t>(i + j * n64)];  // column-major (i, j)
+    return u;
+  }
+  throw Error(ErrorKind::InvalidInput, "calibration", "a second-moment matrix is not positive definite (raise the damping)");
+}
+
 Matrix solve_spd(const Matrix& g, const Matrix& b) {
   const int64_t k = g.rows;
   if (g.cols != k || b.rows != k) throw std::invalid_argument("solve_spd: shapes");

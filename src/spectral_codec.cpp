@@ -70,30 +70,6 @@ int64_t quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* 
   return ok;
 }
 
-// Upper Cholesky factor U of H^-1 (H^-1 = U^T U) for error-feedback quantisation.
-Matrix inverse_cholesky_upper(const Matrix& h) {
-  const int64_t n = h.rows;
-  Matrix eye(n, n);
-  for (int64_t i = 0; i < n; ++i) eye(i, i) = 1.0;
-  Matrix inv = solve_spd(h, eye);
-  // Symmetrise, then the lower Cholesky L of inv; U = L^T.
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < i; ++j) inv(i, j) = inv(j, i) = 0.5 * (inv(i, j) + inv(j, i));
-  Matrix l(n, n);
-  for (int64_t j = 0; j < n; ++j) {
-    double d = inv(j, j);
-    for (int64_t t = 0; t < j; ++t) d -= l(j, t) * l(j, t);
-    const double ljj = std::sqrt(std::max(d, 1e-300));
-    l(j, j) = ljj;
-    for (int64_t i = j + 1; i < n; ++i) {
-      double v = inv(i, j);
-      for (int64_t t = 0; t < j; ++t) v -= l(i, t) * l(j, t);
-      l(i, j) = v / ljj;
-    }
-  }
-  return l.transposed();
-}
-
 // Like quantize_columns (no rotation), but each column's rounding errors are fed forward to the
 // coordinates not yet quantised so as to minimise e^T H e (GPTQ, Frantar et al. 2022), where
 // `hinv_u` is inverse_cholesky_upper(H). As in GPTQ, rows go in blocks: feedback inside a block

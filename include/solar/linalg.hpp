@@ -44,6 +44,11 @@ Qr thin_qr(const Matrix& a);
 // (the columns of b); near-singular G is regularised by 1e-12 * trace(G).
 Matrix solve_spd(const Matrix& g, const Matrix& b);
 
+// The upper triangular U with H^-1 = U^T U, for a symmetric positive definite H (LAPACK dpotrf,
+// dpotri, dpotrf: the factor GPTQ-style error feedback needs). Throws InvalidInput if H is not
+// positive definite even after a tiny diagonal regularisation.
+Matrix inverse_cholesky_upper(const Matrix& h);
+
 // Minimum-norm least squares: argmin ||D x - t||, smallest ||x|| among minimisers (LAPACK gelsd).
 // D is rows x cols (row-major). rcond < 0 uses machine precision.
 std::vector<double> lstsq_min_norm(const Matrix& d, const std::vector<double>& t, double rcond = -1.0);

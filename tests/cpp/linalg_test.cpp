@@ -75,6 +75,23 @@ TEST(Linalg, SvdIsInvariantToTheSignOfTheInput) {
     for (int64_t j = 0; j < 6; ++j) EXPECT_NEAR(a.U(i, j), b.U(i, j), 1e-10);
 }
 
+TEST(Linalg, InverseCholeskyFactorsTheInverse) {
+  for (int64_t n : {1, 7, 40}) {
+    const Matrix z = random_matrix(n, 2 * n, 21);
+    Matrix h = matmul(z, z, false, true);  // SPD
+    const Matrix u = inverse_cholesky_upper(h);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < i; ++j) EXPECT_EQ(u(i, j), 0.0);  // upper triangular
+    const Matrix id = matmul(matmul(u, u, true), h);              // U^T U H = I
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) EXPECT_NEAR(id(i, j), i == j ? 1.0 : 0.0, 1e-9) << n;
+  }
+  Matrix indefinite(2, 2);
+  indefinite(0, 0) = 1;
+  indefinite(1, 1) = -1;
+  EXPECT_SOLAR_ERROR(inverse_cholesky_upper(indefinite), ErrorKind::InvalidInput, "positive definite");
+}
+
 TEST(Linalg, LeastSquaresOverdeterminedMatchesNormalEquations) {
   const Matrix d = random_matrix(20, 4, 11);
   std::vector<double> t(20);
