@@ -3,7 +3,9 @@
 For every LoRA-adapted module, the second moment of its inputs, E[x x^T] (n x n), and, when the
 batches give a loss, of the loss gradient at its outputs, E[g g^T] (m x m). Together they are a
 Kronecker-factored Fisher approximation (K-FAC): an update error E then costs about
-tr(G E S E^T) / 2 in loss, which is what the codec minimises instead of the Frobenius norm.
+tr(G E S E^T) / 2 in loss per token when the loss is summed over tokens (with a mean loss, as
+``model(**batch).loss``, G carries a constant factor 1 / tokens², which changes no choice the
+codec makes: its targets are relative). The codec minimises it instead of the Frobenius norm.
 Only this file's tensors leave the machine that computes them; the receiver never needs them.
 """
 from __future__ import annotations
