@@ -45,13 +45,15 @@ EXTRA_METHODS: list[Callable[[str, bool], list[Method]]] = []
 
 FAMILY_ORDER = ["peft", "int-quant", "svd-fp16", "svd+int8", "svd+int4", "compeft", "nola",
                 "solar-paper", "solar-paper-refit", "solar-paper-omp", "solar-spectral", "solar-spectral-w",
-                "solar-spectral-cal"]
+                "solar-spectral-wgram", "solar-spectral-cal"]
 
 # Calibrated spectral: K-FAC statistics from bench/calibration.py (computed once, cached).
 SPECTRAL_CAL_TARGETS = [0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.07, 0.05, 0.04, 0.03]
 
 SPECTRAL_TARGETS = [0.5, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01]
 SPECTRAL_W_TARGETS = [0.3, 0.2, 0.1, 0.05, 0.02]
+# What W alone can stand in for: errors weighted by W^T W instead of calibration statistics.
+SPECTRAL_WGRAM_TARGETS = [0.3, 0.2, 0.1, 0.05, 0.02]
 
 
 def paper_grid(model: str, smoke: bool) -> list[tuple[int, float, int]]:
@@ -96,6 +98,9 @@ def methods_for(model: str, rank: int, smoke: bool = False) -> list[Method]:
         ms.append(Method(f"spectral-w t={t:g}", "solar-spectral-w",
                          cli=["--mode", "spectral-w", "--target-error", f"{t:g}"]))
     if not smoke:
+        for t in SPECTRAL_WGRAM_TARGETS:
+            ms.append(Method(f"spectral base-gram t={t:g}", "solar-spectral-wgram",
+                             cli=["--mode", "spectral", "--proxy", "base-gram", "--target-error", f"{t:g}"]))
         # The paper's method with its solver repaired (same file format, same decoder).
         for n, f in ((1000, 0.1), (1000, 0.3)):
             ms.append(Method(f"paper-refit N={n} keep={f:g} b=8", "solar-paper-refit",
