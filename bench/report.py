@@ -119,7 +119,7 @@ def goals_section(results: list[dict]) -> str:
             met += ok
             total += 1
             lines.append(f"| {res['model']} | ≥{lv:.0%} | {_fmt_bytes(b)} B `{name}` | {100 * b / t16:.1f}% / "
-                         f"{100 * b / f16:.1f}% | {size_ok} | "
+                         + (f"{100 * b / f16:.1f}%" if f16 else "?") + f" | {size_ok} | "
                          + (f"{_fmt_bytes(oth[0][0])} B `{oth[0][1]}`" if oth else "none") +
                          f" | {ratio:.2f}× | " + (f"{ratio_lora:.2f}×" if ratio_lora else "—") +
                          f" | {'met' if ok else 'not met'} |")
