@@ -251,15 +251,17 @@ class SpectralCodec final : public LayerCodec {
     const std::string where = mode() + " layer " + std::to_string(ctx.layer_index());
     if (c.setting.size() != 4) throw Error(ErrorKind::InvalidInput, where, "not an operating point of this mode");
     const Point p{c.setting[0], c.setting[1], c.setting[2], c.setting[3]};
+    if (p.k < 0 || p.k > s.r || p.dz < 0 || p.dz >= static_cast<int>(std::size(kDeadZones)))
+      throw Error(ErrorKind::InvalidInput, where, "not an operating point of this layer");
     if (p.k == 0) return {0};
     const LayerSetup u = setup(ctx, f);
-    Coded cx, cy;
-    Refit fit;
     Coded all;  // exactly as candidates() computed it: all r columns, then the prefix
-    if (p.k > s.r || p.dz < 0 || p.dz >= static_cast<int>(std::size(kDeadZones)) ||
-        quantize_side(u.x, s.r, step_of(p.tx), u.ru, u.hx, p.dz, all) < p.k ||
-        !quantize_y(u, fit = refit(u, cx = prefix(all, s.m, p.k)), p.k, p.ty, p.dz, cy))
+    if (quantize_side(u.x, s.r, step_of(p.tx), u.ru, u.hx, p.dz, all) < p.k)
       throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
+    const Coded cx = prefix(all, s.m, p.k);
+    const Refit fit = refit(u, cx);
+    Coded cy;
+    if (!quantize_y(u, fit, p.k, p.ty, p.dz, cy)) throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
     return symbols_of(p.k, p.tx, p.ty, cx.q, cy.q);
   }
 
