@@ -62,7 +62,7 @@ struct EncodedLayer {
 };
 
 // One operating point of a layer: what it loses (weighted squared error of B A), what it costs
-// (estimated bytes of its blobs), and the codec's own settings from which encode_candidate
+// (estimated bytes in the stream), and the codec's own settings from which candidate_symbols
 // rebuilds it exactly. Points are cheap to list; only the chosen one is ever encoded.
 struct Candidate {
   double distortion = 0;
