@@ -185,14 +185,15 @@ void plan_and_fill(Container& c, const LayerCodec& codec, const std::vector<std:
       throw Error(ErrorKind::InvalidInput, "compress",
                   "--target-bytes " + std::to_string(target) + " is below the smallest file for this adapter (" + std::to_string(smallest) + " bytes)");
     const size_t overhead = smallest - c.layers.front().encoded.blobs.front().size();
-    std::optional<std::vector<size_t>> best;
-    double best_distortion = 0;
+    // Dropping every layer fits (checked above): the fallback any better plan replaces.
+    std::vector<size_t> best(count, 0);
+    double best_distortion = distortion_of(best);
+    std::map<std::vector<size_t>, long> sizes{{best, static_cast<long>(smallest)}};  // plans tried -> file size
     auto estimate = [&](const std::vector<size_t>& pick) {
       long n = 0;
       for (size_t i = 0; i < count; ++i) n += static_cast<long>(candidates[i][pick[i]].bytes);
       return n;
     };
-    std::map<std::vector<size_t>, long> sizes;  // plans tried -> their file size
     long payload = static_cast<long>(target - overhead);
     for (int attempt = 0; attempt < 32 && payload > 0; ++attempt) {
       budget.payload_bytes = static_cast<size_t>(payload);
@@ -210,18 +211,14 @@ void plan_and_fill(Container& c, const LayerCodec& codec, const std::vector<std:
       assign(pick);
       const long size = static_cast<long>(serialize_container(c).size());
       sizes[pick] = size;
-      if (size <= static_cast<long>(target)) {
-        const double d = distortion_of(pick);
-        if (!best || d < best_distortion) {
-          best = pick;
-          best_distortion = d;
-        }
-        if (size == static_cast<long>(target)) break;
+      if (size <= static_cast<long>(target) && distortion_of(pick) < best_distortion) {
+        best = pick;
+        best_distortion = distortion_of(pick);
       }
+      if (size == static_cast<long>(target)) break;
       payload += static_cast<long>(target) - size;
     }
-    if (!best) throw Error(ErrorKind::InvalidInput, "compress", "cannot fit the adapter in " + std::to_string(target) + " bytes");
-    assign(*best);
+    assign(best);
     return;
   }
   const double e = o.target_error.value_or(kDefaultTargetError);

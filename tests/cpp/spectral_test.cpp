@@ -67,6 +67,22 @@ TEST_F(Spectral, ByteBudgetIsNeverExceeded) {
     EXPECT_GT(err, prev_err);
     prev_err = err;
   }
+  // Near the smallest possible file: every budget either fits or is refused as below it, and
+  // once one fits every larger one does.
+  bool fitted = false;
+  for (size_t budget = 60; budget < 400; budget += 7) {
+    CompressOptions o;
+    o.mode = "spectral";
+    o.target_bytes = budget;
+    try {
+      EXPECT_LE(serialize_container(compress_adapter(adapter_, none, o)).size(), budget);
+      fitted = true;
+    } catch (const Error& e) {
+      EXPECT_FALSE(fitted) << budget << ": " << e.what();
+      EXPECT_NE(std::string(e.what()).find("smallest file"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_TRUE(fitted);
   CompressOptions tiny;
   tiny.mode = "spectral";
   tiny.target_bytes = 20;
