@@ -51,17 +51,17 @@ int run_compress(const CompressArgs& a) {
   o.threads = a.threads;
   o.progress = stderr_progress(a.quiet);
   o.warn = [](const std::string& msg) { std::fprintf(stderr, "solar: warning: %s\n", msg.c_str()); };
-  o.paper.pool_a = a.pool_a.value_or(a.pool);
-  o.paper.pool_b = a.pool_b.value_or(a.pool);
+  o.paper.pool_a = a.pool_a.value_or(a.pool.value_or(o.paper.pool_a));
+  o.paper.pool_b = a.pool_b.value_or(a.pool.value_or(o.paper.pool_b));
   if (a.keep) o.paper.keep_a = o.paper.keep_b = *a.keep;
-  if (a.keep_fraction) o.paper.keep_fraction = *a.keep_fraction;
-  o.paper.bits = a.bits;
-  o.paper.noise = a.noise;
-  o.paper.solver = a.solver == "refit" ? PaperSolver::Refit : a.solver == "omp" ? PaperSolver::Omp : PaperSolver::Paper;
+  o.paper.keep_fraction = a.keep_fraction.value_or(o.paper.keep_fraction);
+  o.paper.bits = a.bits.value_or(o.paper.bits);
+  o.paper.noise = a.noise.value_or(o.paper.noise);
+  if (a.solver) o.paper.solver = paper_solver_from_name(*a.solver);
   o.target_bytes = a.target_bytes;
   o.target_error = a.target_error;
   o.proxy = a.proxy;
-  o.calibration_damping = a.calib_damping;
+  o.calibration_damping = a.calib_damping.value_or(o.calibration_damping);
   std::unique_ptr<Checkpoint> calib;
   if (!a.calib.empty()) {
     calib = std::make_unique<Checkpoint>(a.calib);

@@ -10,18 +10,18 @@ namespace solar::cli {
 struct CompressArgs {
   std::string base, adapter, out;
   std::string mode;  // empty: paper if a paper-only option was given, else spectral
-  int64_t pool = 1000;
-  std::optional<int64_t> pool_a, pool_b;
+  // Unset options keep the core's defaults (PaperOptions, CompressOptions).
+  std::optional<int64_t> pool, pool_a, pool_b;
   std::optional<int64_t> keep;
   std::optional<double> keep_fraction;
-  int bits = 8;
+  std::optional<int> bits;
   uint64_t seed = 0;
-  double noise = 1.0;
-  std::string solver = "paper";
+  std::optional<double> noise;
+  std::optional<std::string> solver;
   std::optional<size_t> target_bytes;
   std::optional<double> target_error;
   std::string calib, proxy;
-  double calib_damping = 0.1;
+  std::optional<double> calib_damping;
   int threads = 0;
   bool verify = true;
   bool quiet = false;

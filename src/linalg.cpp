@@ -193,10 +193,6 @@ void pin_blas_single_thread() {
   if (openblas_set_num_threads) openblas_set_num_threads(1);
 }
 
-}  // namespace solar
-
-namespace solar {
-
 Qr thin_qr(const Matrix& a) {
   if (a.rows < a.cols) throw std::invalid_argument("thin_qr needs rows >= cols");
   Qr out{Matrix(a.rows, a.cols), Matrix(a.cols, a.cols)};
@@ -209,7 +205,7 @@ Matrix inverse_cholesky_upper(const Matrix& h) {
   const int64_t n64 = h.rows;
   if (h.cols != n64) throw std::invalid_argument("inverse_cholesky_upper: shapes");
   if (n64 == 0) return Matrix();
-  const int n = static_cast<int>(n64);
+  const int n = checked_int(n64, "rows");
   double tr = 0;
   for (int64_t i = 0; i < n64; ++i) tr += h(i, i);
   // The buffer is symmetric, so row- and column-major read the same; LAPACK works column-major.

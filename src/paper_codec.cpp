@@ -238,6 +238,13 @@ class PaperCodec final : public LayerCodec {
 
 }  // namespace
 
+PaperSolver paper_solver_from_name(const std::string& name) {
+  if (name == "paper") return PaperSolver::Paper;
+  if (name == "refit") return PaperSolver::Refit;
+  if (name == "omp") return PaperSolver::Omp;
+  throw Error(ErrorKind::InvalidInput, "compress", "solver must be paper, refit or omp");
+}
+
 std::unique_ptr<LayerCodec> make_paper_codec(const PaperOptions& options) {
   return std::make_unique<PaperCodec>(options);
 }

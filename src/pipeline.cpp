@@ -169,7 +169,7 @@ void plan_and_fill(Container& c, const LayerCodec& codec, const std::vector<std:
       have[i] = pick[i];
     });
     for (auto& l : c.layers) l.encoded = EncodedLayer{nlohmann::json::object(), {}};
-    if (count > 0) c.layers[0].encoded.blobs = {codec.write_stream(shapes, symbols)};
+    c.layers[0].encoded.blobs = {codec.write_stream(shapes, symbols)};
   };
   auto distortion_of = [&](const std::vector<size_t>& pick) {
     double d = 0;
@@ -211,9 +211,9 @@ void plan_and_fill(Container& c, const LayerCodec& codec, const std::vector<std:
       assign(pick);
       const long size = static_cast<long>(serialize_container(c).size());
       sizes[pick] = size;
-      if (size <= static_cast<long>(target) && distortion_of(pick) < best_distortion) {
+      if (const double d = distortion_of(pick); size <= static_cast<long>(target) && d < best_distortion) {
         best = pick;
-        best_distortion = distortion_of(pick);
+        best_distortion = d;
       }
       if (size == static_cast<long>(target)) break;
       payload += static_cast<long>(target) - size;
@@ -291,7 +291,10 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
 
   Reporter report(options.progress);
   Reporter warn_once(options.warn);
-  // A layer's context: its base weight (if the mode needs it), weighting and statistics.
+  // A layer's context: its base weight (if the mode needs it), weighting and statistics. A planned
+  // layer builds it twice (to list its points, then to rebuild the chosen one): keeping every
+  // layer's W, statistics and factorisations between the passes would cost O(m² + n²) memory per
+  // layer, which large adapters cannot afford.
   auto context = [&](size_t i) {
     const LoraModule& mod = adapter.modules[i];
     LayerRecord& l = c.layers[i];

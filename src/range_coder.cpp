@@ -8,7 +8,7 @@
 
 namespace solar {
 namespace {
-constexpr int kBits = 11, kMove = kAdaptShift;
+constexpr int kBits = 11;
 static_assert(kProbOne == 1u << kBits);
 constexpr uint32_t kTop = 1u << 24;
 }  // namespace
@@ -31,12 +31,11 @@ void RangeEncoder::bit(Prob& p, int b) {
   const uint32_t bound = (range_ >> kBits) * p;
   if (b == 0) {
     range_ = bound;
-    p = static_cast<Prob>(p + (((1u << kBits) - p) >> kMove));
   } else {
     low_ += bound;
     range_ -= bound;
-    p = static_cast<Prob>(p - (p >> kMove));
   }
+  adapt(p, b);
   while (range_ < kTop) {
     range_ <<= 8;
     shift_low();
@@ -86,17 +85,14 @@ RangeDecoder::RangeDecoder(const uint8_t* data, size_t size) : data_(data), size
 
 int RangeDecoder::bit(Prob& p) {
   const uint32_t bound = (range_ >> kBits) * p;
-  int b;
-  if (code_ < bound) {
+  const int b = code_ < bound ? 0 : 1;
+  if (b == 0) {
     range_ = bound;
-    p = static_cast<Prob>(p + (((1u << kBits) - p) >> kMove));
-    b = 0;
   } else {
     code_ -= bound;
     range_ -= bound;
-    p = static_cast<Prob>(p - (p >> kMove));
-    b = 1;
   }
+  adapt(p, b);
   while (range_ < kTop) {
     range_ <<= 8;
     code_ = (code_ << 8) | next();
@@ -135,7 +131,7 @@ IntModel::IntModel() {
       }
       len_[c][i] = p;
     }
-  for (auto& row : mant_) row.fill(kProbInit);
+  mant_.fill(kProbInit);
 }
 
 // Context: bit length of the running mean of magnitudes in the current vector (0 at its start).
@@ -159,7 +155,7 @@ int32_t IntModel::decode(RangeDecoder& d, const std::string& where) {
   if (len >= 1) {
     mag = 1;
     if (len >= 2) {
-      mag = (mag << 1) | static_cast<uint32_t>(d.bit(mant_[static_cast<size_t>(len)][0]));
+      mag = (mag << 1) | static_cast<uint32_t>(d.bit(mant_[static_cast<size_t>(len)]));
       if (len >= 3) mag = (mag << (len - 2)) | d.direct(len - 2);
     }
   }

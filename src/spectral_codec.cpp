@@ -1,10 +1,10 @@
 // The `spectral` and `spectral-w` modes (docs/FORMAT.md, "Modes").
 //
-// B A = X Y^T with X = U sqrt(S), Y = V sqrt(S) from B A's own thin SVD (computed from the
-// factors, never densely). One uniform step per layer quantises the first k columns of X; Y is
-// then refitted by least squares to the quantised X (so it absorbs X's rounding error) and
-// quantised with the same step. Integers are range-coded with adaptive contexts. A layer offers
-// many (step, k) points; the pipeline picks one per layer to meet a global budget.
+// B A = X Y^T with X = U sqrt(S) from B A's own thin SVD (computed from the factors, never
+// densely). One uniform step per layer quantises the first k columns of X; Y is then refitted by
+// least squares to the quantised X (so it absorbs X's rounding error) and quantised with its own
+// step. Integers are range-coded with adaptive contexts. A layer offers many (step, k) points;
+// the pipeline picks one per layer to meet a global budget.
 // `spectral-w` codes X and Y in the coordinates of W's singular vectors (U_W^T X, V_W^T Y).
 #include <algorithm>
 #include <map>
@@ -140,21 +140,22 @@ double trace_product(const Matrix& a, const Matrix& b) {  // tr(a b), a p x q, b
 }
 
 struct SqrtPair {
-  Matrix root, inverse_root;
+  Matrix root, inverse_root;  // inverse_root only when asked for
 };
 
-// M^1/2 and M^-1/2 of a symmetric positive definite matrix (eigendecomposition via the SVD).
-SqrtPair sqrt_pair(const Matrix& m) {
+// M^1/2 and, if asked, M^-1/2 of a symmetric positive definite matrix (eigendecomposition via
+// the SVD).
+SqrtPair sqrt_pair(const Matrix& m, bool with_inverse) {
   const Svd eig = full_svd(m);
   Matrix us = eig.U, ui = eig.U;
   for (int64_t t = 0; t < m.rows; ++t) {
-    const double ev = std::max(eig.S[static_cast<size_t>(t)], 1e-300);
+    const double root = std::sqrt(std::max(eig.S[static_cast<size_t>(t)], 1e-300));
     for (int64_t i = 0; i < m.rows; ++i) {
-      us(i, t) *= std::sqrt(ev);
-      ui(i, t) /= std::sqrt(ev);
+      us(i, t) *= root;
+      ui(i, t) /= root;
     }
   }
-  return {matmul(us, eig.U, false, true), matmul(ui, eig.U, false, true)};
+  return {matmul(us, eig.U, false, true), with_inverse ? matmul(ui, eig.U, false, true) : Matrix()};
 }
 
 void check_square(const Matrix* m, int64_t dim, const char* which) {
@@ -180,8 +181,8 @@ struct LayerSetup {
   const Matrix* gm = nullptr;   // output-gradient moment G (m x m) or null
   const Matrix* ru = nullptr;   // rotations into W's singular bases (spectral-w) or null
   const Matrix* rv = nullptr;
-  Matrix x, y;                  // components: B A = X Y^T
-  Matrix gb, as;                // G B (m x r), A S (r x n)
+  Matrix x;                     // components to code: B A = X Y^T (Y is refitted, never coded as is)
+  Matrix as;                    // A S (r x n)
   Matrix hx, hy;                // inverse Cholesky factors for error feedback (empty: none)
   double energy = 0;            // the whole update in the metric
   double rms = 0;               // rms of X's entries
@@ -317,18 +318,20 @@ class SpectralCodec final : public LayerCodec {
     const int tx = static_cast<int>(dec.direct(kStepBits));
     const int ty = static_cast<int>(dec.direct(kStepBits));
     IntModel mx, my;
-    std::vector<int32_t> qx(static_cast<size_t>(s.m * k)), qy(static_cast<size_t>(s.n * k));
-    read_columns(dec, mx, qx, s.m, k, where);
-    read_columns(dec, my, qy, s.n, k, where);
-    return decode_symbols(ctx, symbols_of(k, tx, ty, qx, qy));
+    std::vector<int32_t> sym{static_cast<int32_t>(k), tx, ty};
+    get_columns(dec, mx, sym, s.m, k, where);
+    get_columns(dec, my, sym, s.n, k, where);
+    return decode_symbols(ctx, sym);
   }
 
  private:
-  static void read_columns(RangeDecoder& d, IntModel& model, std::vector<int32_t>& q, int64_t rows, int64_t k,
-                           const std::string& where) {
+  // Appends k columns of `rows` integers, each a new run of `model` (put_columns' inverse).
+  static void get_columns(RangeDecoder& d, IntModel& model, std::vector<int32_t>& out, int64_t rows, int64_t k,
+                          const std::string& where) {
+    out.reserve(out.size() + static_cast<size_t>(rows * k));
     for (int64_t j = 0; j < k; ++j) {
       model.reset_run();
-      for (int64_t i = 0; i < rows; ++i) q[static_cast<size_t>(j * rows + i)] = model.decode(d, where);
+      for (int64_t i = 0; i < rows; ++i) out.push_back(model.decode(d, where));
     }
   }
   static std::vector<int32_t> symbols_of(int64_t k, int tx, int ty, const std::vector<int32_t>& qx, const std::vector<int32_t>& qy) {
@@ -384,16 +387,8 @@ class SpectralCodec final : public LayerCodec {
     if (tx < 0 || tx > 255 || ty < 0 || ty > 255) throw Error(ErrorKind::Format, where, "step code out of range");
     m.previous_tx = static_cast<int>(tx);
     std::vector<int32_t> sym{static_cast<int32_t>(k), static_cast<int32_t>(tx), static_cast<int32_t>(ty)};
-    sym.resize(static_cast<size_t>(3 + (s.m + s.n) * k));
-    size_t at = 3;
-    for (int64_t j = 0; j < k; ++j) {
-      m.x.reset_run();
-      for (int64_t i = 0; i < s.m; ++i) sym[at++] = m.x.decode(d, where);
-    }
-    for (int64_t j = 0; j < k; ++j) {
-      m.y.reset_run();
-      for (int64_t i = 0; i < s.n; ++i) sym[at++] = m.y.decode(d, where);
-    }
+    get_columns(d, m.x, sym, s.m, k, where);
+    get_columns(d, m.y, sym, s.n, k, where);
     return sym;
   }
   // What a point costs as a layer of a fresh stream (an estimate: in a real stream the models
@@ -435,29 +430,24 @@ class SpectralCodec final : public LayerCodec {
     check_square(u.sig, s.n, "input");
     check_square(u.gm, s.m, "output");
 
-    // Components of B A optimal in that metric: SVD of (G^1/2 B)(A S^1/2), mapped back.
-    const SqrtPair ls = u.sig ? sqrt_pair(*u.sig) : SqrtPair{}, lg = u.gm ? sqrt_pair(*u.gm) : SqrtPair{};
+    // Components of B A optimal in that metric: SVD of (G^1/2 B)(A S^1/2), X mapped back.
     if (s.m >= s.r && s.n >= s.r) {
+      const SqrtPair lg = u.gm ? sqrt_pair(*u.gm, true) : SqrtPair{};
       const Qr qb = thin_qr(u.gm ? matmul(lg.root, f.B) : f.B);
-      const Qr qa = thin_qr((u.sig ? matmul(f.A, ls.root) : f.A).transposed());
+      const Qr qa = thin_qr((u.sig ? matmul(f.A, sqrt_pair(*u.sig, false).root) : f.A).transposed());
       const Svd core = full_svd(matmul(qb.R, qa.R, false, true));
       u.x = matmul(qb.Q, core.U);
-      u.y = matmul(qa.Q, core.V);
       for (int64_t j = 0; j < s.r; ++j) {
         const double sq = std::sqrt(core.S[static_cast<size_t>(j)]);
         for (int64_t i = 0; i < s.m; ++i) u.x(i, j) *= sq;
-        for (int64_t i = 0; i < s.n; ++i) u.y(i, j) *= sq;
       }
       if (u.gm) u.x = matmul(lg.inverse_root, u.x);
-      if (u.sig) u.y = matmul(ls.inverse_root, u.y);
     } else {  // rank above a dimension: code the factors as they are
       u.x = f.B;
-      u.y = f.A.transposed();
     }
     // D = tr(B^T G B A S A^T) - 2 <B^T G X~, A S Y~> + tr(X~^T G X~ Y~^T S Y~).
-    u.gb = u.left(f.B);
     u.as = u.sig ? matmul(f.A, *u.sig) : f.A;  // r x n
-    u.energy = trace_product(matmul(f.B, u.gb, true), matmul(u.as, f.A, false, true));
+    u.energy = trace_product(matmul(f.B, u.left(f.B), true), matmul(u.as, f.A, false, true));
     for (double v : u.x.data) u.rms += v * v;
     u.rms = std::sqrt(u.rms / std::max<double>(1, static_cast<double>(u.x.data.size())));
     // A weighted side's errors count tr(M)/dim times as much: its step shrinks by the square root.

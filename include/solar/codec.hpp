@@ -81,7 +81,7 @@ class LayerCodec {
   // Since format v2 such a mode codes all its layers into one range-coded stream (adaptive
   // models carried from layer to layer, one flush), as a list of integer symbols per layer.
   virtual bool plans_budget() const { return false; }
-  virtual std::vector<Candidate> candidates(const LayerContext& ctx, const Factors& f) const { return {}; }
+  virtual std::vector<Candidate> candidates(const LayerContext&, const Factors&) const { return {}; }
   // The symbols of one of candidates()'s points (given the same context and factors).
   virtual std::vector<int32_t> candidate_symbols(const LayerContext& ctx, const Factors& f, const Candidate& c) const;
   virtual std::vector<uint8_t> write_stream(const std::vector<LayerShape>& shapes,
@@ -110,6 +110,10 @@ struct PaperOptions {
   double noise = 1.0;  // sigma of the Gaussian perturbation
   PaperSolver solver = PaperSolver::Paper;
 };
+
+// The solver spelled "paper", "refit" or "omp" (as the CLI and the Python API take it); throws
+// InvalidInput for anything else.
+PaperSolver paper_solver_from_name(const std::string& name);
 
 std::unique_ptr<LayerCodec> make_paper_codec(const PaperOptions& options);
 

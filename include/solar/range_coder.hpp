@@ -16,6 +16,11 @@ inline constexpr Prob kProbInit = 1024;  // p(bit = 0) = 1/2 in 11-bit fixed poi
 inline constexpr uint32_t kProbOne = 2048;   // probabilities are 11-bit
 inline constexpr int kAdaptShift = 5;        // adaptation: p += (target - p) >> 5
 
+// The one adaptation rule every coder (and the bit counter) applies after a modelled bit.
+inline void adapt(Prob& p, int b) {
+  p = b == 0 ? static_cast<Prob>(p + ((kProbOne - p) >> kAdaptShift)) : static_cast<Prob>(p - (p >> kAdaptShift));
+}
+
 class RangeEncoder {
  public:
   void bit(Prob& p, int b);
@@ -54,13 +59,8 @@ class BitCounter {
   static constexpr uint64_t kCostScale = 1024;
   BitCounter();
   void bit(Prob& p, int b) {  // inline: it is the inner loop of every codec's rate search
-    if (b == 0) {
-      cost_ += table_[p];
-      p = static_cast<Prob>(p + ((kProbOne - p) >> kAdaptShift));
-    } else {
-      cost_ += table_[kProbOne - p];
-      p = static_cast<Prob>(p - (p >> kAdaptShift));
-    }
+    cost_ += table_[b == 0 ? p : kProbOne - p];
+    adapt(p, b);
   }
   void direct(uint32_t /*value*/, int nbits) { cost_ += static_cast<uint64_t>(nbits) * kCostScale; }
   // The bytes the encoder's output would take: information rounded up plus two for the coder's
@@ -91,7 +91,7 @@ class IntModel {
   int context() const;
   void update(uint32_t mag);
   std::array<std::array<Prob, kMaxLen + 1>, kClasses> len_;
-  std::array<std::array<Prob, 2>, kMaxLen + 1> mant_;
+  std::array<Prob, kMaxLen + 1> mant_;  // the bit below the leading one, per length
   uint64_t sum_ = 0, count_ = 0;
 };
 
@@ -106,7 +106,7 @@ void IntModel::encode(Coder& e, int32_t v) {
     if (!more) break;
   }
   if (len >= 2) {
-    e.bit(mant_[static_cast<size_t>(len)][0], static_cast<int>((mag >> (len - 2)) & 1u));
+    e.bit(mant_[static_cast<size_t>(len)], static_cast<int>((mag >> (len - 2)) & 1u));
     if (len >= 3) e.direct(mag & ((1u << (len - 2)) - 1u), len - 2);
   }
   if (len >= 1) e.direct(v < 0 ? 1u : 0u, 1);

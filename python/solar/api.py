@@ -165,6 +165,10 @@ def _base_or_empty(base: Any) -> "_ext.Base":
     return _ext.Base.in_memory([], "<no base given>") if base is None else _base_source(base)
 
 
+def _opt(kind: type, value: Any) -> Any:
+    return None if value is None else kind(value)
+
+
 def _compressed(compressed: Any) -> "_ext.Compressed":
     if isinstance(compressed, CompressedAdapter):
         return compressed._c
@@ -194,7 +198,7 @@ def compress(
     calibration: Any = None,
     proxy: str = "",
     solver: Optional[str] = None,
-    calibration_damping: float = 0.1,
+    calibration_damping: Optional[float] = None,
 ) -> CompressedAdapter:
     """Compresses a PEFT LoRA adapter against its base model.
 
@@ -216,7 +220,7 @@ def compress(
         calibration: spectral modes: statistics from :func:`solar.calibrate` (a dict or a
             .safetensors path); errors are then weighed by what they do to the loss.
         calibration_damping: share of each statistic's mean diagonal added to its diagonal, so
-            directions the calibration data did not exercise still count.
+            directions the calibration data did not exercise still count (default 0.1).
         proxy: spectral modes without calibration: ``"base-gram"`` weighs errors by W^T W.
         pool, pool_a, pool_b: pool sizes N_A, N_B (``pool`` for both unless overridden).
         keep: coefficients kept per factor (k_A = k_B); overrides ``keep_fraction``.
@@ -234,11 +238,6 @@ def compress(
     paper_options = (pool, pool_a, pool_b, keep, keep_fraction, bits, noise, solver)
     if mode is None:
         mode = "paper" if any(v is not None for v in paper_options) else "spectral"
-    pool = 1000 if pool is None else pool
-    keep_fraction = 0.3 if keep_fraction is None else keep_fraction
-    bits = 8 if bits is None else bits
-    noise = 1.0 if noise is None else noise
-    solver = "paper" if solver is None else solver
     src = _adapter_source(adapter, adapter_name)
     weights = _base_or_empty(base)
     calib = None if calibration is None else _base_source(calibration)
@@ -246,20 +245,21 @@ def compress(
         src,
         weights,
         mode,
-        int(pool if pool_a is None else pool_a),
-        int(pool if pool_b is None else pool_b),
-        None if keep is None else int(keep),
-        float(keep_fraction),
-        int(bits),
+        # Unset paper options keep the core's defaults (N = 1000, 30% kept, 8 bits, noise 1).
+        _opt(int, pool if pool_a is None else pool_a),
+        _opt(int, pool if pool_b is None else pool_b),
+        _opt(int, keep),
+        _opt(float, keep_fraction),
+        _opt(int, bits),
         int(seed),
-        float(noise),
+        _opt(float, noise),
         int(threads),
-        None if target_bytes is None else int(target_bytes),
-        None if target_error is None else float(target_error),
+        _opt(int, target_bytes),
+        _opt(float, target_error),
         calib,
         str(proxy),
-        str(solver),
-        float(calibration_damping),
+        _opt(str, solver),
+        _opt(float, calibration_damping),
     )
     return CompressedAdapter(c)
 

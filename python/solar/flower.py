@@ -211,10 +211,11 @@ def encode_arrays(
     first LoRA array and every other array unchanged; the CompressedAdapter or None when
     there were no LoRA pairs). ``codec`` goes to :func:`solar.compress` (mode, target_error, ...)."""
     keys = list(arrays)
-    pairs, _others = _split_lora(keys)
+    pairs, others = _split_lora(keys)
     if not pairs:
         return dict(arrays), None
-    lora_keys = [k for k in keys if any(k in ab.values() for ab in pairs.values())]
+    others = set(others)
+    lora_keys = [k for k in keys if k not in others]
     # The codec takes F32/F16/BF16 factors; float64 ones are sent as float32.
     lora = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in ((k, _np(arrays[k])) for k in lora_keys)}
     layout = _layout(lora_keys)
@@ -564,11 +565,11 @@ class SolarStrategy(Strategy):
             for k, v in lora.items():
                 if not np.all(np.isfinite(v)):
                     raise _Rejected(f"decoded array '{k}' has non-finite values")
-            pairs, _ = _split_lora(list(lora) if self.aggregation == "factors" else [])
-            for ab in pairs.values():
-                ref = self._global_a.get(ab["A"])
-                if ref is not None and ref.shape == lora[ab["A"]].shape and lora[ab["B"]].shape[1] == ref.shape[0]:
-                    lora[ab["A"]], lora[ab["B"]] = regauge(lora[ab["A"]], lora[ab["B"]], ref)
+            if self.aggregation == "factors":  # A and B are averaged: bring them to the global gauge
+                for ab in _split_lora(list(lora))[0].values():
+                    ref = self._global_a.get(ab["A"])
+                    if ref is not None and ref.shape == lora[ab["A"]].shape and lora[ab["B"]].shape[1] == ref.shape[0]:
+                        lora[ab["A"]], lora[ab["B"]] = regauge(lora[ab["A"]], lora[ab["B"]], ref)
             rebuilt: dict = {}
             for k in record.keys():
                 if k == PAYLOAD_KEY:
@@ -617,11 +618,11 @@ class SolarStrategy(Strategy):
         returns {module: (A key, B key, rank, dtype)}."""
         found: dict = {}
         for name, record in list(msg.content.array_records.items()):
-            pairs, _ = _split_lora(list(record.keys()))
+            pairs, others = _split_lora(list(record.keys()))
             if not pairs:
                 continue
             first = {ab["A"]: mod for mod, ab in pairs.items()}
-            lora_keys = {k for ab in pairs.values() for k in ab.values()}
+            others = set(others)
             out: dict = {}
             for k in record.keys():
                 if k in first:
@@ -629,7 +630,7 @@ class SolarStrategy(Strategy):
                     a, b = record[pairs[mod]["A"]].numpy(), record[pairs[mod]["B"]].numpy()
                     out[mod + _DELTA_SUFFIX] = Array(lora_to_delta(a, b).astype(np.float32))
                     found[mod] = (pairs[mod]["A"], pairs[mod]["B"], a.shape[0], a.dtype)
-                elif k not in lora_keys:
+                elif k in others:
                     out[k] = record[k]
             msg.content.array_records[name] = ArrayRecord(out)
         return found

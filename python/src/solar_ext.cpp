@@ -234,17 +234,15 @@ struct Compressed {
   }
 };
 
-Compressed compress(const Adapter& adapter, const Base& base, const std::string& mode, int64_t pool_a,
-                    int64_t pool_b, std::optional<int64_t> keep, double keep_fraction, int bits, uint64_t seed,
-                    double noise, int threads, std::optional<size_t> target_bytes, std::optional<double> target_error,
-                    const Base* calibration, const std::string& proxy, const std::string& solver,
-                    double calibration_damping) {
+// Options left as None keep the core's defaults (PaperOptions, CompressOptions), as in the CLI.
+Compressed compress(const Adapter& adapter, const Base& base, const std::string& mode, std::optional<int64_t> pool_a,
+                    std::optional<int64_t> pool_b, std::optional<int64_t> keep, std::optional<double> keep_fraction,
+                    std::optional<int> bits, uint64_t seed, std::optional<double> noise, int threads,
+                    std::optional<size_t> target_bytes, std::optional<double> target_error, const Base* calibration,
+                    const std::string& proxy, std::optional<std::string> solver, std::optional<double> calibration_damping) {
   solar::CompressOptions o;
-  o.calibration_damping = calibration_damping;
-  if (solver == "paper") o.paper.solver = solar::PaperSolver::Paper;
-  else if (solver == "refit") o.paper.solver = solar::PaperSolver::Refit;
-  else if (solver == "omp") o.paper.solver = solar::PaperSolver::Omp;
-  else throw solar::Error(solar::ErrorKind::InvalidInput, "compress", "solver must be paper, refit or omp");
+  o.calibration_damping = calibration_damping.value_or(o.calibration_damping);
+  if (solver) o.paper.solver = solar::paper_solver_from_name(*solver);
   o.target_bytes = target_bytes;
   o.target_error = target_error;
   o.calibration = calibration ? calibration->source.get() : nullptr;
@@ -252,12 +250,12 @@ Compressed compress(const Adapter& adapter, const Base& base, const std::string&
   o.mode = mode;
   o.seed = seed;
   o.threads = threads;
-  o.paper.pool_a = pool_a;
-  o.paper.pool_b = pool_b;
+  o.paper.pool_a = pool_a.value_or(o.paper.pool_a);
+  o.paper.pool_b = pool_b.value_or(o.paper.pool_b);
   if (keep) o.paper.keep_a = o.paper.keep_b = *keep;
-  o.paper.keep_fraction = keep_fraction;
-  o.paper.bits = bits;
-  o.paper.noise = noise;
+  o.paper.keep_fraction = keep_fraction.value_or(o.paper.keep_fraction);
+  o.paper.bits = bits.value_or(o.paper.bits);
+  o.paper.noise = noise.value_or(o.paper.noise);
   Compressed c;
   nb::gil_scoped_release nogil;
   c.container = solar::compress_adapter(adapter.adapter, *base.source, o);
@@ -336,9 +334,9 @@ NB_MODULE(_ext, m) {
       .def_prop_ro("producer", [](const Compressed& c) { return c.container.producer; })
       .def_prop_ro("key_prefix", [](const Compressed& c) { return c.container.key_prefix; });
 
-  m.def("compress", &compress, "adapter"_a, "base"_a, "mode"_a, "pool_a"_a, "pool_b"_a, "keep"_a.none(),
-        "keep_fraction"_a, "bits"_a, "seed"_a, "noise"_a, "threads"_a, "target_bytes"_a.none(), "target_error"_a.none(),
-        "calibration"_a.none(), "proxy"_a, "solver"_a, "calibration_damping"_a);
+  m.def("compress", &compress, "adapter"_a, "base"_a, "mode"_a, "pool_a"_a.none(), "pool_b"_a.none(), "keep"_a.none(),
+        "keep_fraction"_a.none(), "bits"_a.none(), "seed"_a, "noise"_a.none(), "threads"_a, "target_bytes"_a.none(),
+        "target_error"_a.none(), "calibration"_a.none(), "proxy"_a, "solver"_a.none(), "calibration_damping"_a.none());
   m.def("decompress", &decompress, "compressed"_a, "base"_a, "threads"_a,
         "Returns (config_json, [(key, dtype, shape, uint8 array)], file_metadata).");
   m.def("restore_to_dir", &restore_to_dir, "compressed"_a, "base"_a, "out_dir"_a, "threads"_a);

@@ -21,22 +21,22 @@ const std::string kGoldenV2 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v2";
 // Pinned in docs/FORMAT.md: changing the dictionary is a format change.
 constexpr uint32_t kDictionaryXxh32 = 0x383e7759u;
 
-// The golden container: a rank-2 LoRA on one 24 x 16 layer whose base weight comes from the
-// portable Philox stream (seed 2024), plus an F16 passthrough tensor.
-Tensor golden_base() {
-  std::vector<float> w(24 * 16);
-  philox_normals(2024, 0, 0, 0, 0, w.size(), w.data());
-  return Tensor::from_f32(w, {24, 16}, DType::F32);
+// A rows x cols tensor of portable Philox normals (seed, layer, member), as the golden files use.
+Tensor philox_tensor(uint64_t seed, uint32_t layer, uint32_t member, int64_t rows, int64_t cols, DType dtype) {
+  std::vector<float> v(static_cast<size_t>(rows * cols));
+  philox_normals(seed, layer, member, 0, 0, v.size(), v.data());
+  return Tensor::from_f32(v, {rows, cols}, dtype);
 }
 
+// The golden container: a rank-2 LoRA on one 24 x 16 layer whose base weight comes from the
+// portable Philox stream (seed 2024), plus an F16 passthrough tensor.
+Tensor golden_base() { return philox_tensor(2024, 0, 0, 24, 16, DType::F32); }
+
 PeftAdapter golden_adapter() {
-  std::vector<float> a(2 * 16), b(24 * 2);
-  philox_normals(2025, 0, 0, 0, 0, a.size(), a.data());
-  philox_normals(2025, 0, 1, 0, 0, b.size(), b.data());
   nlohmann::json cfg = {{"peft_type", "LORA"}, {"r", 2}, {"lora_alpha", 4}, {"target_modules", {"proj"}}};
   std::vector<std::pair<std::string, Tensor>> t;
-  t.emplace_back("base_model.model.golden.proj.lora_A.weight", Tensor::from_f32(a, {2, 16}, DType::F32));
-  t.emplace_back("base_model.model.golden.proj.lora_B.weight", Tensor::from_f32(b, {24, 2}, DType::F16));
+  t.emplace_back("base_model.model.golden.proj.lora_A.weight", philox_tensor(2025, 0, 0, 2, 16, DType::F32));
+  t.emplace_back("base_model.model.golden.proj.lora_B.weight", philox_tensor(2025, 0, 1, 24, 2, DType::F16));
   t.emplace_back("base_model.model.head.weight", Tensor::from_f32({1, -2, 3.5f, 0.25f, 8, -0.5f}, {2, 3}, DType::F16));
   return make_peft_adapter(cfg, std::move(t), {{"format", "pt"}}, "golden");
 }
@@ -178,18 +178,13 @@ TEST(Container, GoldenV1SpectralFileStillDecodes) {
 
 // Two spectral layers (24 x 16, r = 2 and 12 x 16, r = 3): in v2 they share one stream.
 PeftAdapter golden_adapter_v2() {
-  std::vector<float> a1(2 * 16), b1(24 * 2), a2(3 * 16), b2(12 * 3);
-  philox_normals(2026, 0, 0, 0, 0, a1.size(), a1.data());
-  philox_normals(2026, 0, 1, 0, 0, b1.size(), b1.data());
-  philox_normals(2026, 1, 0, 0, 0, a2.size(), a2.data());
-  philox_normals(2026, 1, 1, 0, 0, b2.size(), b2.data());
   nlohmann::json cfg = {{"peft_type", "LORA"}, {"r", 2}, {"lora_alpha", 4}, {"rank_pattern", {{"down", 3}}},
                         {"target_modules", {"up", "down"}}};
   std::vector<std::pair<std::string, Tensor>> t;
-  t.emplace_back("base_model.model.mlp.up.lora_A.weight", Tensor::from_f32(a1, {2, 16}, DType::F32));
-  t.emplace_back("base_model.model.mlp.up.lora_B.weight", Tensor::from_f32(b1, {24, 2}, DType::F32));
-  t.emplace_back("base_model.model.mlp.down.lora_A.weight", Tensor::from_f32(a2, {3, 16}, DType::F32));
-  t.emplace_back("base_model.model.mlp.down.lora_B.weight", Tensor::from_f32(b2, {12, 3}, DType::F32));
+  t.emplace_back("base_model.model.mlp.up.lora_A.weight", philox_tensor(2026, 0, 0, 2, 16, DType::F32));
+  t.emplace_back("base_model.model.mlp.up.lora_B.weight", philox_tensor(2026, 0, 1, 24, 2, DType::F32));
+  t.emplace_back("base_model.model.mlp.down.lora_A.weight", philox_tensor(2026, 1, 0, 3, 16, DType::F32));
+  t.emplace_back("base_model.model.mlp.down.lora_B.weight", philox_tensor(2026, 1, 1, 12, 3, DType::F32));
   t.emplace_back("base_model.model.head.weight", Tensor::from_f32({1, -2, 3.5f, 0.25f, 8, -0.5f}, {2, 3}, DType::F32));
   return make_peft_adapter(cfg, std::move(t), {{"format", "pt"}}, "golden v2");
 }
