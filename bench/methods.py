@@ -44,14 +44,18 @@ def codec(name: str, family: str, kind: str, **params) -> Method:
 EXTRA_METHODS: list[Callable[[str, bool], list[Method]]] = []
 
 FAMILY_ORDER = ["peft", "int-quant", "svd-fp16", "svd+int8", "svd+int4", "compeft", "nola",
-                "solar-paper", "solar-paper-refit", "solar-paper-omp", "solar-spectral", "solar-spectral-w",
+                "solar-paper", "solar-paper-refit", "solar-paper-omp", "solar-spectral", "solar-spectral-abs", "solar-spectral-w",
                 "solar-spectral-wgram", "solar-spectral-cal"]
 
 # Calibrated spectral: K-FAC statistics from bench/calibration.py (computed once, cached).
 SPECTRAL_CAL_TARGETS = [0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.07, 0.05, 0.04, 0.03]
 
-SPECTRAL_TARGETS = [0.5, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01]
-SPECTRAL_W_TARGETS = [0.3, 0.2, 0.1, 0.05, 0.02]
+# Data-free spectral, default balance (1: every layer's relative error counts the same), so the
+# target is the root mean square of the layers' relative errors.
+SPECTRAL_TARGETS = [0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.07, 0.05, 0.03, 0.02]
+# The same with --balance 0 (the whole adapter's relative error; the default before balance).
+SPECTRAL_ABS_TARGETS = [0.5, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01]
+SPECTRAL_W_TARGETS = [0.5, 0.35, 0.2, 0.1, 0.05, 0.02]
 # What W alone can stand in for: errors weighted by W^T W instead of calibration statistics.
 SPECTRAL_WGRAM_TARGETS = [0.3, 0.2, 0.1, 0.05, 0.02]
 
@@ -94,6 +98,10 @@ def methods_for(model: str, rank: int, smoke: bool = False) -> list[Method]:
                               "--seed", "0"]))
     for t in ((0.2, 0.05) if smoke else SPECTRAL_TARGETS):
         ms.append(Method(f"spectral t={t:g}", "solar-spectral", cli=["--mode", "spectral", "--target-error", f"{t:g}"]))
+    if not smoke:
+        for t in SPECTRAL_ABS_TARGETS:
+            ms.append(Method(f"spectral balance=0 t={t:g}", "solar-spectral-abs",
+                             cli=["--mode", "spectral", "--balance", "0", "--target-error", f"{t:g}"]))
     for t in ((0.05,) if smoke else SPECTRAL_W_TARGETS):
         ms.append(Method(f"spectral-w t={t:g}", "solar-spectral-w",
                          cli=["--mode", "spectral-w", "--target-error", f"{t:g}"]))

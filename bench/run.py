@@ -202,7 +202,8 @@ def run_model(model: str, args, cli: str, cli_src: str) -> dict:
     if (args.only or args.match) and path.is_file():  # partial run: merge into the previous results
         old = json.loads(path.read_text())
         names = {p["name"] for p in points}
-        out["points"] = [p for p in old["points"] if p["name"] not in names] + points
+        rerun = set(args.only or [])  # a re-run family replaces all its old points (its grid may have changed)
+        out["points"] = [p for p in old["points"] if p["name"] not in names and p["family"] not in rerun] + points
         out["run"]["partial_reruns"] = old["run"].get("partial_reruns", []) + [
             {"date": out["run"]["date"], "points": sorted(names), "seconds": round(time.time() - t_start, 1)}]
         out["run"]["date"] = old["run"]["date"]

@@ -60,6 +60,7 @@ int run_compress(const CompressArgs& a) {
   if (a.solver) o.paper.solver = paper_solver_from_name(*a.solver);
   o.target_bytes = a.target_bytes;
   o.target_error = a.target_error;
+  o.balance = a.balance;
   o.proxy = a.proxy;
   o.calibration_damping = a.calib_damping.value_or(o.calibration_damping);
   std::unique_ptr<Checkpoint> calib;

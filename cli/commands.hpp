@@ -19,7 +19,7 @@ struct CompressArgs {
   std::optional<double> noise;
   std::optional<std::string> solver;
   std::optional<size_t> target_bytes;
-  std::optional<double> target_error;
+  std::optional<double> target_error, balance;
   std::string calib, proxy;
   std::optional<double> calib_damping;
   int threads = 0;

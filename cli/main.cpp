@@ -26,6 +26,10 @@ int main(int argc, char** argv) {
   auto* te = c->add_option("--target-error", ca.target_error, "spectral modes: relative error of the updates (default 0.05)")
                  ->check(CLI::Range(0.0, 1.0));
   tb->excludes(te);
+  c->add_option("--balance", ca.balance,
+                "spectral modes: how the budget is shared between layers, 0 = by absolute error, 1 = by each layer's relative "
+                "error (default 1; 0 with --calib or --proxy)")
+      ->check(CLI::Range(0.0, 4.0));
   c->add_option("--calib", ca.calib, "spectral modes: input statistics (safetensors of <module>.input_moment, from solar.calibrate)");
   c->add_option("--calib-damping", ca.calib_damping, "share of the mean diagonal added to calibration statistics (default 0.1)")
       ->check(CLI::NonNegativeNumber);

@@ -47,6 +47,20 @@ bool fits(const Totals& t, const Budget& b) {
 
 }  // namespace
 
+void balance_layers(std::vector<std::vector<Candidate>>& layers, std::vector<double>& energies, double balance) {
+  if (layers.size() != energies.size()) throw Error(ErrorKind::InvalidInput, "planner", "one energy per layer");
+  if (!(balance >= 0 && balance <= 4)) throw Error(ErrorKind::InvalidInput, "planner", "balance must be in [0, 4]");
+  if (balance == 0) return;
+  const double largest = energies.empty() ? 0.0 : *std::max_element(energies.begin(), energies.end());
+  if (!(largest > 0)) return;  // nothing to code anywhere
+  for (size_t l = 0; l < layers.size(); ++l) {
+    if (!(energies[l] > 0)) continue;  // an update of zero costs nothing to drop: keep it at zero
+    const double scale = std::pow(std::max(energies[l], 1e-6 * largest), -balance);
+    for (Candidate& c : layers[l]) c.distortion *= scale;
+    energies[l] *= scale;
+  }
+}
+
 std::vector<size_t> pareto_indices(const std::vector<Candidate>& c) {
   if (c.empty()) return {};
   std::vector<size_t> order(c.size() - 1);

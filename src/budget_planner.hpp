@@ -19,6 +19,13 @@ struct Budget {
 // never picks the others), candidate 0 (drop the layer) left out; ascending bytes.
 std::vector<size_t> pareto_indices(const std::vector<Candidate>& c);
 
+// Shares an error budget between layers by relative rather than absolute error: divides each
+// layer's distortions (and its energy, the distortion of dropping it) by energy^balance.
+// balance 0 leaves them as they are; 1 makes every layer's relative error count the same.
+// Energies below 1e-6 of the largest count as that floor, so a layer that barely moved does not
+// claim a full share of the bytes.
+void balance_layers(std::vector<std::vector<Candidate>>& layers, std::vector<double>& energies, double balance);
+
 // Returns the chosen index for each layer. Throws InvalidInput when no choice meets the budget.
 std::vector<size_t> plan_budget(const std::vector<std::vector<Candidate>>& layers, const Budget& budget);
 

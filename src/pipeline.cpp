@@ -257,6 +257,9 @@ std::vector<float> canonical_base(const WeightSource& base, const std::string& k
 Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base, const CompressOptions& options) {
   pin_blas_single_thread();
   const std::unique_ptr<LayerCodec> codec = make_encoder(options);
+  const bool metric_weighted = options.calibration != nullptr || !options.proxy.empty();
+  const double balance = options.balance.value_or(metric_weighted ? 0.0 : kFrobeniusBalance);
+  if (!(balance >= 0 && balance <= 4)) throw Error(ErrorKind::InvalidInput, "compress", "balance must be between 0 and 4");
   const bool transpose = adapter.fan_in_fan_out();
   Container c;
   c.seed = options.seed;
@@ -335,9 +338,11 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
            dims(l.shape.m, l.shape.n) + ", r=" + std::to_string(l.shape.r) + ") " +
            (codec->plans_budget() ? "analysed" : "encoded") + " in " + std::to_string(seconds_since(t0)).substr(0, 5) + " s");
   });
-  if (codec->plans_budget())
+  if (codec->plans_budget()) {
+    balance_layers(candidates, energies, balance);
     plan_and_fill(c, *codec, candidates, energies, options,
                   [&](size_t i, const Candidate& pick) { return codec->candidate_symbols(context(i), factors(i), pick); });
+  }
   return c;
 }
 

@@ -199,6 +199,7 @@ def compress(
     proxy: str = "",
     solver: Optional[str] = None,
     calibration_damping: Optional[float] = None,
+    balance: Optional[float] = None,
 ) -> CompressedAdapter:
     """Compresses a PEFT LoRA adapter against its base model.
 
@@ -217,6 +218,10 @@ def compress(
         target_bytes: spectral modes: the whole file is at most this many bytes.
         target_error: spectral modes: relative error of the updates in the mode's metric
             (default 0.05 when neither target is given).
+        balance: spectral modes: how the budget is shared between layers, from 0 (errors count
+            as they are: layers with large updates get most bytes) to 1 (every layer's relative
+            error counts the same). Default 1 with the plain metric, 0 with ``calibration`` or
+            ``proxy`` (their metric already weighs each layer by its effect).
         calibration: spectral modes: statistics from :func:`solar.calibrate` (a dict or a
             .safetensors path); errors are then weighed by what they do to the loss.
         calibration_damping: share of each statistic's mean diagonal added to its diagonal, so
@@ -260,6 +265,7 @@ def compress(
         str(proxy),
         _opt(str, solver),
         _opt(float, calibration_damping),
+        _opt(float, balance),
     )
     return CompressedAdapter(c)
 

@@ -1,5 +1,7 @@
 // The spectral modes end to end on stories260K adapters.
+#include <array>
 #include <cmath>
+#include <optional>
 
 #include <gtest/gtest.h>
 
@@ -17,8 +19,10 @@ class Spectral : public ::testing::Test {
     base_ = std::make_unique<Checkpoint>(path);
     adapter_ = test::stories_adapter(*base_, 4, {"wq", "wv"});
   }
-  // Aggregate relative error sqrt(sum ||dW - dW~||^2 / sum ||dW||^2) (all scalings are equal here).
-  double aggregate_error(const PeftAdapter& back) const {
+  // The error the planner's target bounds: sqrt(sum_l v_l D_l / sum_l v_l E_l), D_l = ||dW - dW~||^2,
+  // E_l = ||dW||^2, v_l = E_l^-balance (all scalings are equal here). Balance 0: the aggregate
+  // relative error; 1: the root mean square of the layers' relative errors.
+  double aggregate_error(const PeftAdapter& back, double balance = kFrobeniusBalance) const {
     double num = 0, den = 0;
     for (size_t i = 0; i < adapter_.modules.size(); ++i) {
       const auto& m = adapter_.modules[i];
@@ -26,8 +30,9 @@ class Spectral : public ::testing::Test {
                               Matrix::from_f32(m.A.to_f32().data(), m.A.shape[0], m.A.shape[1]));
       const double e = relative_delta_error(m.A, m.B, back.modules[i].A, back.modules[i].B);
       const double n2 = frobenius_norm(d) * frobenius_norm(d);
-      num += e * e * n2;
-      den += n2;
+      const double v = std::pow(n2, -balance);
+      num += v * e * e * n2;
+      den += v * n2;
     }
     return std::sqrt(num / den);
   }
@@ -37,20 +42,54 @@ class Spectral : public ::testing::Test {
 
 TEST_F(Spectral, MeetsTheErrorTargetAndNeedsNoBase) {
   InMemoryWeights none("<none>");
-  double prev_bytes = 1e18;
-  for (double target : {0.01, 0.05, 0.2}) {
+  for (const std::optional<double> balance : {std::optional<double>{}, std::optional<double>{0.0}, std::optional<double>{0.5}}) {
+    double prev_bytes = 1e18;
+    for (double target : {0.01, 0.05, 0.2}) {
+      CompressOptions o;
+      o.mode = "spectral";
+      o.target_error = target;
+      o.balance = balance;
+      const Container c = compress_adapter(adapter_, none, o);
+      const auto bytes = serialize_container(c);
+      const PeftAdapter back = decompress_container(parse_container(bytes.data(), bytes.size(), "m"), none);
+      const double err = aggregate_error(back, balance.value_or(kFrobeniusBalance));
+      EXPECT_LE(err, target * 1.0001) << target;
+      EXPECT_GT(err, target * 0.3) << "a looser target should not cost the bytes of a tighter one";
+      EXPECT_LT(static_cast<double>(bytes.size()), prev_bytes);
+      prev_bytes = static_cast<double>(bytes.size());
+    }
+  }
+}
+
+TEST_F(Spectral, BalanceSharesTheErrorBetweenLayers) {
+  // Scale half the layers' updates down 10x: by absolute error (balance 0) they are nearly
+  // dropped; by relative error (balance 1) they keep about the others' relative error.
+  PeftAdapter mixed = adapter_;
+  for (size_t i = 0; i < mixed.modules.size(); i += 2) {
+    std::vector<float> b = mixed.modules[i].B.to_f32();
+    for (float& x : b) x *= 0.1f;
+    mixed.modules[i].B = Tensor::from_f32(b, mixed.modules[i].B.shape, mixed.modules[i].B.dtype);
+  }
+  InMemoryWeights none("<none>");
+  auto errors = [&](double balance) {  // worst relative error of the small layers, of the large ones
     CompressOptions o;
     o.mode = "spectral";
-    o.target_error = target;
-    const Container c = compress_adapter(adapter_, none, o);
-    const auto bytes = serialize_container(c);
-    const PeftAdapter back = decompress_container(parse_container(bytes.data(), bytes.size(), "mem"), none);
-    const double err = aggregate_error(back);
-    EXPECT_LE(err, target * 1.0001) << target;
-    EXPECT_GT(err, target * 0.3) << "a looser target should not cost the bytes of a tighter one";
-    EXPECT_LT(static_cast<double>(bytes.size()), prev_bytes);
-    prev_bytes = static_cast<double>(bytes.size());
-  }
+    o.target_error = 0.1;
+    o.balance = balance;
+    const auto bytes = serialize_container(compress_adapter(mixed, none, o));
+    const PeftAdapter back = decompress_container(parse_container(bytes.data(), bytes.size(), "m"), none);
+    std::array<double, 2> worst{0, 0};
+    for (size_t i = 0; i < mixed.modules.size(); ++i) {
+      const auto& m = mixed.modules[i];
+      worst[i % 2] = std::max(worst[i % 2], relative_delta_error(m.A, m.B, back.modules[i].A, back.modules[i].B));
+    }
+    return worst;
+  };
+  const auto absolute = errors(0.0), relative = errors(1.0);
+  EXPECT_GT(absolute[0], 0.5) << "by absolute error the small layers are hardly coded";
+  EXPECT_LT(relative[0], 0.3);
+  EXPECT_LT(relative[1], 0.3);
+  EXPECT_GT(relative[1], absolute[1]) << "their bytes come from the large layers";
 }
 
 TEST_F(Spectral, ByteBudgetIsNeverExceeded) {

@@ -14,7 +14,9 @@ import solar
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 
 
-def _delta_error(original: dict, restored: dict) -> float:
+def _delta_error(original: dict, restored: dict, balance: float) -> float:
+    """The error a target bounds: sqrt(sum v_l D_l / sum v_l E_l), v_l = E_l^-balance (balance 0:
+    the aggregate relative error; 1: the root mean square of the layers' relative errors)."""
     num = den = 0.0
     for key, a in original.items():
         if not key.endswith("lora_A.weight"):
@@ -22,8 +24,10 @@ def _delta_error(original: dict, restored: dict) -> float:
         bkey = key.replace("lora_A", "lora_B")
         d1 = original[bkey].double() @ a.double()
         d2 = restored[bkey].double() @ restored[key].double()
-        num += float(((d1 - d2) ** 2).sum())
-        den += float((d1 ** 2).sum())
+        energy = float((d1 ** 2).sum())
+        v = energy ** -balance
+        num += v * float(((d1 - d2) ** 2).sum())
+        den += v * energy
     return (num / den) ** 0.5
 
 
@@ -31,17 +35,20 @@ def test_spectral_meets_targets_without_a_base(stories_adapter):
     from safetensors.torch import load_file
 
     original = load_file(str(stories_adapter / "adapter_model.safetensors"))
-    sizes = []
-    for target in (0.02, 0.1, 0.3):
-        packed = solar.compress(stories_adapter, None, mode="spectral", target_error=target)
-        restored = solar.restore(packed, None)
-        assert _delta_error(original, restored) <= target * 1.0001
-        sizes.append(packed.nbytes)
-    assert sizes[0] > sizes[1] > sizes[2]
+    for balance in (None, 0.0):  # default: every layer's relative error counts the same (1)
+        sizes = []
+        for target in (0.02, 0.1, 0.3):
+            packed = solar.compress(stories_adapter, None, mode="spectral", target_error=target, balance=balance)
+            restored = solar.restore(packed, None)
+            assert _delta_error(original, restored, 1.0 if balance is None else balance) <= target * 1.0001
+            sizes.append(packed.nbytes)
+        assert sizes[0] > sizes[1] > sizes[2]
     packed = solar.compress(stories_adapter, None, mode="spectral", target_bytes=1000)
     assert packed.nbytes <= 1000
     with pytest.raises(solar.InvalidInputError, match="smallest file"):
         solar.compress(stories_adapter, None, mode="spectral", target_bytes=10)
+    with pytest.raises(solar.InvalidInputError, match="balance"):
+        solar.compress(stories_adapter, None, mode="spectral", balance=-1)
 
 
 def test_spectral_cli_and_python_write_identical_bytes(stories_adapter, solar_cli, tmp_path):
@@ -50,6 +57,10 @@ def test_spectral_cli_and_python_write_identical_bytes(stories_adapter, solar_cl
                     "--target-error", "0.07", "-q", "--no-verify"], check=True)
     packed = solar.compress(stories_adapter, None, mode="spectral", target_error=0.07)
     assert out.read_bytes() == packed.to_bytes()
+    subprocess.run([solar_cli, "compress", "--adapter", str(stories_adapter), "--out", str(out), "--mode", "spectral",
+                    "--target-error", "0.07", "--balance", "0", "-q", "--no-verify"], check=True)
+    absolute = solar.compress(stories_adapter, None, mode="spectral", target_error=0.07, balance=0)
+    assert out.read_bytes() == absolute.to_bytes() != packed.to_bytes()
 
 
 def test_calibrate_collects_kfac_statistics_and_they_steer_the_codec(stories_ckpt, stories_adapter, tmp_path):

@@ -1,0 +1,89 @@
+"""How the byte budget is shared between layers (`--balance`), checked on tuning splits rather
+than on the benchmark's evaluation sets, so that the default is not picked on the data it is
+scored on.
+
+Retention at equal file size (`--target-bytes`) for balance 0 (the whole adapter's error counts:
+layers with large updates get most bytes), 0.5, 1 (every layer's relative error counts the same)
+and 1.5, data-free and with the benchmark's K-FAC statistics. Tuning splits: stories260K on the
+TinyShakespeare validation windows the benchmark does not score (windows 64-272); MiniLM on
+SST-2 training sentences 20,000-20,871 (the fixture was trained on the first 12,800 and
+calibrated on the last 512).
+
+    python -m bench.balance_check [--models stories260k minilm_sst2] [--balances 0 0.5 1 1.5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+BUDGETS = {"stories260k": [1100, 1400, 1700, 2100, 2500], "minilm_sst2": [4500, 5500, 7000, 9000]}
+
+
+def tuning_task(model: str):
+    from bench.evaluate import MiniLMTask, StoriesTask
+
+    if model == "stories260k":
+        from bench.fixtures.stories import Tokenizer, eval_windows
+        from bench.fixtures.paths import stories260k_dir
+        from bench.fixtures.train_stories_lora import shakespeare_splits
+
+        task = StoriesTask()
+        _, val = shakespeare_splits(Tokenizer(str(stories260k_dir() / "tok512.bin")))
+        task.data = eval_windows(val, task.seq_len)[task.windows:]  # the windows the benchmark leaves out
+        return task
+    from bench.fixtures.train_minilm_sst2 import load_sst2
+
+    task = MiniLMTask()
+    tune = load_sst2("train")[20000:20872]
+    lengths = [len(ids) for ids in task.tokenizer([s for s, _ in tune], truncation=True, max_length=64)["input_ids"]]
+    task.dev = [tune[i] for i in sorted(range(len(tune)), key=lambda i: (lengths[i], i))]
+    return task
+
+
+def main(argv: list[str] | None = None) -> None:
+    from safetensors.torch import load_file
+
+    from bench.calibration import ensure
+    from bench.evaluate import retention
+    from bench.run import find_cli
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["stories260k", "minilm_sst2"])
+    ap.add_argument("--balances", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5])
+    ap.add_argument("--calibrated-balances", type=float, nargs="+", default=[0.0, 1.0])
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    cli = find_cli()
+    for model in args.models:
+        task = tuning_task(model)
+        lora = load_file(str(task.adapter_dir / "adapter_model.safetensors"))
+        base = task.evaluate({k: torch.zeros_like(v) if "lora_" in k else v for k, v in lora.items()})
+        tuned = task.evaluate(lora)
+        stats = ensure(model)
+        print(f"\n{model}, tuning split: base {base}, LoRA {tuned}")
+        print("| statistics | balance | " + " | ".join(f"{b} B" for b in BUDGETS[model]) + " |")
+        print("|---|---|" + "---|" * len(BUDGETS[model]))
+        variants = [("none", b, []) for b in args.balances] + [("K-FAC", b, ["--calib", str(stats)])
+                                                                for b in args.calibrated_balances]
+        with tempfile.TemporaryDirectory() as td:
+            for label, balance, extra in variants:
+                cells = []
+                for budget in BUDGETS[model]:
+                    subprocess.run([cli, "compress", "--base", str(task.base_path), "--adapter", str(task.adapter_dir),
+                                    "--out", f"{td}/a.solar", "-q", "--no-verify", "--balance", f"{balance:g}",
+                                    "--target-bytes", str(budget), *extra], check=True, stdout=subprocess.DEVNULL)
+                    subprocess.run([cli, "decompress", f"{td}/a.solar", "--base", str(task.base_path), "--out",
+                                    f"{td}/r", "-q"], check=True, stdout=subprocess.DEVNULL)
+                    ret = retention(base, tuned, task.evaluate(load_file(f"{td}/r/adapter_model.safetensors")))
+                    cells.append(" / ".join(f"{100 * ret[k]:.1f}%" for k in task.metrics))
+                print(f"| {label} | {balance:g} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
