@@ -7,7 +7,6 @@
 // the pipeline picks one per layer to meet a global budget.
 // `spectral-w` codes X and Y in the coordinates of W's singular vectors (U_W^T X, V_W^T Y).
 #include <algorithm>
-#include <array>
 #include <map>
 #include <numeric>
 #include <bit>
@@ -24,61 +23,7 @@ namespace {
 constexpr int kStepBits = 8;
 constexpr int kStepBias = 200, kStepsPerOctave = 8;  // step = 2^((t - 200) / 8)
 constexpr double kMaxQuant = 1 << 29;
-
-// How a value is rounded to an integer (in units of the step). Every rule is tried where the
-// plain points reach a layer's Pareto front; the decoder does not need to know which was used.
-//   dead_zone: |v| is rounded after subtracting it (0: nearest; 0.2 trades a little distortion
-//     for many more zeros, which the entropy coder makes cheap);
-//   lambda > 0: rate-distortion rounding: of nearest, one step toward zero, and zero, the value
-//     with the least weight * error^2 + lambda * bits, bits estimated from the bit lengths of the
-//     plainly rounded values (lambda in squared steps per bit; 0.1 is near the slope of a
-//     uniform quantiser's rate-distortion curve, 2 ln 2 / 12).
-struct RoundingRule {
-  double dead_zone, lambda;
-};
-constexpr RoundingRule kRoundings[] = {{0.0, 0.0}, {0.2, 0.0}, {0.0, 0.1}};
-constexpr int kRoundingCount = static_cast<int>(std::size(kRoundings));
-
-// Approximate bits of an integer under IntModel's binarisation, by bit length: the length's
-// share among the values given (a static stand-in for the adaptive model), plus the bits after
-// the leading one and the sign.
-class RateTable {
- public:
-  explicit RateTable(const std::vector<int32_t>& q) {
-    std::array<double, 32> count{};
-    for (int32_t v : q) count[length(v)] += 1;
-    double total = 0;
-    for (double& c : count) total += (c += 0.1);
-    for (size_t len = 0; len < bits_.size(); ++len)
-      bits_[len] = -std::log2(count[len] / total) + static_cast<double>(len >= 2 ? len - 1 : 0) + (len >= 1 ? 1.0 : 0.0);
-  }
-  double bits(int32_t v) const { return bits_[length(v)]; }
-
- private:
-  static size_t length(int32_t v) { return static_cast<size_t>(std::bit_width(static_cast<uint32_t>(v < 0 ? -static_cast<int64_t>(v) : v))); }
-  std::array<double, 32> bits_{};
-};
-
-struct Rounder {
-  RoundingRule rule;
-  const RateTable* rate = nullptr;  // needed when rule.lambda > 0
-  // v in steps; weight: what this coordinate's squared error costs relative to the others.
-  int32_t operator()(double v, double weight) const {
-    const double av = std::fabs(v);
-    const auto nearest = static_cast<int32_t>(std::max(0.0, std::floor(av + 0.5 - rule.dead_zone)));
-    int32_t best = nearest;
-    if (rule.lambda > 0 && rate && nearest != 0) {
-      auto cost = [&](int32_t q) { return weight * (av - q) * (av - q) + rule.lambda * rate->bits(q); };
-      double best_cost = cost(nearest);
-      for (int32_t q : {nearest - 1, 0})
-        if (const double c = cost(q); c < best_cost) {
-          best_cost = c;
-          best = q;
-        }
-    }
-    return v < 0 ? -best : best;
-  }
-};
+constexpr double kDeadZones[] = {0.0, 0.2};  // rounding offsets tried for every step
 
 double step_of(int t) { return std::exp2(static_cast<double>(t - kStepBias) / kStepsPerOctave); }
 
@@ -91,8 +36,16 @@ struct Coded {
 };
 
 // Quantises the first k columns of `m` (rows x >=k), after rotating by R^T when R is given.
+// Rounds v to an integer, toward zero by `dead_zone` (0: nearest; larger values trade a little
+// distortion for many more zeros, which the entropy coder makes cheap).
+int32_t round_dz(double v, double dead_zone) {
+  const double a = std::floor(std::fabs(v) + 0.5 - dead_zone);
+  const auto q = static_cast<int32_t>(std::max(0.0, a));
+  return v < 0 ? -q : q;
+}
+
 // Returns how many leading columns could be quantised (all k unless a value overflows).
-int64_t quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* rot, Coded& out, const Rounder& rd) {
+int64_t quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* rot, Coded& out, double dead_zone = 0.0) {
   const int64_t rows = m.rows;
   Matrix coords(rows, k);
   for (int64_t i = 0; i < rows; ++i)
@@ -109,7 +62,7 @@ int64_t quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* 
         for (int64_t t = 0; t < i; ++t) deq(t, j) = 0;
         break;
       }
-      const int32_t q = rd(v, 1.0);
+      const int32_t q = round_dz(v, dead_zone);
       out.q[static_cast<size_t>(j * rows + i)] = q;
       deq(i, j) = q * step;
     }
@@ -122,14 +75,9 @@ int64_t quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* 
 // `hinv_u` is inverse_cholesky_upper(H). As in GPTQ, rows go in blocks: feedback inside a block
 // is applied row by row, to the rows after it in one matrix product. Columns stay independent.
 int64_t quantize_columns_feedback(const Matrix& m, int64_t k, double step, const Matrix& hinv_u, Coded& out,
-                                  const Rounder& rd) {
+                                  double dead_zone = 0.0) {
   constexpr int64_t kBlock = 32;
   const int64_t rows = m.rows;
-  // Rounding coordinate i (the later ones adapting) costs error^2 / hinv_u(i, i)^2: weights for
-  // rate-distortion rounding, relative to their mean.
-  double mean_cost = 0;
-  for (int64_t i = 0; i < rows; ++i) mean_cost += 1.0 / (hinv_u(i, i) * hinv_u(i, i));
-  mean_cost /= static_cast<double>(rows);
   Matrix w(rows, k);
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < k; ++j) w(i, j) = m(i, j);
@@ -146,7 +94,7 @@ int64_t quantize_columns_feedback(const Matrix& m, int64_t k, double step, const
           ok = std::min(ok, j);  // this column (and, for the caller, the ones after it) is lost
           continue;
         }
-        const int32_t q = rd(v, 1.0 / (hinv_u(i, i) * hinv_u(i, i) * mean_cost));
+        const int32_t q = round_dz(v, dead_zone);
         out.q[static_cast<size_t>(j * rows + i)] = q;
         out.value(i, j) = q * step;
         const double e = (w(i, j) - q * step) / hinv_u(i, i);
@@ -294,7 +242,7 @@ class SpectralCodec final : public LayerCodec {
     for (auto& [tx, ks] : refine) {
       std::sort(ks.begin(), ks.end());
       price(tx, 0, ks, {-2, 2});
-      for (int dz = 1; dz < kRoundingCount; ++dz) price(tx, dz, ks, {-2, 0, 2});
+      for (int dz = 1; dz < static_cast<int>(std::size(kDeadZones)); ++dz) price(tx, dz, ks, {-2, 0, 2});
     }
     return out;
   }
@@ -304,7 +252,7 @@ class SpectralCodec final : public LayerCodec {
     const std::string where = mode() + " layer " + std::to_string(ctx.layer_index());
     if (c.setting.size() != 4) throw Error(ErrorKind::InvalidInput, where, "not an operating point of this mode");
     const Point p{c.setting[0], c.setting[1], c.setting[2], c.setting[3]};
-    if (p.k < 0 || p.k > s.r || p.dz < 0 || p.dz >= kRoundingCount)
+    if (p.k < 0 || p.k > s.r || p.dz < 0 || p.dz >= static_cast<int>(std::size(kDeadZones)))
       throw Error(ErrorKind::InvalidInput, where, "not an operating point of this layer");
     if (p.k == 0) return {0};
     const LayerSetup u = setup(ctx, f);
@@ -511,14 +459,8 @@ class SpectralCodec final : public LayerCodec {
   }
 
   static int64_t quantize_side(const Matrix& v, int64_t k, double step, const Matrix* rot, const Matrix& h, int dz, Coded& c) {
-    auto run = [&](const Rounder& r) {
-      return h.rows > 0 ? quantize_columns_feedback(v, k, step, h, c, r) : quantize_columns(v, k, step, rot, c, r);
-    };
-    const RoundingRule& rule = kRoundings[dz];
-    if (rule.lambda <= 0) return run(Rounder{rule});
-    run(Rounder{RoundingRule{0.0, 0.0}});  // plain rounding first, to estimate what values cost
-    const RateTable rate(c.q);
-    return run(Rounder{rule, &rate});
+    const double dead_zone = kDeadZones[dz];
+    return h.rows > 0 ? quantize_columns_feedback(v, k, step, h, c, dead_zone) : quantize_columns(v, k, step, rot, c, dead_zone);
   }
 
   static Coded prefix(const Coded& all, int64_t rows, int64_t k) {
