@@ -290,7 +290,11 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
           "zero-padded back to rank r); ComPEFT-style top-d% entries of A and B, sign × one scale (mean |kept|) per "
           "matrix, mask and signs as bitmaps + zstd; NOLA-style: solar's paper-mode pipeline (least squares over a "
           "pool of N, top-k, k coefficients at b bits + N-bit masks) on a pure Gaussian basis; solar `paper` "
-          "(σ = 1, seed 0), `spectral` (--target-error) and `spectral-w`.",
+          "(σ = 1, seed 0) and its repaired solvers; `spectral` data-free (--target-error; default layer balance 1: the "
+          "target is the root mean square of the layers' relative errors), `spectral balance=0` (family "
+          "solar-spectral-abs: the whole adapter's relative error, the default before balance), `spectral-w` (W's "
+          "basis), `spectral base-gram` (errors weighted by WᵀW) and `spectral+calib` (K-FAC statistics from "
+          "bench/calibration.py; balance 0).",
           "", "## Headline", "", headline, "", goals_section(results), ""]
     for res in results:
         a = res["adapter"]
