@@ -484,8 +484,8 @@ def reading_notes(results: dict) -> str:
                  f"round was {accs}: one seed per setting, so differences of this size between the two runs "
                  "are within run-to-run noise, not an effect of the codec. A solar reply is the payload plus "
                  f"{head:,.0f} B of uncompressed head, metrics and message metadata. Encoding took "
-                 f"{enc:.1f} s per client per round (one thread, two simulated clients per two cores), about as "
-                 f"long as the {train:.1f} s of local training.")
+                 f"{enc:.1f} s per client per round (one thread, two simulated clients per two cores), "
+                 f"{100 * enc / train:.0f}% of the {train:.1f} s of local training.")
     return "\n".join(L) + "\n"
 
 
