@@ -115,15 +115,22 @@ int run_inspect(const InspectArgs& a) {
   }
   std::printf("%s: solar format v%u, written by %s, seed %llu\n", a.file.c_str(), c.version, c.producer.c_str(),
               static_cast<unsigned long long>(c.seed));
-  std::printf("%-48s %-6s %14s %-28s %10s\n", "module", "mode", "out x in, r", "params", "bytes");
+  std::printf("%-48s %-10s %14s %-28s %12s\n", "module", "mode", "out x in, r", "params", "bytes");
+  bool streamed = false;
   for (const auto& l : r.layers) {
     const std::string shape = std::to_string(l.shape.m) + "x" + std::to_string(l.shape.n) + ", " + std::to_string(l.shape.r);
-    std::string params = l.params.dump();
+    std::string params = l.params.dump(), size = std::to_string(l.payload_bytes);
+    // v2: a streamed mode's layers share one range-coded stream (docs/FORMAT.md, "Shared streams"):
+    // show what each layer kept and its share of the stream instead of the blob lengths.
+    if (l.stream.is_object()) {
+      streamed = true;
+      params = "kept " + std::to_string(l.stream.value("components", 0)) + " of " + std::to_string(l.shape.r) + " components";
+      size = "~" + std::to_string(std::lround(l.stream.value("bytes", 0.0))) + " *";
+    }
     if (params.size() > 28) params = params.substr(0, 25) + "...";
-    // v2: a streamed mode's layers share the first one's blob (docs/FORMAT.md, "Shared streams").
-    const std::string size = (c.version >= 2 && l.payload_bytes == 0) ? "in stream" : std::to_string(l.payload_bytes);
-    std::printf("%-48s %-6s %14s %-28s %10s\n", l.module.c_str(), l.mode.c_str(), shape.c_str(), params.c_str(), size.c_str());
+    std::printf("%-48s %-10s %14s %-28s %12s\n", l.module.c_str(), l.mode.c_str(), shape.c_str(), params.c_str(), size.c_str());
   }
+  if (streamed) std::printf("* the layer's share of its mode's one range-coded stream (bits it cost as coded / 8)\n");
   std::printf("passthrough tensors: %zu (%zu bytes)\n", c.passthrough.size(), r.passthrough_raw_bytes);
   std::printf("header+checksum %zu B, metadata %zu B (raw %zu), payload %zu B (raw %zu)\n", r.header_bytes, r.metadata_bytes,
               r.metadata_raw_bytes, r.payload_bytes, r.payload_raw_bytes);

@@ -1,4 +1,7 @@
+#include <map>
+
 #include "solar/codec.hpp"
+#include "solar/container.hpp"
 #include "solar/error.hpp"
 
 namespace solar {
@@ -18,6 +21,32 @@ std::vector<std::vector<int32_t>> LayerCodec::read_stream(const std::vector<Laye
   not_planned(mode());
 }
 Factors LayerCodec::decode_symbols(const LayerContext&, const std::vector<int32_t>&) const { not_planned(mode()); }
+std::vector<nlohmann::json> LayerCodec::stream_summary(const std::vector<LayerShape>&, const std::vector<std::vector<int32_t>>&) const {
+  not_planned(mode());
+}
+
+std::vector<ModeStream> read_streams(const Container& c) {
+  std::vector<ModeStream> out;
+  if (c.version < 2) return out;
+  std::map<std::string, std::vector<size_t>> by_mode;
+  for (size_t i = 0; i < c.layers.size(); ++i) by_mode[c.layers[i].mode].push_back(i);
+  for (auto& [mode, idx] : by_mode) {
+    ModeStream s;
+    s.codec = make_decoder(mode, "layer " + c.layers[idx.front()].module);
+    if (!s.codec->plans_budget()) continue;
+    for (size_t k = 0; k < idx.size(); ++k) {
+      const LayerRecord& l = c.layers[idx[k]];
+      if (l.encoded.blobs.size() != (k == 0 ? 1u : 0u))
+        throw Error(ErrorKind::Format, "layer " + l.module,
+                    k == 0 ? "the stream's first layer must hold it as its one blob" : "a streamed layer has blobs of its own");
+      s.shapes.push_back(l.shape);
+    }
+    s.symbols = s.codec->read_stream(s.shapes, c.layers[idx.front()].encoded.blobs.front(), "stream of the " + mode + " layers");
+    s.layers = std::move(idx);
+    out.push_back(std::move(s));
+  }
+  return out;
+}
 
 std::unique_ptr<LayerCodec> make_decoder(const std::string& mode, const std::string& where) {
   if (mode == "paper") return make_paper_codec(PaperOptions{});

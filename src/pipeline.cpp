@@ -358,24 +358,8 @@ PeftAdapter decompress_container(const Container& c, const WeightSource& base, c
   // Format v2: the layers of a planned mode share one stream, stored as the blob of the mode's
   // first layer. Read it (sequentially: the models carry over) before the per-layer work.
   std::vector<std::optional<std::vector<int32_t>>> streamed(c.layers.size());
-  if (c.version >= 2) {
-    std::map<std::string, std::vector<size_t>> by_mode;
-    for (size_t i = 0; i < c.layers.size(); ++i) by_mode[c.layers[i].mode].push_back(i);
-    for (const auto& [mode, idx] : by_mode) {
-      const std::unique_ptr<LayerCodec> codec = make_decoder(mode, "layer " + c.layers[idx.front()].module);
-      if (!codec->plans_budget()) continue;
-      const std::string where = "stream of the " + mode + " layers";
-      std::vector<LayerShape> shapes;
-      for (size_t k = 0; k < idx.size(); ++k) {
-        const LayerRecord& l = c.layers[idx[k]];
-        if (l.encoded.blobs.size() != (k == 0 ? 1u : 0u))
-          throw Error(ErrorKind::Format, "layer " + l.module, k == 0 ? "the stream's first layer must hold it as its one blob" : "a streamed layer has blobs of its own");
-        shapes.push_back(l.shape);
-      }
-      auto symbols = codec->read_stream(shapes, c.layers[idx.front()].encoded.blobs.front(), where);
-      for (size_t k = 0; k < idx.size(); ++k) streamed[idx[k]] = std::move(symbols[k]);
-    }
-  }
+  for (ModeStream& s : read_streams(c))
+    for (size_t k = 0; k < s.layers.size(); ++k) streamed[s.layers[k]] = std::move(s.symbols[k]);
   std::atomic<size_t> done{0};
   parallel_for(c.layers.size(), options.threads, [&](size_t i) {
     const LayerRecord& l = c.layers[i];

@@ -36,6 +36,10 @@ SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes) {
     r.lora_params += static_cast<size_t>(l.shape.r * (l.shape.m + l.shape.n));
     r.layers.push_back(std::move(L));
   }
+  for (const ModeStream& s : read_streams(c)) {
+    const std::vector<nlohmann::json> summary = s.codec->stream_summary(s.shapes, s.symbols);
+    for (size_t k = 0; k < s.layers.size(); ++k) r.layers[s.layers[k]].stream = summary[k];
+  }
   for (const auto& p : c.passthrough) r.passthrough_raw_bytes += p.second.data.size();
   r.peft_fp32_bytes = peft_file_bytes(c, DType::F32);
   r.peft_fp16_bytes = peft_file_bytes(c, DType::F16);
@@ -46,7 +50,7 @@ nlohmann::json SizeReport::to_json() const {
   nlohmann::json L = nlohmann::json::array();
   for (const Layer& l : layers)
     L.push_back({{"module", l.module}, {"mode", l.mode}, {"shape", {l.shape.m, l.shape.n, l.shape.r}},
-                 {"params", l.params}, {"payload_bytes", l.payload_bytes}});
+                 {"params", l.params}, {"payload_bytes", l.payload_bytes}, {"stream", l.stream}});
   return {{"version", version},
           {"file_bytes", file_bytes},
           {"header_bytes", header_bytes},

@@ -283,6 +283,21 @@ class SpectralCodec final : public LayerCodec {
     return out;
   }
 
+  std::vector<nlohmann::json> stream_summary(const std::vector<LayerShape>& shapes,
+                                             const std::vector<std::vector<int32_t>>& symbols) const override {
+    if (shapes.size() != symbols.size()) throw Error(ErrorKind::InvalidInput, mode(), "one symbol list per layer");
+    BitCounter e;  // the stream's own coding, layer after layer: each layer's cost given the ones before
+    StreamModels models;
+    std::vector<nlohmann::json> out;
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      const uint64_t before = e.cost();
+      put_layer(e, models, shapes[i], symbols[i]);
+      out.push_back({{"components", symbols[i].empty() ? 0 : symbols[i][0]},
+                     {"bytes", static_cast<double>(e.cost() - before) / (8.0 * BitCounter::kCostScale)}});
+    }
+    return out;
+  }
+
   Factors decode_symbols(const LayerContext& ctx, const std::vector<int32_t>& sym) const override {
     const std::string where = mode() + " layer " + std::to_string(ctx.layer_index());
     const LayerShape& s = ctx.shape();
@@ -372,7 +387,8 @@ class SpectralCodec final : public LayerCodec {
     put_columns(e, m.x, qx, s.m, k);
     put_columns(e, m.y, qy, s.n, k);
   }
-  static void put_layer(RangeEncoder& e, StreamModels& m, const LayerShape& s, const std::vector<int32_t>& sym) {
+  template <class Coder>
+  static void put_layer(Coder& e, StreamModels& m, const LayerShape& s, const std::vector<int32_t>& sym) {
     const int64_t k = sym.empty() ? -1 : sym[0];
     if (k < 0 || k > s.r || sym.size() != static_cast<size_t>(k == 0 ? 1 : 3 + (s.m + s.n) * k))
       throw Error(ErrorKind::InvalidInput, "spectral stream", "symbols do not match the layer's shape");

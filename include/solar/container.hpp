@@ -60,6 +60,7 @@ struct SizeReport {
     LayerShape shape;
     nlohmann::json params;
     size_t payload_bytes = 0;  // raw bytes of its blobs
+    nlohmann::json stream;     // streamed layers: LayerCodec::stream_summary's object, else null
   };
   uint32_t version = 0;           // format version of the file
   size_t file_bytes = 0;
@@ -76,6 +77,17 @@ struct SizeReport {
   nlohmann::json to_json() const;
 };
 SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes);
+
+// The shared streams of a v2 container (docs/FORMAT.md, "Shared streams"), read: for each
+// streamed mode, its layers (indices into c.layers, in stream order) and their symbols. Empty for
+// v1. Throws Format when the layout or a stream is wrong.
+struct ModeStream {
+  std::unique_ptr<LayerCodec> codec;
+  std::vector<size_t> layers;
+  std::vector<LayerShape> shapes;
+  std::vector<std::vector<int32_t>> symbols;
+};
+std::vector<ModeStream> read_streams(const Container& c);
 
 uint32_t fingerprint_f32(const std::vector<float>& values);
 

@@ -218,6 +218,26 @@ TEST(Container, GoldenV2SpectralStreamStillDecodes) {
   EXPECT_EQ(pass, original.passthrough[0].second.data);
 }
 
+TEST(Container, SizeReportSharesTheStreamBetweenItsLayers) {
+  const auto bytes = test::read_bytes(kGoldenV2 + "_spectral.solar");
+  const Container c = parse_container(bytes.data(), bytes.size(), "golden_v2_spectral.solar");
+  const SizeReport r = size_report(c, bytes);
+  ASSERT_EQ(r.layers.size(), 2u);
+  const std::vector<std::vector<int32_t>> symbols = read_streams(c).at(0).symbols;
+  double total = 0;
+  for (size_t i = 0; i < 2; ++i) {
+    ASSERT_TRUE(r.layers[i].stream.is_object()) << i;
+    EXPECT_EQ(r.layers[i].stream["components"].get<int>(), symbols[i][0]) << "k is the layer's first symbol";
+    EXPECT_GT(r.layers[i].stream["bytes"].get<double>(), 0.0);
+    total += r.layers[i].stream["bytes"].get<double>();
+  }
+  // Shares of one stream: they add up to its length, within the coder's flush.
+  EXPECT_NEAR(total, static_cast<double>(c.layers[0].encoded.blobs[0].size()), 4.0);
+  // v1 files and unstreamed modes have no stream to share.
+  const auto v1 = test::read_bytes(kGolden + "_spectral.solar");
+  for (const auto& l : size_report(parse_container(v1.data(), v1.size(), "v1"), v1).layers) EXPECT_TRUE(l.stream.is_null());
+}
+
 TEST(Container, OldVersionRoundTripsByteExactly) {
   for (const std::string name : {"", "_spectral"}) {
     const auto bytes = test::read_bytes(kGolden + name + ".solar");

@@ -63,6 +63,22 @@ def test_spectral_cli_and_python_write_identical_bytes(stories_adapter, solar_cl
     assert out.read_bytes() == absolute.to_bytes() != packed.to_bytes()
 
 
+def test_inspect_shows_each_streamed_layer(stories_adapter, solar_cli, tmp_path):
+    import json
+
+    packed = solar.compress(stories_adapter, None, mode="spectral", target_bytes=1200)
+    path = packed.save(tmp_path / "a.solar")
+    report = packed.report()
+    shares = [layer["stream"] for layer in report["layers"]]
+    assert all(0 <= s["components"] <= 4 for s in shares) and any(s["components"] < 4 for s in shares)
+    assert abs(sum(s["bytes"] for s in shares) - report["payload_raw_bytes"]) < 4  # one stream, shared out
+    inspected = json.loads(subprocess.run([solar_cli, "inspect", "--json", str(path)], check=True,
+                                          capture_output=True, text=True).stdout)
+    assert [layer["stream"] for layer in inspected["layers"]] == shares
+    text = subprocess.run([solar_cli, "inspect", str(path)], check=True, capture_output=True, text=True).stdout
+    assert "kept 4 of 4 components" in text or "kept 3 of 4 components" in text
+
+
 def test_calibrate_collects_kfac_statistics_and_they_steer_the_codec(stories_ckpt, stories_adapter, tmp_path):
     from peft import PeftModel
 
