@@ -45,7 +45,7 @@ EXTRA_METHODS: list[Callable[[str, bool], list[Method]]] = []
 
 FAMILY_ORDER = ["peft", "int-quant", "svd-fp16", "svd+int8", "svd+int4", "compeft", "nola",
                 "solar-paper", "solar-paper-refit", "solar-paper-omp", "solar-spectral", "solar-spectral-abs", "solar-spectral-w",
-                "solar-spectral-wgram", "solar-spectral-cal"]
+                "solar-spectral-wgram", "solar-spectral-cal", "solar-spectral-selfcal"]
 
 # Calibrated spectral: K-FAC statistics from bench/calibration.py (computed once, cached).
 SPECTRAL_CAL_TARGETS = [0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.07, 0.05, 0.04, 0.03]
@@ -123,6 +123,12 @@ def methods_for(model: str, rank: int, smoke: bool = False) -> list[Method]:
         for t in SPECTRAL_CAL_TARGETS:
             ms.append(Method(f"spectral+calib t={t:g}", "solar-spectral-cal",
                              cli=["--mode", "spectral", "--target-error", f"{t:g}", "--calib", str(stats_path(model))]))
+        from bench.self_calibration import SELF_CALIBRATED, self_stats_path
+        if model in SELF_CALIBRATED:  # causal LMs: statistics from the model's own samples, no data
+            for t in SPECTRAL_CAL_TARGETS:
+                ms.append(Method(f"spectral+selfcal t={t:g}", "solar-spectral-selfcal",
+                                 cli=["--mode", "spectral", "--target-error", f"{t:g}", "--calib",
+                                      str(self_stats_path(model))]))
     for extra in EXTRA_METHODS:
         ms.extend(extra(model, smoke))
     return ms

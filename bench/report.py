@@ -8,7 +8,8 @@ from bench.methods import FAMILY_ORDER
 
 LEVELS = (0.99, 0.95, 0.90)
 MODEL_TITLES = {"stories260k": "stories260K + TinyShakespeare (LoRA r=4 on wq, wv)",
-                "minilm_sst2": "all-MiniLM-L6-v2 + SST-2 (LoRA r=8 on query, value; classifier head in modules_to_save)"}
+                "minilm_sst2": "all-MiniLM-L6-v2 + SST-2 (LoRA r=8 on query, value; classifier head in modules_to_save)",
+                "smollm2_e2e": "SmolLM2-135M-Instruct + E2E NLG (LoRA r=8 on q_proj, v_proj)"}
 
 
 def _ok(p: dict) -> bool:
@@ -159,7 +160,8 @@ def points_table(res: dict) -> str:
 # ------------------------------------------------------------------------------ plots
 COLORS = {"peft": "#7f7f7f", "int-quant": "#ff7f0e", "svd-fp16": "#2ca02c", "svd+int8": "#bcbd22",
           "svd+int4": "#17becf", "compeft": "#9467bd", "nola": "#8c564b", "solar-paper": "#e377c2",
-          "solar-spectral": "#d62728", "solar-spectral-w": "#1f77b4"}
+          "solar-spectral": "#d62728", "solar-spectral-w": "#1f77b4", "solar-spectral-cal": "#000000",
+          "solar-spectral-selfcal": "#e6a000"}
 
 
 def plot(res: dict, path: Path) -> None:
@@ -293,8 +295,9 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
           "(σ = 1, seed 0) and its repaired solvers; `spectral` data-free (--target-error; default layer balance 1: the "
           "target is the root mean square of the layers' relative errors), `spectral balance=0` (family "
           "solar-spectral-abs: the whole adapter's relative error, the default before balance), `spectral-w` (W's "
-          "basis), `spectral base-gram` (errors weighted by WᵀW) and `spectral+calib` (K-FAC statistics from "
-          "bench/calibration.py; balance 0).",
+          "basis), `spectral base-gram` (errors weighted by WᵀW), `spectral+calib` (K-FAC statistics from "
+          "bench/calibration.py; balance 0) and, for the causal LMs, `spectral+selfcal` (K-FAC statistics of the "
+          "adapted model's own sampled text, `solar.self_calibrate`, bench/self_calibration.py: no data; balance 0).",
           "", "## Headline", "", headline, "", goals_section(results), ""]
     for res in results:
         a = res["adapter"]

@@ -1,6 +1,6 @@
 """The solar benchmark: every method on the real adapters, real files, same evaluation set.
 
-    python -m bench.run             # full run: both models, speed section, bench/REPORT.md
+    python -m bench.run             # full run: all three models, speed section, bench/REPORT.md
     python -m bench.run --smoke     # a couple of points per family on stories260K (< 2 min)
     python -m bench.run --only solar-spectral --models stories260k   # re-run part, merge into the JSON
     python -m bench.run --report-only                               # re-render REPORT.md + plots
@@ -145,7 +145,8 @@ def train_seconds(task: Task) -> float | None:
 
 def run_model(model: str, args, cli: str, cli_src: str) -> dict:
     t_start = time.time()
-    kw = {"windows": args.windows, "seq_len": args.seq_len} if model == "stories260k" else {"dev_limit": args.dev_limit}
+    kw = ({"windows": args.windows, "seq_len": args.seq_len} if model == "stories260k" else
+          {"eval_examples": args.e2e_examples} if model == "smollm2_e2e" else {"dev_limit": args.dev_limit})
     task: Task = TASKS[model](**kw)
     adapter = load_adapter(task.adapter_dir)
     print(f"== {model}: {task.describe()} (loaded in {time.time() - t_start:.1f} s)", flush=True)
@@ -159,6 +160,9 @@ def run_model(model: str, args, cli: str, cli_src: str) -> dict:
     if any(m.family == "solar-spectral-cal" for m in methods):
         from bench.calibration import ensure
         ensure(model)  # the K-FAC statistics the calibrated points read
+    if any(m.family == "solar-spectral-selfcal" for m in methods):
+        from bench.self_calibration import ensure_self
+        ensure_self(model, task)  # statistics from the model's own text
     points = []
     keep_dir = Path(args.out_dir) / "files" / model if args.keep_files else None
     for i, m in enumerate(methods):
@@ -233,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", type=int, default=None, help="stories260K: validation windows (default 64; smoke 8)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--dev-limit", type=int, default=None, help="MiniLM: first N dev sentences (default all 872)")
+    ap.add_argument("--e2e-examples", type=int, default=None, help="SmolLM2: E2E test pairs scored (default 128; smoke 32)")
     ap.add_argument("--only", nargs="+", default=None, help="families to run (merged into existing JSON)")
     ap.add_argument("--match", default=None, help="regex on method names (merged into existing JSON)")
     ap.add_argument("--out-dir", default=str(RESULTS))
@@ -244,9 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     if args.models is None:
-        args.models = ["stories260k"] if args.smoke else ["stories260k", "minilm_sst2"]
+        args.models = ["stories260k"] if args.smoke else ["stories260k", "minilm_sst2", "smollm2_e2e"]
     if args.windows is None:
         args.windows = 8 if args.smoke else 64
+    if args.e2e_examples is None:
+        args.e2e_examples = 32 if args.smoke else 128
     if args.speed is None:
         args.speed = not args.smoke and not (args.only or args.match)
     out_dir = Path(args.out_dir)

@@ -8,6 +8,8 @@ command line tool, so both write identical files.
     packed = solar.compress("my-adapter/", None, mode="spectral", target_error=0.1)  # recommended
     paper = solar.compress("my-adapter/", "base-model/", pool=1000, keep_fraction=0.3, bits=8)  # SOLAR paper
     packed.save("my-adapter.solar")
+    stats = solar.self_calibrate(peft_model)   # causal LMs: statistics without data (or solar.calibrate)
+    packed = solar.compress(peft_model, None, target_bytes=6000, calibration=stats)
     print(packed.report()["ratio_vs_fp16"])
 
     tensors = solar.restore("my-adapter.solar", "base-model/")       # {PEFT key: torch.Tensor}
@@ -18,7 +20,7 @@ Errors are :class:`SolarError` subclasses carrying the core's message.
 """
 from . import _ext
 from .api import CompressedAdapter, compress, load, restore, restore_to_dir, restore_to_peft
-from .calibrate import calibrate
+from .calibrate import calibrate, sample_text, self_calibrate
 from .errors import (
     CorruptError,
     FormatError,
@@ -42,6 +44,8 @@ __all__ = [
     "restore_to_dir",
     "restore_to_peft",
     "calibrate",
+    "self_calibrate",
+    "sample_text",
     "SolarError",
     "FormatError",
     "CorruptError",
