@@ -213,3 +213,75 @@ def self_calibrate(
 
     batches = [{"input_ids": ids[i: i + 4]} for i in range(0, ids.shape[0], 4)]
     return calibrate(model, batches, loss_fn=next_token_loss, out=out)
+
+
+def _text_batches(tokenizer, path: str, length: int, sequences: int) -> list:
+    """Up to `sequences` consecutive windows of length + 1 tokens from a UTF-8 text file."""
+    import torch
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if ids.numel() < length + 1:
+        raise ValueError(f"{path}: {ids.numel()} tokens, fewer than one window of {length + 1}")
+    count = min(sequences, ids.numel() // (length + 1))
+    windows = ids[: count * (length + 1)].reshape(count, length + 1)
+    return [{"input_ids": windows[i: i + 4]} for i in range(0, count, 4)]
+
+
+def cli_main(argv=None) -> int:
+    """``python -m solar calibrate``: statistics for ``solar compress --calib`` from a Hugging Face
+    causal LM and its PEFT adapter, from a text file or (``--self``) from the model's own text."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m solar calibrate", description=cli_main.__doc__.split("\n\n")[0])
+    ap.add_argument("--base-model", required=True, help="Hugging Face model directory (AutoModelForCausalLM)")
+    ap.add_argument("--gguf-file", help="a GGUF file inside --base-model to load (transformers gguf_file=)")
+    ap.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    ap.add_argument("--out", required=True, help="statistics file to write (safetensors)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="UTF-8 text file to calibrate on (consecutive windows)")
+    src.add_argument("--self", dest="self_generated", action="store_true",
+                     help="no data: the adapted model writes its own calibration text")
+    ap.add_argument("--sequences", type=int, default=32, help="windows or sampled sequences (default 32)")
+    ap.add_argument("--length", type=int, default=256, help="tokens per window or sequence (default 256)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed for --self (default 0)")
+    args = ap.parse_args(argv)
+    if args.text and not os.path.isfile(args.text):  # before minutes of model loading
+        print(f"solar calibrate: error: {args.text}: no such text file", file=sys.stderr)
+        return 1
+    if args.sequences < 1 or args.length < 1:
+        print("solar calibrate: error: --sequences and --length must be positive", file=sys.stderr)
+        return 2
+    try:
+        import torch
+        import torch.nn.functional as F
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32, **extra)
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        tmp = args.out + ".tmp"
+        if args.self_generated:
+            self_calibrate(model, sequences=args.sequences, length=args.length, seed=args.seed, out=tmp)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(args.base_model, **extra)
+
+            def next_token_loss(m, batch):
+                x = batch["input_ids"]
+                logits = _logits(m(x[:, :-1]))
+                return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+
+            calibrate(model, _text_batches(tokenizer, args.text, args.length, args.sequences),
+                      loss_fn=next_token_loss, out=tmp)
+        os.replace(tmp, args.out)  # atomic: a failed run leaves no half-written statistics
+    except (OSError, ValueError) as e:
+        print(f"solar calibrate: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if os.path.exists(args.out + ".tmp"):
+            os.remove(args.out + ".tmp")
+    print(f"wrote {args.out}")
+    return 0

