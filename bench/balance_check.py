@@ -46,11 +46,35 @@ def tuning_task(model: str):
     return task
 
 
-def main(argv: list[str] | None = None) -> None:
+def references(task) -> tuple[dict, dict]:
+    """The task's metrics with the LoRA zeroed (base) and as trained."""
     from safetensors.torch import load_file
 
-    from bench.calibration import ensure
+    lora = load_file(str(task.adapter_dir / "adapter_model.safetensors"))
+    base = task.evaluate({k: torch.zeros_like(v) if "lora_" in k else v for k, v in lora.items()})
+    return base, task.evaluate(lora)
+
+
+def retention_cells(task, cli: str, budgets: list[int], extra: list[str], refs: tuple[dict, dict], workdir: str) -> list[str]:
+    """Retention (each metric, in %) of `solar compress --target-bytes B *extra` for every budget."""
+    from safetensors.torch import load_file
+
     from bench.evaluate import retention
+
+    cells = []
+    for budget in budgets:
+        subprocess.run([cli, "compress", "--base", str(task.base_path), "--adapter", str(task.adapter_dir),
+                        "--out", f"{workdir}/a.solar", "-q", "--no-verify", "--target-bytes", str(budget), *extra],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([cli, "decompress", f"{workdir}/a.solar", "--base", str(task.base_path), "--out",
+                        f"{workdir}/r", "-q"], check=True, stdout=subprocess.DEVNULL)
+        ret = retention(*refs, task.evaluate(load_file(f"{workdir}/r/adapter_model.safetensors")))
+        cells.append(" / ".join(f"{100 * ret[k]:.1f}%" for k in task.metrics))
+    return cells
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.calibration import ensure
     from bench.run import find_cli
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -62,26 +86,16 @@ def main(argv: list[str] | None = None) -> None:
     cli = find_cli()
     for model in args.models:
         task = tuning_task(model)
-        lora = load_file(str(task.adapter_dir / "adapter_model.safetensors"))
-        base = task.evaluate({k: torch.zeros_like(v) if "lora_" in k else v for k, v in lora.items()})
-        tuned = task.evaluate(lora)
+        refs = references(task)
         stats = ensure(model)
-        print(f"\n{model}, tuning split: base {base}, LoRA {tuned}")
+        print(f"\n{model}, tuning split: base {refs[0]}, LoRA {refs[1]}")
         print("| statistics | balance | " + " | ".join(f"{b} B" for b in BUDGETS[model]) + " |")
         print("|---|---|" + "---|" * len(BUDGETS[model]))
         variants = [("none", b, []) for b in args.balances] + [("K-FAC", b, ["--calib", str(stats)])
                                                                 for b in args.calibrated_balances]
         with tempfile.TemporaryDirectory() as td:
             for label, balance, extra in variants:
-                cells = []
-                for budget in BUDGETS[model]:
-                    subprocess.run([cli, "compress", "--base", str(task.base_path), "--adapter", str(task.adapter_dir),
-                                    "--out", f"{td}/a.solar", "-q", "--no-verify", "--balance", f"{balance:g}",
-                                    "--target-bytes", str(budget), *extra], check=True, stdout=subprocess.DEVNULL)
-                    subprocess.run([cli, "decompress", f"{td}/a.solar", "--base", str(task.base_path), "--out",
-                                    f"{td}/r", "-q"], check=True, stdout=subprocess.DEVNULL)
-                    ret = retention(base, tuned, task.evaluate(load_file(f"{td}/r/adapter_model.safetensors")))
-                    cells.append(" / ".join(f"{100 * ret[k]:.1f}%" for k in task.metrics))
+                cells = retention_cells(task, cli, BUDGETS[model], ["--balance", f"{balance:g}", *extra], refs, td)
                 print(f"| {label} | {balance:g} | " + " | ".join(cells) + " |", flush=True)
 
 

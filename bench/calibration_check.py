@@ -21,16 +21,12 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import subprocess
 import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-
-BUDGETS = {"stories260k": [1100, 1400, 1700, 2100, 2500], "minilm_sst2": [4500, 5500, 7000, 9000]}
-
 
 def _variant_files(model: str, task, kfac: dict, td: Path) -> list[tuple[str, list[str]]]:
     from safetensors.torch import load_file, save_file
@@ -78,9 +74,8 @@ def _variant_files(model: str, task, kfac: dict, td: Path) -> list[tuple[str, li
 def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import load_file
 
-    from bench.balance_check import tuning_task
+    from bench.balance_check import BUDGETS, references, retention_cells, tuning_task
     from bench.calibration import ensure
-    from bench.evaluate import retention
     from bench.run import find_cli
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -91,24 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     cli = find_cli()
     for model in args.models:
         task = tuning_task(model)
-        lora = load_file(str(task.adapter_dir / "adapter_model.safetensors"))
-        base = task.evaluate({k: torch.zeros_like(v) if "lora_" in k else v for k, v in lora.items()})
-        tuned = task.evaluate(lora)
-        print(f"\n{model}, tuning split: base {base}, LoRA {tuned}")
+        refs = references(task)
+        print(f"\n{model}, tuning split: base {refs[0]}, LoRA {refs[1]}")
         print("| statistics | " + " | ".join(f"{b} B" for b in BUDGETS[model]) + " |")
         print("|---|" + "---|" * len(BUDGETS[model]))
         with tempfile.TemporaryDirectory() as td:
             for label, extra in _variant_files(model, task, load_file(str(ensure(model))), Path(td)):
-                cells = []
-                for budget in BUDGETS[model]:
-                    subprocess.run([cli, "compress", "--adapter", str(task.adapter_dir), "--out", f"{td}/a.solar", "-q",
-                                    "--no-verify", "--target-bytes", str(budget), *extra], check=True,
-                                   stdout=subprocess.DEVNULL)
-                    subprocess.run([cli, "decompress", f"{td}/a.solar", "--out", f"{td}/r", "-q"], check=True,
-                                   stdout=subprocess.DEVNULL)
-                    ret = retention(base, tuned, task.evaluate(load_file(f"{td}/r/adapter_model.safetensors")))
-                    cells.append(" / ".join(f"{100 * ret[k]:.1f}%" for k in task.metrics))
-                print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+                print(f"| {label} | " + " | ".join(retention_cells(task, cli, BUDGETS[model], extra, refs, td)) + " |",
+                      flush=True)
 
 
 if __name__ == "__main__":
