@@ -2,10 +2,12 @@
 
 Computed with ``solar.calibrate`` on data the adapters were not evaluated on: stories260K on 32
 random 256-token windows of the TinyShakespeare *training* split (LM loss); MiniLM on the last
-512 SST-2 training sentences (the fixture trained on the first 12,800), with their labels.
-Cached under bench/results/cache/ (not committed: ~14 MB for MiniLM).
+512 SST-2 training sentences (the fixture trained on the first 12,800), with their labels;
+SmolLM2 on the last 64 pairs of E2E valid.txt (its training file; the eval scores test.txt) with
+the training loss (target tokens only, prompt masked).
+Cached under bench/results/cache/ (not committed: ~14 MB for MiniLM, ~124 MB for SmolLM2).
 
-    python -m bench.calibration {stories260k|minilm_sst2} [--out FILE]
+    python -m bench.calibration {stories260k|minilm_sst2|smollm2_e2e} [--out FILE]
 """
 from __future__ import annotations
 
@@ -69,6 +71,23 @@ def _minilm(out: Path) -> None:
     solar.calibrate(model, batches(), out=out)
 
 
+def _smollm2(out: Path) -> None:
+    from peft import PeftModel
+
+    import solar
+    from bench.fixtures.paths import fixtures_dir
+    from bench.fixtures.train_smollm2_e2e import calib_examples, collate, load_base_model, load_tokenizer, target_loss
+
+    tok = load_tokenizer()
+    model = PeftModel.from_pretrained(load_base_model(), str(fixtures_dir() / "smollm2_e2e_lora_r8"))
+    examples = calib_examples()
+    batches = [collate(tok, examples[i: i + 16]) for i in range(0, len(examples), 16)]
+    solar.calibrate(model, batches, loss_fn=target_loss, out=out)
+
+
+CALIBRATORS = {"stories260k": _stories, "minilm_sst2": _minilm, "smollm2_e2e": _smollm2}
+
+
 def ensure(model: str) -> Path:
     """The statistics file for `model`, computed once."""
     out = stats_path(model)
@@ -79,12 +98,12 @@ def ensure(model: str) -> Path:
         torch.manual_seed(0)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
-        {"stories260k": _stories, "minilm_sst2": _minilm}[model](tmp)
+        CALIBRATORS[model](tmp)
         tmp.replace(out)
     return out
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", choices=["stories260k", "minilm_sst2"])
+    ap.add_argument("model", choices=sorted(CALIBRATORS))
     print(ensure(ap.parse_args().model))

@@ -6,6 +6,8 @@ One PeftModel per task is built once; each point loads its state dict into it wi
 * stories260K + TinyShakespeare: mean next-token loss over the first ``windows`` non-overlapping
   ``seq_len``-token windows of the validation split (the last 10 % of the text).
 * all-MiniLM-L6-v2 + SST-2: accuracy and mean cross-entropy on the GLUE dev set (872 sentences).
+* SmolLM2-135M-Instruct + E2E NLG: mean next-token loss on the target text tokens (prompt masked)
+  of a fixed subset of the E2E test set (128 pairs, bench/fixtures/train_smollm2_e2e.py; 15 s a pass).
 
 "Base" is the same PeftModel with every lora_A / lora_B zeroed; passthrough tensors (MiniLM's
 trained classifier head in ``modules_to_save``) are kept, so retention measures what the LoRA
@@ -114,7 +116,36 @@ class MiniLMTask(Task):
                 f"({len(self.dev)} sentences, max 64 tokens)")
 
 
-TASKS = {"stories260k": StoriesTask, "minilm_sst2": MiniLMTask}
+class SmolLM2Task(Task):
+    name = "smollm2_e2e"
+    metrics = ("loss",)
+    higher_is_better = {"loss": False}
+
+    def __init__(self, eval_examples: int | None = None, adapter_dir: Path | None = None):
+        from peft import PeftModel
+
+        from bench.fixtures import train_smollm2_e2e as e2e
+
+        self.adapter_dir = Path(adapter_dir or fixtures_dir() / "smollm2_e2e_lora_r8")
+        self.n_eval = eval_examples or e2e.EVAL_EXAMPLES
+        self.batches = e2e.eval_batches(e2e.load_tokenizer(), e2e.eval_examples(self.n_eval))
+        base = e2e.load_base_model()
+        self.base_path = e2e.smollm2_base_path(base)  # the dequantised weights as one file (exported once)
+        self.model = PeftModel.from_pretrained(base, str(self.adapter_dir)).eval()
+
+    def _score(self) -> dict[str, float]:
+        from bench.fixtures.train_smollm2_e2e import evaluate
+
+        return {"loss": evaluate(self.model, self.batches)}
+
+    def describe(self) -> str:
+        tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in self.batches)
+        return (f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32) + LoRA r=8 on q_proj,v_proj (60 modules), "
+                f"trained on E2E NLG; metric: mean next-token loss (nats) on the target text of {self.n_eval} "
+                f"E2E test pairs ({tokens} target tokens; prompt 'MR\\n=>' masked)")
+
+
+TASKS = {"stories260k": StoriesTask, "minilm_sst2": MiniLMTask, "smollm2_e2e": SmolLM2Task}
 
 
 def retention(base: dict[str, float], lora: dict[str, float], got: dict[str, float]) -> dict[str, float]:

@@ -60,6 +60,18 @@ SPECTRAL_W_TARGETS = [0.5, 0.35, 0.2, 0.1, 0.05, 0.02]
 SPECTRAL_WGRAM_TARGETS = [0.3, 0.2, 0.1, 0.05, 0.02]
 
 
+# SmolLM2 points cost a ~15 s evaluation each (and a 538 MB base read for the modes that use W):
+# fewer points per family, the same range.
+SMOLLM2_SUBSETS = {
+    "solar-spectral": [0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03],
+    "solar-spectral-abs": [0.4, 0.3, 0.2, 0.12, 0.07, 0.03],
+    "solar-spectral-w": [0.35, 0.1],
+    "solar-spectral-wgram": [0.2, 0.05],
+    "solar-spectral-cal": [0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03],
+    "compeft": [0.1, 0.3],
+}
+
+
 def paper_grid(model: str, smoke: bool) -> list[tuple[int, float, int]]:
     """(N, keep fraction, bits) points for paper mode and its NOLA-style twin."""
     if smoke:
@@ -71,6 +83,10 @@ def paper_grid(model: str, smoke: bool) -> list[tuple[int, float, int]]:
         # point (measured: 8 min wall for the whole adapter on 2 busy cores): one point.
         grid = [g for g in grid if (g[0] == 100 and g[1:] == (1.0, 8)) or (g[0] == 1000 and g[1:] != (0.1, 4)) or
                 (g[0] == 4000 and g[1:] == (0.3, 8))]
+    elif model == "smollm2_e2e":
+        # 60 modules, factors of up to r*n = 4608 entries. Measured (2 threads): N = 100 5 s, N = 1000
+        # 36 s per point; N = 4000 had not finished one point after 15 min: left out.
+        grid = [g for g in grid if (g[0] == 100 and g[1:] == (1.0, 8)) or (g[0] == 1000 and g[1:] != (0.1, 4))]
     return grid
 
 
@@ -82,8 +98,8 @@ def methods_for(model: str, rank: int, smoke: bool = False) -> list[Method]:
     for b in ((8, 4) if smoke else (8, 4, 3, 2)):
         ms.append(codec(f"int{b} per-channel", "int-quant", "quant", bits=b))
     ranks = [max(1, rank // 2)] if smoke else list(range(1, rank))
-    if model == "minilm_sst2" and not smoke:
-        ranks = [1, 2, 4, 6]  # of 1..7: each MiniLM point costs a ~15 s evaluation
+    if model in ("minilm_sst2", "smollm2_e2e") and not smoke:
+        ranks = [1, 2, 4, 6]  # of 1..7: each MiniLM point costs a ~15 s evaluation, each SmolLM2 point ~30 s
     for k in ranks:
         ms.append(codec(f"SVD rank {k} fp16", "svd-fp16", "svd", rank=k))
         ms.append(codec(f"SVD rank {k} int8", "svd+int8", "svd", rank=k, bits=8))
@@ -131,4 +147,15 @@ def methods_for(model: str, rank: int, smoke: bool = False) -> list[Method]:
                                       str(self_stats_path(model))]))
     for extra in EXTRA_METHODS:
         ms.extend(extra(model, smoke))
+    if model == "smollm2_e2e" and not smoke:
+        ms = [m for m in ms if _in_subset(m, SMOLLM2_SUBSETS)]
     return ms
+
+
+def _in_subset(m: Method, subsets: dict[str, list[float]]) -> bool:
+    """Whether a point's target (t=..., d=...) is in its family's subset (families not listed: all)."""
+    family = "solar-spectral-cal" if m.family == "solar-spectral-selfcal" else m.family
+    if family not in subsets:
+        return True
+    value = float(m.name.rsplit("=", 1)[1])
+    return any(abs(value - v) < 1e-9 for v in subsets[family])
