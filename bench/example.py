@@ -1,6 +1,7 @@
 """The README's main job on the bundled real example: a LoRA trained on TinyShakespeare for the
 real pretrained stories260K model (tests/fixtures/stories260k_lora_r4), compressed with the
-`solar` CLI in the paper's mode and in the recommended `spectral` mode, restored, and evaluated
+`solar` CLI in the paper's mode and in the recommended `spectral` mode (also with calibration
+statistics from training text, and from the model's own text), restored, and evaluated
 on held-out text. Prints every command it runs and a table of bytes vs. what the adapter keeps.
 
     python -m bench.example [--out DIR] [--windows N]
@@ -64,6 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"calibration statistics: {calib}")
     jobs["spectral + calibration, target 0.3"] = ["--mode", "spectral", "--target-error", "0.3", "--calib", calib]
     jobs["spectral + calibration, <= 1500 bytes"] = ["--mode", "spectral", "--target-bytes", "1500", "--calib", calib]
+    # No data at all: the adapted model writes its own calibration text (solar.self_calibrate).
+    from bench.self_calibration import ensure_self
+    self_calib = str(ensure_self("stories260k"))
+    print(f"self-generated calibration statistics: {self_calib}")
+    jobs["spectral + self-calibration, <= 1500 B"] = ["--mode", "spectral", "--target-bytes", "1500", "--calib", self_calib]
     files = {}
     for i, (name, flags) in enumerate(jobs.items()):
         f = out / f"stories_{i}.solar"
