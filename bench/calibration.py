@@ -88,19 +88,28 @@ def _smollm2(out: Path) -> None:
 CALIBRATORS = {"stories260k": _stories, "minilm_sst2": _minilm, "smollm2_e2e": _smollm2}
 
 
-def ensure(model: str) -> Path:
-    """The statistics file for `model`, computed once."""
-    out = stats_path(model)
+def cached(out: Path, make) -> Path:
+    """`out`, made once by make(tmp_path) on 2 torch threads and moved into place atomically."""
     if not out.exists():
         import torch
 
         torch.set_num_threads(2)
-        torch.manual_seed(0)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
-        CALIBRATORS[model](tmp)
+        make(tmp)
         tmp.replace(out)
     return out
+
+
+def ensure(model: str) -> Path:
+    """The statistics file for `model`, computed once."""
+    def make(tmp: Path) -> None:
+        import torch
+
+        torch.manual_seed(0)
+        CALIBRATORS[model](tmp)
+
+    return cached(stats_path(model), make)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.calibration import CACHE  # noqa: E402
+from bench.calibration import CACHE, cached  # noqa: E402
 
 # Models the family applies to (causal LMs), with what sample_text needs beyond the model's config.
 SELF_CALIBRATED: dict[str, dict] = {"stories260k": {"bos_token_id": 1}, "smollm2_e2e": {}}
@@ -26,20 +26,13 @@ def self_stats_path(model: str) -> Path:
 def ensure_self(model: str, task=None) -> Path:
     """The self-generated statistics file for `model`, computed once (`task`: an already built
     bench.evaluate task, to reuse its PeftModel)."""
-    out = self_stats_path(model)
-    if not out.exists():
-        import torch
-
+    def make(tmp: Path) -> None:
         import solar
         from bench.evaluate import TASKS
 
-        torch.set_num_threads(2)
-        task = task or TASKS[model]()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        solar.self_calibrate(task.model, out=tmp, **SELF_CALIBRATED[model])
-        tmp.replace(out)
-    return out
+        solar.self_calibrate((task or TASKS[model]()).model, out=tmp, **SELF_CALIBRATED[model])
+
+    return cached(self_stats_path(model), make)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,7 @@ def sample_text(
         raise ValueError("sample_text: the model's config names no bos_token_id; pass bos_token_id=")
     was_training = model.training
     model.eval()
+    generate = getattr(model, "generate", None)  # Hugging Face models (a PeftModel forwards it)
     rows = []
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -174,8 +175,7 @@ def sample_text(
             generator = torch.Generator().manual_seed(seed)
             for start in range(0, sequences, batch_size):
                 ids = torch.full((min(batch_size, sequences - start), 1), int(bos), dtype=torch.long)
-                generate = getattr(model, "generate", None)
-                if callable(generate) and config is not None and hasattr(config, "vocab_size"):
+                if callable(generate) and config is not None:
                     # Every row gets `length` new tokens (EOS is not allowed to end one early).
                     ids = generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
                                    top_p=1.0, temperature=temperature, max_new_tokens=length, min_new_tokens=length,
