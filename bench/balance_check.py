@@ -37,6 +37,15 @@ def tuning_task(model: str):
         _, val = shakespeare_splits(Tokenizer(str(stories260k_dir() / "tok512.bin")))
         task.data = eval_windows(val, task.seq_len)[task.windows:]  # the windows the benchmark leaves out
         return task
+    if model == "smollm2_e2e":  # the 128 E2E test pairs halfway between the ones the benchmark scores
+        from bench.evaluate import SmolLM2Task
+        from bench.fixtures import train_smollm2_e2e as e2e
+
+        task = SmolLM2Task()
+        test, n = e2e.load_e2e("test"), e2e.EVAL_EXAMPLES
+        task.batches = e2e.eval_batches(e2e.load_tokenizer(),
+                                        [test[i * len(test) // n + len(test) // (2 * n)] for i in range(n)])
+        return task
     from bench.fixtures.train_minilm_sst2 import load_sst2
 
     task = MiniLMTask()

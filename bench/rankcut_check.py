@@ -41,18 +41,13 @@ def cut_adapter(src: Path, k: int, out: Path) -> Path:
 
 
 def main() -> None:
-    from bench.balance_check import references, retention_cells
+    from bench.balance_check import references, retention_cells, tuning_task
     from bench.calibration import ensure
-    from bench.evaluate import SmolLM2Task
-    from bench.fixtures import train_smollm2_e2e as e2e
     from bench.run import find_cli
 
     torch.set_num_threads(2)
     cli = find_cli()
-    task = SmolLM2Task()
-    test, n = e2e.load_e2e("test"), e2e.EVAL_EXAMPLES
-    task.batches = e2e.eval_batches(e2e.load_tokenizer(),
-                                    [test[i * len(test) // n + len(test) // (2 * n)] for i in range(n)])
+    task = tuning_task("smollm2_e2e")
     refs = references(task)
     print(f"smollm2_e2e, tuning split: base {refs[0]}, LoRA {refs[1]}")
     with tempfile.TemporaryDirectory() as td:

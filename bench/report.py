@@ -297,7 +297,9 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
           "solar-spectral-abs: the whole adapter's relative error, the default before balance), `spectral-w` (W's "
           "basis), `spectral base-gram` (errors weighted by WᵀW), `spectral+calib` (K-FAC statistics from "
           "bench/calibration.py; balance 0) and, for the causal LMs, `spectral+selfcal` (K-FAC statistics of the "
-          "adapted model's own sampled text, `solar.self_calibrate`, bench/self_calibration.py: no data; balance 0).",
+          "adapted model's own sampled text, `solar.self_calibrate`, bench/self_calibration.py: no data; balance 0). "
+          "All spectral points use the CLI's default `--quantiser auto` (format v3): the uniform quantiser without "
+          "statistics; with statistics, per layer the uniform or the dependent (trellis-coded) quantiser.",
           "", "## Headline", "", headline, "", goals_section(results), ""]
     for res in results:
         a = res["adapter"]

@@ -167,7 +167,8 @@ solar::Matrix random_moment(int64_t n, uint64_t seed) {
 void BM_spectral(benchmark::State& st) {
   const int64_t n = st.range(0), r = st.range(1);
   const bool calibrated = st.range(2) != 0;
-  const auto codec = solar::make_spectral_codec(false);
+  // As the CLI's default --quantiser auto: the trellis quantiser is priced only with statistics.
+  const auto codec = solar::make_spectral_codec(false, /*dependent=*/calibrated);
   solar::LayerContext ctx(0, 0, {n, n, r}, nullptr);
   if (calibrated) {
     ctx.input_moment = random_moment(n, 5);

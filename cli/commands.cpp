@@ -63,6 +63,7 @@ int run_compress(const CompressArgs& a) {
   o.balance = a.balance;
   o.proxy = a.proxy;
   o.calibration_damping = a.calib_damping.value_or(o.calibration_damping);
+  o.quantiser = a.quantiser;
   std::unique_ptr<Checkpoint> calib;
   if (!a.calib.empty()) {
     calib = std::make_unique<Checkpoint>(a.calib);
@@ -124,7 +125,8 @@ int run_inspect(const InspectArgs& a) {
     // show what each layer kept and its share of the stream instead of the blob lengths.
     if (l.stream.is_object()) {
       streamed = true;
-      params = "kept " + std::to_string(l.stream.value("components", 0)) + " of " + std::to_string(l.shape.r) + " components";
+      params = "kept " + std::to_string(l.stream.value("components", 0)) + " of " + std::to_string(l.shape.r) + " components" +
+               (l.stream.value("quantiser", "") == "dependent" ? ", DQ" : "");
       size = "~" + std::to_string(std::lround(l.stream.value("bytes", 0.0))) + " *";
     }
     if (params.size() > 28) params = params.substr(0, 25) + "...";

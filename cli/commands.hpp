@@ -22,6 +22,7 @@ struct CompressArgs {
   std::optional<double> target_error, balance;
   std::string calib, proxy;
   std::optional<double> calib_damping;
+  std::string quantiser = "auto";
   int threads = 0;
   bool verify = true;
   bool quiet = false;

@@ -33,6 +33,10 @@ int main(int argc, char** argv) {
   c->add_option("--calib", ca.calib, "spectral modes: input statistics (safetensors of <module>.input_moment, from solar.calibrate)");
   c->add_option("--calib-damping", ca.calib_damping, "share of the mean diagonal added to calibration statistics (default 0.1)")
       ->check(CLI::NonNegativeNumber);
+  c->add_option("--quantiser", ca.quantiser,
+                "spectral modes: dependent (uniform or trellis-coded, chosen per layer), uniform, or auto (the default: "
+                "dependent with --calib, uniform without)")
+      ->check(CLI::IsMember({"auto", "uniform", "dependent"}));
   c->add_option("--proxy", ca.proxy, "spectral modes without --calib: base-gram weighs errors by W^T W (data-free)")
       ->check(CLI::IsMember({"", "base-gram"}));
   c->add_option("--pool", ca.pool, "pool size N per factor (N_A = N_B)")->check(CLI::Range(int64_t{1}, int64_t{1} << 24));

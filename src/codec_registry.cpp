@@ -17,11 +17,12 @@ std::vector<uint8_t> LayerCodec::write_stream(const std::vector<LayerShape>&, co
   not_planned(mode());
 }
 std::vector<std::vector<int32_t>> LayerCodec::read_stream(const std::vector<LayerShape>&, const std::vector<uint8_t>&,
-                                                          const std::string&) const {
+                                                          const std::string&, uint32_t) const {
   not_planned(mode());
 }
 Factors LayerCodec::decode_symbols(const LayerContext&, const std::vector<int32_t>&) const { not_planned(mode()); }
-std::vector<nlohmann::json> LayerCodec::stream_summary(const std::vector<LayerShape>&, const std::vector<std::vector<int32_t>>&) const {
+std::vector<nlohmann::json> LayerCodec::stream_summary(const std::vector<LayerShape>&, const std::vector<std::vector<int32_t>>&,
+                                                      uint32_t) const {
   not_planned(mode());
 }
 
@@ -41,7 +42,7 @@ std::vector<ModeStream> read_streams(const Container& c) {
                     k == 0 ? "the stream's first layer must hold it as its one blob" : "a streamed layer has blobs of its own");
       s.shapes.push_back(l.shape);
     }
-    s.symbols = s.codec->read_stream(s.shapes, c.layers[idx.front()].encoded.blobs.front(), "stream of the " + mode + " layers");
+    s.symbols = s.codec->read_stream(s.shapes, c.layers[idx.front()].encoded.blobs.front(), "stream of the " + mode + " layers", c.version);
     s.layers = std::move(idx);
     out.push_back(std::move(s));
   }

@@ -22,8 +22,11 @@ namespace {
 
 std::unique_ptr<LayerCodec> make_encoder(const CompressOptions& o) {
   if (o.mode == "paper") return make_paper_codec(o.paper);
-  if (o.mode == "spectral") return make_spectral_codec(false);
-  if (o.mode == "spectral-w") return make_spectral_codec(true);
+  if (o.quantiser != "auto" && o.quantiser != "uniform" && o.quantiser != "dependent")
+    throw Error(ErrorKind::InvalidInput, "compress", "unknown quantiser '" + o.quantiser + "' (available: auto, uniform, dependent)");
+  const bool dependent = o.quantiser == "dependent" || (o.quantiser == "auto" && o.calibration != nullptr);
+  if (o.mode == "spectral") return make_spectral_codec(false, dependent);
+  if (o.mode == "spectral-w") return make_spectral_codec(true, dependent);
   throw Error(ErrorKind::InvalidInput, "compress", "unknown mode '" + o.mode + "' (available: paper, spectral, spectral-w)");
 }
 

@@ -7,6 +7,8 @@
 // the pipeline picks one per layer to meet a global budget.
 // `spectral-w` codes X and Y in the coordinates of W's singular vectors (U_W^T X, V_W^T Y).
 #include <algorithm>
+#include <array>
+#include <limits>
 #include <map>
 #include <numeric>
 #include <bit>
@@ -23,7 +25,14 @@ namespace {
 constexpr int kStepBits = 8;
 constexpr int kStepBias = 200, kStepsPerOctave = 8;  // step = 2^((t - 200) / 8)
 constexpr double kMaxQuant = 1 << 29;
-constexpr double kDeadZones[] = {0.0, 0.2};  // rounding offsets tried for every step
+constexpr double kDeadZones[] = {0.0, 0.2};  // rounding offsets tried for every step (uniform quantiser)
+// Quantiser variants of an operating point: 0 and 1 are the uniform quantiser with the dead
+// zones above; 2 is dependent (trellis-coded) quantisation with rate weight kDqLambda.
+constexpr int kUniformVariants = 2, kVariants = 3;
+// The trellis search prices a bit at kDqLambda step^2 (about the slope of the quantiser's own
+// rate-distortion curve there); tuned on stories260K and SmolLM2 (0.1 to 0.6 within 2%).
+constexpr double kDqLambda = 0.35;
+constexpr int kDqStepOffsets[] = {-8, -6, -4};  // DQ steps tried around a uniform front point
 
 double step_of(int t) { return std::exp2(static_cast<double>(t - kStepBias) / kStepsPerOctave); }
 
@@ -42,6 +51,154 @@ int32_t round_dz(double v, double dead_zone) {
   const double a = std::floor(std::fabs(v) + 0.5 - dead_zone);
   const auto q = static_cast<int32_t>(std::max(0.0, a));
   return v < 0 ? -q : q;
+}
+
+// Dependent quantisation (docs/FORMAT.md, "Dependent quantisation"): a 4-state machine driven
+// by the parity of each integer chooses between two interleaved quantisers, Q0 (even multiples
+// of the step) and Q1 (odd multiples and zero); the encoder picks the integers by a Viterbi
+// search over the trellis. At the same rate it lands nearer the target than one uniform grid
+// (a trellis-coded quantiser's granular gain, ~1 dB at 2 bits per value).
+constexpr int kDqNext[4][2] = {{0, 2}, {2, 0}, {1, 3}, {3, 1}};
+int dq_next(int state, int32_t q) { return kDqNext[state][q & 1]; }
+double dq_level(int32_t q, int state) {  // in units of the step
+  return state < 2 ? 2.0 * q : 2.0 * q - (q > 0 ? 1 : 0) + (q < 0 ? 1 : 0);
+}
+
+// Estimated bits of an integer of quantiser class c (0: Q0, 1: Q1) for a column whose values
+// (in steps) have rms sigma: -log2 of a Gaussian's mass in the integer's cell (sign included).
+// Only guides the search; the stream's adaptive coder sets what is actually spent.
+struct DqRate {
+  static constexpr int kTable = 48;  // magnitudes priced from a table; larger ones by formula
+  double scale;                      // 1 / (sigma sqrt 2)
+  std::array<std::array<double, kTable>, 2> table;
+  explicit DqRate(double sigma) : scale(1.0 / (std::max(sigma, 0.05) * std::sqrt(2.0))) {
+    for (int c = 0; c < 2; ++c)
+      for (int a = 0; a < kTable; ++a) table[c][a] = exact(c, a);
+  }
+  double operator()(int c, int32_t q) const {
+    const int64_t a = q < 0 ? -static_cast<int64_t>(q) : q;
+    return a < kTable ? table[c][static_cast<size_t>(a)] : exact(c, static_cast<double>(a));
+  }
+  double exact(int c, double a) const {
+    // The cell of the level: halfway to the neighbouring levels of the same quantiser.
+    double lo, hi;
+    if (c == 0) {
+      lo = a == 0 ? 0.0 : 2 * a - 1;
+      hi = 2 * a + 1;
+    } else {
+      lo = a == 0 ? 0.0 : (a == 1 ? 0.5 : 2 * a - 2);
+      hi = a == 0 ? 0.5 : 2 * a;
+    }
+    const double mass = std::erfc(lo * scale) - std::erfc(hi * scale);  // P(lo < |v| < hi)
+    return -std::log2(std::max(a == 0 ? mass : 0.5 * mass, 1e-12));
+  }
+};
+
+// Viterbi search for one column of `rows` targets (in original units). With `hinv_u` (the inverse
+// Cholesky factor of the metric H, as in GPTQ) every surviving path carries its own targets,
+// corrected by the weighted errors it has made (error feedback along the trellis); the path cost
+// is then sum ((w_i - level_i) / hinv_u(i, i))^2, the error in the metric. Cost = distortion /
+// (step^2 * mean weight) + kDqLambda * estimated bits. Returns false if a value overflows.
+bool dq_column(const double* target, int64_t rows, double step, const Matrix* hinv_u, int32_t* q_out, double* value_out) {
+  double sum_sq = 0, mean_w = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (!(std::fabs(target[i] / step) < kMaxQuant / 4)) return false;
+    sum_sq += target[i] * target[i];
+    const double h = hinv_u ? (*hinv_u)(i, i) : 1.0;
+    mean_w += 1.0 / (h * h);
+  }
+  mean_w /= static_cast<double>(std::max<int64_t>(rows, 1));
+  const DqRate rate(std::sqrt(sum_sq / static_cast<double>(std::max<int64_t>(rows, 1))) / step);
+  const double norm = 1.0 / (step * step * mean_w);
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  std::array<double, 4> cost{0, kInf, kInf, kInf};
+  std::vector<std::array<int8_t, 4>> from(static_cast<size_t>(rows));
+  std::vector<std::array<int32_t, 4>> pick(static_cast<size_t>(rows));
+  // Per-state targets (only with feedback): w[s] holds rows values; rebuilt each step.
+  std::array<std::vector<double>, 4> w, w_next;
+  if (hinv_u)
+    for (int s = 0; s < 4; ++s) {
+      w[s].assign(target, target + rows);
+      w_next[s].resize(static_cast<size_t>(rows));
+    }
+  for (int64_t i = 0; i < rows; ++i) {
+    std::array<double, 4> next_cost{kInf, kInf, kInf, kInf};
+    std::array<double, 4> next_err{0, 0, 0, 0};
+    const double h = hinv_u ? (*hinv_u)(i, i) : 1.0;
+    for (int s = 0; s < 4; ++s) {
+      if (cost[s] == kInf) continue;
+      const double t = (hinv_u ? w[s][static_cast<size_t>(i)] : target[i]) / step;
+      const int c = s >> 1;
+      int32_t cands[5];
+      int nc = 0;
+      cands[nc++] = 0;
+      const double sgn = t < 0 ? -1.0 : 1.0;
+      const double u = c == 0 ? std::fabs(t) / 2 : (std::fabs(t) + 1) / 2;
+      for (double a : {std::floor(u), std::floor(u) + 1}) {
+        if (a < 1) continue;
+        cands[nc++] = static_cast<int32_t>(sgn * a);
+      }
+      for (int j = 0; j < nc; ++j) {
+        const int32_t qv = cands[j];
+        const double e = (t - dq_level(qv, s)) * step / h;  // weighted error, as GPTQ's err
+        const double total = cost[s] + e * e * norm + kDqLambda * rate(c, qv);
+        const int ns = dq_next(s, qv);
+        if (total < next_cost[ns]) {
+          next_cost[ns] = total;
+          next_err[ns] = e;
+          from[static_cast<size_t>(i)][ns] = static_cast<int8_t>(s);
+          pick[static_cast<size_t>(i)][ns] = qv;
+        }
+      }
+    }
+    if (hinv_u) {
+      for (int ns = 0; ns < 4; ++ns) {
+        if (next_cost[ns] == kInf) continue;
+        const std::vector<double>& src = w[from[static_cast<size_t>(i)][ns]];
+        std::vector<double>& dst = w_next[ns];
+        const double e = next_err[ns];
+        for (int64_t t = i + 1; t < rows; ++t) dst[static_cast<size_t>(t)] = src[static_cast<size_t>(t)] - e * (*hinv_u)(i, t);
+      }
+      std::swap(w, w_next);
+    }
+    cost = next_cost;
+  }
+  int s = static_cast<int>(std::min_element(cost.begin(), cost.end()) - cost.begin());
+  for (int64_t i = rows - 1; i >= 0; --i) {
+    q_out[i] = pick[static_cast<size_t>(i)][s];
+    s = from[static_cast<size_t>(i)][s];
+  }
+  int state = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    value_out[i] = dq_level(q_out[i], state) * step;
+    state = dq_next(state, q_out[i]);
+  }
+  return true;
+}
+
+// Dependent quantisation of the first k columns of `m` (rotated by R^T when R is given), each
+// column its own trellis starting in state 0. Returns how many leading columns it could quantise.
+int64_t quantize_columns_dq(const Matrix& m, int64_t k, double step, const Matrix* rot, const Matrix* hinv_u, Coded& out) {
+  const int64_t rows = m.rows;
+  Matrix coords(rows, k);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < k; ++j) coords(i, j) = m(i, j);
+  if (rot) coords = matmul(*rot, coords, /*trans_a=*/true);
+  out.q.assign(static_cast<size_t>(rows * k), 0);
+  Matrix deq(rows, k);
+  std::vector<double> col(static_cast<size_t>(rows)), val(static_cast<size_t>(rows));
+  int64_t ok = k;
+  for (int64_t j = 0; j < k; ++j) {
+    for (int64_t i = 0; i < rows; ++i) col[static_cast<size_t>(i)] = coords(i, j);
+    if (!dq_column(col.data(), rows, step, hinv_u, out.q.data() + j * rows, val.data())) {
+      ok = j;
+      std::fill(out.q.begin() + j * rows, out.q.end(), 0);
+      break;
+    }
+    for (int64_t i = 0; i < rows; ++i) deq(i, j) = val[static_cast<size_t>(i)];
+  }
+  out.value = rot ? matmul(*rot, deq) : deq;
+  return ok;
 }
 
 // Returns how many leading columns could be quantised (all k unless a value overflows).
@@ -119,10 +276,20 @@ int64_t quantize_columns_feedback(const Matrix& m, int64_t k, double step, const
   return ok;
 }
 
-Matrix dequantize_columns(const std::vector<int32_t>& q, int64_t rows, int64_t k, double step, const Matrix* rot) {
+Matrix dequantize_columns(const std::vector<int32_t>& q, int64_t rows, int64_t k, double step, const Matrix* rot, bool dependent) {
   Matrix deq(rows, k);
-  for (int64_t j = 0; j < k; ++j)
-    for (int64_t i = 0; i < rows; ++i) deq(i, j) = q[static_cast<size_t>(j * rows + i)] * step;
+  for (int64_t j = 0; j < k; ++j) {
+    int state = 0;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int32_t v = q[static_cast<size_t>(j * rows + i)];
+      if (dependent) {
+        deq(i, j) = dq_level(v, state) * step;
+        state = dq_next(state, v);
+      } else {
+        deq(i, j) = v * step;
+      }
+    }
+  }
   return rot ? matmul(*rot, deq) : deq;
 }
 
@@ -191,7 +358,7 @@ struct LayerSetup {
   Matrix right(const Matrix& v) const { return sig ? matmul(*sig, v) : v; }  // S V
 };
 
-// One operating point: (k components, X step code tx, Y step code ty, dead-zone index).
+// One operating point: (k components, X step code tx, Y step code ty, quantiser variant).
 struct Point {
   int64_t k;
   int tx, ty, dz;
@@ -199,7 +366,7 @@ struct Point {
 
 class SpectralCodec final : public LayerCodec {
  public:
-  explicit SpectralCodec(bool rotate) : rotate_(rotate) {}
+  SpectralCodec(bool rotate, bool dependent) : rotate_(rotate), dependent_(dependent) {}
   std::string mode() const override { return rotate_ ? "spectral-w" : "spectral"; }
   bool needs_base() const override { return rotate_; }
   bool plans_budget() const override { return true; }
@@ -209,16 +376,17 @@ class SpectralCodec final : public LayerCodec {
     const LayerSetup u = setup(ctx, f);
     const double w = ctx.weight;
     std::vector<Candidate> out;
-    out.push_back({w * u.energy, BitCounter::bytes_for(header_cost(s, 0, 0, 0)), {0, kStepBias, kStepBias, 0}});  // drop the layer
+    out.push_back({w * u.energy, BitCounter::bytes_for(header_cost(s, 0, 0, 0, 0)), {0, kStepBias, kStepBias, 0}});  // drop the layer
     if (!(u.rms > 0)) return out;
     const int t_top = std::clamp(static_cast<int>(std::ceil(std::log2(8 * u.rms) * kStepsPerOctave)) + kStepBias, 0, 255);
     // Prices the points (tx, dead zone dz, k in ks, Y step code tx + offset + dy for dy in dys).
     auto price = [&](int tx, int dz, const std::vector<int64_t>& ks, const std::vector<int>& dys) {
       // Columns are quantised independently (feedback stays within a column), so X's first k
       // columns are a prefix of all of them, and so are their bit costs.
+      if (tx < 0 || tx > 255) return;
       Coded all;
       const int64_t ok = quantize_side(u.x, s.r, step_of(tx), u.ru, u.hx, dz, all);
-      const std::vector<uint64_t> x_cost = column_costs(all.q.data(), s.m, ok);
+      const std::vector<uint64_t> x_cost = column_costs(all.q.data(), s.m, ok, is_dependent(dz));
       for (int64_t k : ks) {
         if (k > ok) continue;
         const Coded cx = prefix(all, s.m, k);
@@ -227,7 +395,8 @@ class SpectralCodec final : public LayerCodec {
           const int ty = std::clamp(tx + u.y_offset + dy, 0, 255);
           Coded cy;
           if (!quantize_y(u, fit, k, ty, dz, cy)) continue;
-          const uint64_t bits = header_cost(s, k, tx, ty) + x_cost[static_cast<size_t>(k)] + column_costs(cy.q.data(), s.n, k).back();
+          const uint64_t bits =
+              header_cost(s, k, tx, ty, dz) + x_cost[static_cast<size_t>(k)] + column_costs(cy.q.data(), s.n, k, is_dependent(dz)).back();
           out.push_back({w * distortion(u, fit, cy), BitCounter::bytes_for(bits), {static_cast<int32_t>(k), tx, ty, dz}});
         }
       }
@@ -242,7 +411,19 @@ class SpectralCodec final : public LayerCodec {
     for (auto& [tx, ks] : refine) {
       std::sort(ks.begin(), ks.end());
       price(tx, 0, ks, {-2, 2});
-      for (int dz = 1; dz < static_cast<int>(std::size(kDeadZones)); ++dz) price(tx, dz, ks, {-2, 0, 2});
+      for (int dz = 1; dz < kUniformVariants; ++dz) price(tx, dz, ks, {-2, 0, 2});
+    }
+    // Dependent quantisation: its two interleaved grids are each twice as coarse as its step, so
+    // it is tried about an octave finer than the uniform front points.
+    std::map<int, std::vector<int64_t>> dq_refine;
+    if (dependent_)
+      for (const auto& [tx, ks] : refine)
+      for (int off : kDqStepOffsets)
+        for (int64_t k : ks) dq_refine[tx + off].push_back(k);
+    for (auto& [tx, ks] : dq_refine) {
+      std::sort(ks.begin(), ks.end());
+      ks.erase(std::unique(ks.begin(), ks.end()), ks.end());
+      price(tx, kVariants - 1, ks, {0});
     }
     return out;
   }
@@ -252,7 +433,7 @@ class SpectralCodec final : public LayerCodec {
     const std::string where = mode() + " layer " + std::to_string(ctx.layer_index());
     if (c.setting.size() != 4) throw Error(ErrorKind::InvalidInput, where, "not an operating point of this mode");
     const Point p{c.setting[0], c.setting[1], c.setting[2], c.setting[3]};
-    if (p.k < 0 || p.k > s.r || p.dz < 0 || p.dz >= static_cast<int>(std::size(kDeadZones)))
+    if (p.k < 0 || p.k > s.r || p.dz < 0 || p.dz >= kVariants)
       throw Error(ErrorKind::InvalidInput, where, "not an operating point of this layer");
     if (p.k == 0) return {0};
     const LayerSetup u = setup(ctx, f);
@@ -263,36 +444,39 @@ class SpectralCodec final : public LayerCodec {
     const Refit fit = refit(u, cx);
     Coded cy;
     if (!quantize_y(u, fit, p.k, p.ty, p.dz, cy)) throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
-    return symbols_of(p.k, p.tx, p.ty, cx.q, cy.q);
+    return symbols_of(p.k, p.tx, p.ty, is_dependent(p.dz), cx.q, cy.q);
   }
 
   std::vector<uint8_t> write_stream(const std::vector<LayerShape>& shapes, const std::vector<std::vector<int32_t>>& symbols) const override {
     if (shapes.size() != symbols.size()) throw Error(ErrorKind::InvalidInput, mode(), "one symbol list per layer");
     RangeEncoder e;
-    StreamModels models;
+    StreamModels models;  // the current syntax (v3)
     for (size_t i = 0; i < shapes.size(); ++i) put_layer(e, models, shapes[i], symbols[i]);
     return e.finish();
   }
 
   std::vector<std::vector<int32_t>> read_stream(const std::vector<LayerShape>& shapes, const std::vector<uint8_t>& stream,
-                                                const std::string& where) const override {
+                                                const std::string& where, uint32_t version) const override {
     RangeDecoder d(stream.data(), stream.size());
     StreamModels models;
+    models.version = version;
     std::vector<std::vector<int32_t>> out;
     for (size_t i = 0; i < shapes.size(); ++i) out.push_back(get_layer(d, models, shapes[i], where + " (stream layer " + std::to_string(i) + ")"));
     return out;
   }
 
   std::vector<nlohmann::json> stream_summary(const std::vector<LayerShape>& shapes,
-                                             const std::vector<std::vector<int32_t>>& symbols) const override {
+                                             const std::vector<std::vector<int32_t>>& symbols, uint32_t version) const override {
     if (shapes.size() != symbols.size()) throw Error(ErrorKind::InvalidInput, mode(), "one symbol list per layer");
     BitCounter e;  // the stream's own coding, layer after layer: each layer's cost given the ones before
     StreamModels models;
+    models.version = version;
     std::vector<nlohmann::json> out;
     for (size_t i = 0; i < shapes.size(); ++i) {
       const uint64_t before = e.cost();
       put_layer(e, models, shapes[i], symbols[i]);
       out.push_back({{"components", symbols[i].empty() ? 0 : symbols[i][0]},
+                     {"quantiser", symbols[i].size() > 3 && symbols[i][3] ? "dependent" : "uniform"},
                      {"bytes", static_cast<double>(e.cost() - before) / (8.0 * BitCounter::kCostScale)}});
     }
     return out;
@@ -305,10 +489,11 @@ class SpectralCodec final : public LayerCodec {
     if (sym.empty() || sym[0] < 0 || sym[0] > s.r) throw Error(ErrorKind::Format, where, "bad component count");
     const int64_t k = sym[0];
     if (k == 0) return f;
-    if (sym.size() != static_cast<size_t>(3 + (s.m + s.n) * k)) throw Error(ErrorKind::Format, where, "wrong number of symbols");
-    const std::vector<int32_t> qx(sym.begin() + 3, sym.begin() + 3 + s.m * k), qy(sym.begin() + 3 + s.m * k, sym.end());
-    const Matrix x = dequantize_columns(qx, s.m, k, step_of(sym[1]), rotate_ ? &ctx.svd().U : nullptr);
-    const Matrix y = dequantize_columns(qy, s.n, k, step_of(sym[2]), rotate_ ? &ctx.svd().V : nullptr);
+    if (sym.size() != static_cast<size_t>(kHead + (s.m + s.n) * k)) throw Error(ErrorKind::Format, where, "wrong number of symbols");
+    const bool dependent = sym[3] != 0;
+    const std::vector<int32_t> qx(sym.begin() + kHead, sym.begin() + kHead + s.m * k), qy(sym.begin() + kHead + s.m * k, sym.end());
+    const Matrix x = dequantize_columns(qx, s.m, k, step_of(sym[1]), rotate_ ? &ctx.svd().U : nullptr, dependent);
+    const Matrix y = dequantize_columns(qy, s.n, k, step_of(sym[2]), rotate_ ? &ctx.svd().V : nullptr, dependent);
     for (int64_t j = 0; j < k; ++j) {
       for (int64_t i = 0; i < s.m; ++i) f.B(i, j) = x(i, j);
       for (int64_t i = 0; i < s.n; ++i) f.A(j, i) = y(i, j);
@@ -333,66 +518,86 @@ class SpectralCodec final : public LayerCodec {
     const int tx = static_cast<int>(dec.direct(kStepBits));
     const int ty = static_cast<int>(dec.direct(kStepBits));
     IntModel mx, my;
-    std::vector<int32_t> sym{static_cast<int32_t>(k), tx, ty};
-    get_columns(dec, mx, sym, s.m, k, where);
-    get_columns(dec, my, sym, s.n, k, where);
+    std::vector<int32_t> sym{static_cast<int32_t>(k), tx, ty, 0};
+    get_columns(dec, mx, mx, false, sym, s.m, k, where);
+    get_columns(dec, my, my, false, sym, s.n, k, where);
     return decode_symbols(ctx, sym);
   }
 
  private:
-  // Appends k columns of `rows` integers, each a new run of `model` (put_columns' inverse).
-  static void get_columns(RangeDecoder& d, IntModel& model, std::vector<int32_t>& out, int64_t rows, int64_t k,
-                          const std::string& where) {
+  // A layer's symbols: [k] when k = 0, else [k, tx, ty, dependent, X's k columns, Y's k columns].
+  static constexpr size_t kHead = 4;
+  static bool is_dependent(int variant) { return variant >= kUniformVariants; }
+
+  // Appends k columns of `rows` integers, each a new run of its models (put_columns' inverse).
+  // With dependent quantisation, each integer uses the model of its trellis state's quantiser.
+  static void get_columns(RangeDecoder& d, IntModel& m0, IntModel& m1, bool dependent, std::vector<int32_t>& out, int64_t rows,
+                          int64_t k, const std::string& where) {
     out.reserve(out.size() + static_cast<size_t>(rows * k));
     for (int64_t j = 0; j < k; ++j) {
-      model.reset_run();
-      for (int64_t i = 0; i < rows; ++i) out.push_back(model.decode(d, where));
+      m0.reset_run();
+      m1.reset_run();
+      int state = 0;
+      for (int64_t i = 0; i < rows; ++i) {
+        const int32_t v = (dependent && state >= 2 ? m1 : m0).decode(d, where);
+        if (dependent) state = dq_next(state, v);
+        out.push_back(v);
+      }
     }
   }
-  static std::vector<int32_t> symbols_of(int64_t k, int tx, int ty, const std::vector<int32_t>& qx, const std::vector<int32_t>& qy) {
-    std::vector<int32_t> sym{static_cast<int32_t>(k), tx, ty};
+  static std::vector<int32_t> symbols_of(int64_t k, int tx, int ty, bool dependent, const std::vector<int32_t>& qx,
+                                         const std::vector<int32_t>& qy) {
+    std::vector<int32_t> sym{static_cast<int32_t>(k), tx, ty, dependent ? 1 : 0};
     sym.insert(sym.end(), qx.begin(), qx.end());
     sym.insert(sym.end(), qy.begin(), qy.end());
     return sym;
   }
 
-  // Adaptive state carried through a v2 stream from one layer to the next.
+  // Adaptive state carried through a stream from one layer to the next.
   struct StreamModels {
+    uint32_t version = 3;            // stream syntax: 2 has no quantiser flag (and no Q1 models)
     IntModel step_change, step_gap, x, y;
+    IntModel x1, y1;                 // v3: integers of the Q1 quantiser of dependent quantisation
+    Prob dependent = kProbInit;      // v3: the layer's quantiser flag
     int previous_tx = kStepBias;
   };
 
-  // One layer of a v2 stream: k (bit_width(r) direct bits); if k > 0, tx - previous tx and
-  // ty - tx (signed integers, their own models), then X's k columns and Y's k columns.
+  // One layer of a stream: k (bit_width(r) direct bits); if k > 0, tx - previous tx and ty - tx
+  // (signed integers, their own models), in v3 the quantiser flag (a modelled bit), then X's k
+  // columns and Y's k columns.
   template <class Coder>
-  static void put_header(Coder& e, StreamModels& m, const LayerShape& s, int64_t k, int tx, int ty) {
+  static void put_header(Coder& e, StreamModels& m, const LayerShape& s, int64_t k, int tx, int ty, bool dependent) {
     e.direct(static_cast<uint32_t>(k), rank_bits(s.r));
     if (k == 0) return;
     m.step_change.encode(e, tx - m.previous_tx);
     m.step_gap.encode(e, ty - tx);
     m.previous_tx = tx;
+    if (m.version >= 3) e.bit(m.dependent, dependent ? 1 : 0);
   }
   template <class Coder>
-  static void put_columns(Coder& e, IntModel& model, const int32_t* q, int64_t rows, int64_t k) {
+  static void put_columns(Coder& e, IntModel& m0, IntModel& m1, bool dependent, const int32_t* q, int64_t rows, int64_t k) {
     for (int64_t j = 0; j < k; ++j) {
-      model.reset_run();
-      for (int64_t i = 0; i < rows; ++i) model.encode(e, q[j * rows + i]);
+      m0.reset_run();
+      m1.reset_run();
+      int state = 0;
+      for (int64_t i = 0; i < rows; ++i) {
+        const int32_t v = q[j * rows + i];
+        (dependent && state >= 2 ? m1 : m0).encode(e, v);
+        if (dependent) state = dq_next(state, v);
+      }
     }
-  }
-  template <class Coder>
-  static void put_layer(Coder& e, StreamModels& m, const LayerShape& s, int64_t k, int tx, int ty, const int32_t* qx,
-                        const int32_t* qy) {
-    put_header(e, m, s, k, tx, ty);
-    if (k == 0) return;
-    put_columns(e, m.x, qx, s.m, k);
-    put_columns(e, m.y, qy, s.n, k);
   }
   template <class Coder>
   static void put_layer(Coder& e, StreamModels& m, const LayerShape& s, const std::vector<int32_t>& sym) {
     const int64_t k = sym.empty() ? -1 : sym[0];
-    if (k < 0 || k > s.r || sym.size() != static_cast<size_t>(k == 0 ? 1 : 3 + (s.m + s.n) * k))
+    if (k < 0 || k > s.r || sym.size() != static_cast<size_t>(k == 0 ? 1 : kHead + (s.m + s.n) * k))
       throw Error(ErrorKind::InvalidInput, "spectral stream", "symbols do not match the layer's shape");
-    put_layer(e, m, s, k, k ? sym[1] : 0, k ? sym[2] : 0, sym.data() + 3, sym.data() + 3 + s.m * k);
+    if (k == 0) return put_header(e, m, s, 0, 0, 0, false);
+    const bool dependent = sym[3] != 0;
+    if (dependent && m.version < 3) throw Error(ErrorKind::InvalidInput, "spectral stream", "format v2 has no dependent quantisation");
+    put_header(e, m, s, k, sym[1], sym[2], dependent);
+    put_columns(e, m.x, m.x1, dependent, sym.data() + kHead, s.m, k);
+    put_columns(e, m.y, m.y1, dependent, sym.data() + kHead + s.m * k, s.n, k);
   }
   static std::vector<int32_t> get_layer(RangeDecoder& d, StreamModels& m, const LayerShape& s, const std::string& where) {
     const auto k = static_cast<int64_t>(d.direct(rank_bits(s.r)));
@@ -402,27 +607,27 @@ class SpectralCodec final : public LayerCodec {
     const int64_t ty = tx + m.step_gap.decode(d, where);
     if (tx < 0 || tx > 255 || ty < 0 || ty > 255) throw Error(ErrorKind::Format, where, "step code out of range");
     m.previous_tx = static_cast<int>(tx);
-    std::vector<int32_t> sym{static_cast<int32_t>(k), static_cast<int32_t>(tx), static_cast<int32_t>(ty)};
-    get_columns(d, m.x, sym, s.m, k, where);
-    get_columns(d, m.y, sym, s.n, k, where);
+    const bool dependent = m.version >= 3 && d.bit(m.dependent) == 1;
+    std::vector<int32_t> sym{static_cast<int32_t>(k), static_cast<int32_t>(tx), static_cast<int32_t>(ty), dependent ? 1 : 0};
+    get_columns(d, m.x, m.x1, dependent, sym, s.m, k, where);
+    get_columns(d, m.y, m.y1, dependent, sym, s.n, k, where);
     return sym;
   }
   // What a point costs as a layer of a fresh stream (an estimate: in a real stream the models
   // have learned from the layers before it, so it is usually a little cheaper). The header, X
   // and Y use separate models, so their costs add up; X's cost after each column serves every k.
-  static uint64_t header_cost(const LayerShape& s, int64_t k, int tx, int ty) {
+  static uint64_t header_cost(const LayerShape& s, int64_t k, int tx, int ty, int variant) {
     BitCounter e;
     StreamModels m;
-    put_header(e, m, s, k, tx, ty);
+    put_header(e, m, s, k, tx, ty, is_dependent(variant));
     return e.cost();
   }
-  static std::vector<uint64_t> column_costs(const int32_t* q, int64_t rows, int64_t k) {  // [0, after 1, ..., after k]
+  static std::vector<uint64_t> column_costs(const int32_t* q, int64_t rows, int64_t k, bool dependent) {  // [0, after 1, ..., after k]
     BitCounter e;
-    IntModel model;
+    IntModel m0, m1;
     std::vector<uint64_t> out{0};
     for (int64_t j = 0; j < k; ++j) {
-      model.reset_run();
-      for (int64_t i = 0; i < rows; ++i) model.encode(e, q[j * rows + i]);
+      put_columns(e, m0, m1, dependent, q + j * rows, rows, 1);
       out.push_back(e.cost());
     }
     return out;
@@ -474,8 +679,9 @@ class SpectralCodec final : public LayerCodec {
     return u;
   }
 
-  static int64_t quantize_side(const Matrix& v, int64_t k, double step, const Matrix* rot, const Matrix& h, int dz, Coded& c) {
-    const double dead_zone = kDeadZones[dz];
+  static int64_t quantize_side(const Matrix& v, int64_t k, double step, const Matrix* rot, const Matrix& h, int variant, Coded& c) {
+    if (is_dependent(variant)) return quantize_columns_dq(v, k, step, rot, h.rows > 0 ? &h : nullptr, c);
+    const double dead_zone = kDeadZones[variant];
     return h.rows > 0 ? quantize_columns_feedback(v, k, step, h, c, dead_zone) : quantize_columns(v, k, step, rot, c, dead_zone);
   }
 
@@ -509,12 +715,13 @@ class SpectralCodec final : public LayerCodec {
   }
 
   bool rotate_;
+  bool dependent_;  // offer dependent quantisation to the plan
 };
 
 }  // namespace
 
-std::unique_ptr<LayerCodec> make_spectral_codec(bool rotate_to_base) {
-  return std::make_unique<SpectralCodec>(rotate_to_base);
+std::unique_ptr<LayerCodec> make_spectral_codec(bool rotate_to_base, bool dependent) {
+  return std::make_unique<SpectralCodec>(rotate_to_base, dependent);
 }
 
 }  // namespace solar

@@ -86,13 +86,14 @@ class LayerCodec {
   virtual std::vector<int32_t> candidate_symbols(const LayerContext& ctx, const Factors& f, const Candidate& c) const;
   virtual std::vector<uint8_t> write_stream(const std::vector<LayerShape>& shapes,
                                             const std::vector<std::vector<int32_t>>& symbols) const;
+  // `version`: the container's format version (a stream's syntax may differ between versions).
   virtual std::vector<std::vector<int32_t>> read_stream(const std::vector<LayerShape>& shapes, const std::vector<uint8_t>& stream,
-                                                        const std::string& where) const;
+                                                        const std::string& where, uint32_t version) const;
   virtual Factors decode_symbols(const LayerContext& ctx, const std::vector<int32_t>& symbols) const;
   // What each layer of a stream holds, for `solar inspect`: {"components": kept, "bytes": its
   // share of the stream (bits it cost as coded, / 8)}, one object per layer.
   virtual std::vector<nlohmann::json> stream_summary(const std::vector<LayerShape>& shapes,
-                                                     const std::vector<std::vector<int32_t>>& symbols) const;
+                                                     const std::vector<std::vector<int32_t>>& symbols, uint32_t version) const;
   virtual EncodedLayer encode(const LayerContext& ctx, const Factors& f) const = 0;
   // Validates params and blob sizes against the shape before using them; throws Format.
   virtual Factors decode(const LayerContext& ctx, const EncodedLayer& e) const = 0;
@@ -125,7 +126,8 @@ std::unique_ptr<LayerCodec> make_paper_codec(const PaperOptions& options);
 // one step per layer, an error-compensating refit of the right factor, adaptive range coding.
 // Needs no base weight. `rotate_to_base` codes the components in W's singular basis instead
 // (mode `spectral-w`), which tests the paper's premise with a good coder.
-std::unique_ptr<LayerCodec> make_spectral_codec(bool rotate_to_base = false);
+// `dependent` also offers dependent (trellis-coded) quantisation to the plan (format v3).
+std::unique_ptr<LayerCodec> make_spectral_codec(bool rotate_to_base = false, bool dependent = true);
 // The codec that decodes layers of `mode` (options come from each layer's params).
 std::unique_ptr<LayerCodec> make_decoder(const std::string& mode, const std::string& where);
 

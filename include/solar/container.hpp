@@ -1,6 +1,6 @@
 // The .solar container (format v2, specified in docs/FORMAT.md; v1 files are still read).
 //
-//   magic "\x89SLR" | u8 version (2) | u8 flags | LEB128 sizes: metadata stored, metadata raw,
+//   magic "\x89SLR" | u8 version (3) | u8 flags | LEB128 sizes: metadata stored, metadata raw,
 //   payload stored, payload raw | metadata (JSON, UTF-8; zstd with a built-in dictionary when
 //   that is smaller) | payload (the blobs, concatenated) | u32 XXH32 of every byte before it.
 // Compact on purpose: per-adapter overhead matters for small adapters on the wire. Sizes are
@@ -20,7 +20,7 @@
 
 namespace solar {
 
-inline constexpr uint32_t kFormatVersion = 2;       // what this build writes
+inline constexpr uint32_t kFormatVersion = 3;       // what this build writes
 inline constexpr uint32_t kOldestReadableVersion = 1;
 inline constexpr size_t kTrailerSize = 4;
 
@@ -36,7 +36,7 @@ struct LayerRecord {
 };
 
 struct Container {
-  uint32_t version = kFormatVersion;  // as read; serialised as is (1 or 2)
+  uint32_t version = kFormatVersion;  // as read; serialised as is (1, 2 or 3)
   uint64_t seed = 0;
   std::string producer;  // "solar <version>"
   nlohmann::json peft_config;

@@ -39,6 +39,12 @@ struct CompressOptions {
   // Added to each statistic's diagonal, as a share of its mean diagonal: how much directions the
   // calibration data did not exercise still count.
   double calibration_damping = 0.1;
+  // Spectral modes: "dependent" prices both the uniform quantiser and dependent (trellis-coded)
+  // quantisation and lets the plan pick per layer; "uniform" only the former. "auto": dependent
+  // with calibration statistics, uniform without. (On tuning splits dependent quantisation paid
+  // with K-FAC statistics, but without them its smaller Frobenius error bought less retention
+  // than the uniform quantiser's on MiniLM: bench/quantiser_check.py.)
+  std::string quantiser = "auto";
   uint64_t seed = 0;
   int threads = 0;  // 0: hardware concurrency. The output does not depend on it.
   Progress progress;

@@ -200,6 +200,7 @@ def compress(
     solver: Optional[str] = None,
     calibration_damping: Optional[float] = None,
     balance: Optional[float] = None,
+    quantiser: str = "auto",
 ) -> CompressedAdapter:
     """Compresses a PEFT LoRA adapter against its base model.
 
@@ -227,6 +228,9 @@ def compress(
         calibration_damping: share of each statistic's mean diagonal added to its diagonal, so
             directions the calibration data did not exercise still count (default 0.1).
         proxy: spectral modes without calibration: ``"base-gram"`` weighs errors by W^T W.
+        quantiser: spectral modes: ``"dependent"`` (uniform or dependent/trellis-coded
+            quantisation, whichever the plan finds better per layer), ``"uniform"``, or ``"auto"``
+            (the default: dependent with ``calibration``, uniform without).
         pool, pool_a, pool_b: pool sizes N_A, N_B (``pool`` for both unless overridden).
         keep: coefficients kept per factor (k_A = k_B); overrides ``keep_fraction``.
         keep_fraction: fraction of each pool kept when ``keep`` is not given.
@@ -266,6 +270,7 @@ def compress(
         _opt(str, solver),
         _opt(float, calibration_damping),
         _opt(float, balance),
+        str(quantiser),
     )
     return CompressedAdapter(c)
 

@@ -18,6 +18,7 @@ namespace {
 
 const std::string kGolden = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v1";
 const std::string kGoldenV2 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v2";
+const std::string kGoldenV3 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v3";
 // Pinned in docs/FORMAT.md: changing the dictionary is a format change.
 constexpr uint32_t kDictionaryXxh32 = 0x383e7759u;
 
@@ -122,7 +123,7 @@ TEST(Container, HeaderAbuseIsRejectedBeforeAllocation) {
   EXPECT_SOLAR_ERROR(parse_container(huge.data(), huge.size(), "h.solar"), ErrorKind::Format, "limits");
   const auto long_meta = forged(1ull << 40, h.metadata_raw);
   EXPECT_SOLAR_ERROR(parse_container(long_meta.data(), long_meta.size(), "h.solar"), ErrorKind::Format, "truncated");
-  for (uint8_t version : {uint8_t{0}, uint8_t{3}, uint8_t{255}}) {
+  for (uint8_t version : {uint8_t{0}, uint8_t{4}, uint8_t{255}}) {
     auto other = bytes;
     other[4] = version;
     EXPECT_SOLAR_ERROR(parse_container(other.data(), other.size(), "v.solar"), ErrorKind::Unsupported,
@@ -218,6 +219,62 @@ TEST(Container, GoldenV2SpectralStreamStillDecodes) {
   EXPECT_EQ(pass, original.passthrough[0].second.data);
 }
 
+// Format v3: the same two layers, at a target where one of them takes dependent quantisation.
+Container spectral_container_v3() {
+  CompressOptions o;
+  o.mode = "spectral";
+  o.target_error = 0.2;
+  o.quantiser = "dependent";
+  o.threads = 1;
+  return compress_adapter(golden_adapter_v2(), InMemoryWeights("<none>"), o);
+}
+
+TEST(Container, GoldenV3DependentQuantisationStillDecodes) {
+  const auto bytes = test::read_bytes(kGoldenV3 + "_spectral.solar");
+  const Container c = parse_container(bytes.data(), bytes.size(), "golden_v3_spectral.solar");
+  EXPECT_EQ(c.version, 3u);
+  const std::vector<std::vector<int32_t>> symbols = read_streams(c).at(0).symbols;
+  ASSERT_EQ(symbols.size(), 2u);
+  bool dependent = false;
+  for (const auto& s : symbols) dependent = dependent || (s.size() > 3 && s[3] == 1);
+  EXPECT_TRUE(dependent) << "the golden file must exercise dependent quantisation";
+  const PeftAdapter restored = decompress_container(c, InMemoryWeights("<none>"));
+  const SafetensorsFile expected(kGoldenV3 + "_spectral_expected.safetensors");
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(restored.modules[i].A.data, expected.get("A" + std::to_string(i)).copy().data) << i;
+    EXPECT_EQ(restored.modules[i].B.data, expected.get("B" + std::to_string(i)).copy().data) << i;
+  }
+}
+
+// The levels of dependent quantisation, written from docs/FORMAT.md alone: a layer's restored B
+// columns are step(tx) times these levels of its integers.
+TEST(Container, DependentQuantisationLevelsFollowTheSpec) {
+  const auto bytes = test::read_bytes(kGoldenV3 + "_spectral.solar");
+  const Container c = parse_container(bytes.data(), bytes.size(), "golden_v3_spectral.solar");
+  const std::vector<std::vector<int32_t>> symbols = read_streams(c).at(0).symbols;
+  const PeftAdapter restored = decompress_container(c, InMemoryWeights("<none>"));
+  const int next[4][2] = {{0, 2}, {2, 0}, {1, 3}, {3, 1}};
+  int checked = 0;
+  for (size_t l = 0; l < symbols.size(); ++l) {
+    const auto& s = symbols[l];
+    if (s.size() < 4 || s[3] != 1) continue;
+    const int64_t k = s[0], m = c.layers[l].shape.m, r = c.layers[l].shape.r;
+    const double step = std::exp2((s[1] - 200) / 8.0);
+    const std::vector<float> b = restored.modules[l].B.to_f32();  // m x r, row-major
+    for (int64_t j = 0; j < k; ++j) {
+      int state = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        const int32_t q = s[static_cast<size_t>(4 + j * m + i)];
+        const double level = state < 2 ? 2.0 * q : 2.0 * q - (q > 0) + (q < 0);
+        EXPECT_FLOAT_EQ(b[static_cast<size_t>(i * r + j)], static_cast<float>(level * step)) << l << " " << i << " " << j;
+        state = next[state][q & 1];
+        ++checked;
+      }
+    }
+  }
+  EXPECT_GT(checked, 0);
+}
+
 TEST(Container, SizeReportSharesTheStreamBetweenItsLayers) {
   const auto bytes = test::read_bytes(kGoldenV2 + "_spectral.solar");
   const Container c = parse_container(bytes.data(), bytes.size(), "golden_v2_spectral.solar");
@@ -283,12 +340,12 @@ TEST(Container, GarbageStreamFailsCleanly) {
 }
 
 // Run with --gtest_also_run_disabled_tests --gtest_filter='*Regenerate*' only when the format
-// version changes. The v1 files are frozen (this build writes v2).
+// version changes. The v1 and v2 files are frozen (this build writes v3).
 TEST(Container, DISABLED_RegenerateGoldenFiles) {
-  const Container c = spectral_container_v2();
-  write_container(kGoldenV2 + "_spectral.solar", c);
+  const Container c = spectral_container_v3();
+  write_container(kGoldenV3 + "_spectral.solar", c);
   const PeftAdapter r = decompress_container(c, InMemoryWeights("<none>"));
-  write_safetensors(kGoldenV2 + "_spectral_expected.safetensors",
+  write_safetensors(kGoldenV3 + "_spectral_expected.safetensors",
                     {{"A0", r.modules[0].A}, {"B0", r.modules[0].B}, {"A1", r.modules[1].A}, {"B1", r.modules[1].B}});
 }
 

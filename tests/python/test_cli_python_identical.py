@@ -17,6 +17,7 @@ SETTINGS = [
     (["--pool", "512", "--keep-fraction", "1", "--bits", "32", "--seed", "3", "--threads", "1"],
      dict(pool=512, keep_fraction=1.0, bits=32, seed=3, threads=2)),
     ([], dict()),  # defaults agree
+    (["--target-error", "0.2", "--quantiser", "uniform"], dict(mode="spectral", target_error=0.2, quantiser="uniform")),
 ]
 
 
@@ -26,7 +27,7 @@ def run(cli, *args):
     return r
 
 
-@pytest.mark.parametrize("flags,kwargs", SETTINGS, ids=["paper", "pools-keep-4bit", "lossless", "defaults"])
+@pytest.mark.parametrize("flags,kwargs", SETTINGS, ids=["paper", "pools-keep-4bit", "lossless", "defaults", "spectral-uniform"])
 def test_cli_and_python_write_identical_files(solar_cli, stories_adapter, stories_ckpt, tmp_path, flags, kwargs):
     out = tmp_path / "cli.solar"
     run(solar_cli, "compress", "--base", stories_ckpt, "--adapter", stories_adapter, "--out", out, "-q", *flags)

@@ -113,3 +113,15 @@ def test_calibrate_collects_kfac_statistics_and_they_steer_the_codec(stories_ckp
     # The same statistics from memory or from the file give the same file.
     again = solar.compress(stories_adapter, None, mode="spectral", target_bytes=1500, calibration=stats)
     assert again.to_bytes() == steered.to_bytes()
+    # With statistics the default quantiser ("auto") offers the trellis quantiser, and the plan
+    # takes it for some layers; without them (plain) it does not. At the same target error the
+    # uniform quantiser alone needs more bytes.
+    quantisers = lambda packed: {layer["stream"]["quantiser"] for layer in packed.report()["layers"]}
+    assert "dependent" in quantisers(steered)
+    assert quantisers(plain) == {"uniform"}
+    auto = solar.compress(stories_adapter, None, mode="spectral", target_error=0.3, calibration=stats)
+    uniform = solar.compress(stories_adapter, None, mode="spectral", target_error=0.3, calibration=stats,
+                             quantiser="uniform")
+    assert quantisers(uniform) == {"uniform"} and auto.nbytes < uniform.nbytes
+    with pytest.raises(solar.InvalidInputError, match="quantiser"):
+        solar.compress(stories_adapter, None, mode="spectral", quantiser="lattice")
