@@ -100,8 +100,8 @@ def markdown(sp: dict) -> str:
     if spec:
         gemm = peak * 1e9  # flop/s
         out += ["", "Spectral mode, analysis of one n×n layer of rank r (every operating point — step × dead zone × k "
-                "× Y step — quantised, its distortion computed and its bits counted), one core; random factors, and "
-                "for the calibrated case random SPD moments. Ratio: time / time of one n×n×n dgemm at the same-run "
+                "× Y step, and with statistics the trellis quantiser's points too — quantised, its distortion computed "
+                "and its bits counted), one core; random factors, and for the calibrated case random SPD moments. Ratio: time / time of one n×n×n dgemm at the same-run "
                 "peak.", "",
                 "| layer | statistics | points priced | time (ms) | × n³ dgemm |", "|---|---|---|---|---|"]
         for r in spec:

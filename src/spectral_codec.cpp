@@ -176,14 +176,19 @@ bool dq_column(const double* target, int64_t rows, double step, const Matrix* hi
   return true;
 }
 
+// The first k columns of `m`, rotated by R^T when R is given: what a side's integers quantise.
+Matrix leading_coords(const Matrix& m, int64_t k, const Matrix* rot) {
+  Matrix coords(m.rows, k);
+  for (int64_t i = 0; i < m.rows; ++i)
+    for (int64_t j = 0; j < k; ++j) coords(i, j) = m(i, j);
+  return rot ? matmul(*rot, coords, /*trans_a=*/true) : coords;
+}
+
 // Dependent quantisation of the first k columns of `m` (rotated by R^T when R is given), each
 // column its own trellis starting in state 0. Returns how many leading columns it could quantise.
 int64_t quantize_columns_dq(const Matrix& m, int64_t k, double step, const Matrix* rot, const Matrix* hinv_u, Coded& out) {
   const int64_t rows = m.rows;
-  Matrix coords(rows, k);
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < k; ++j) coords(i, j) = m(i, j);
-  if (rot) coords = matmul(*rot, coords, /*trans_a=*/true);
+  const Matrix coords = leading_coords(m, k, rot);
   out.q.assign(static_cast<size_t>(rows * k), 0);
   Matrix deq(rows, k);
   std::vector<double> col(static_cast<size_t>(rows)), val(static_cast<size_t>(rows));
@@ -204,10 +209,7 @@ int64_t quantize_columns_dq(const Matrix& m, int64_t k, double step, const Matri
 // Returns how many leading columns could be quantised (all k unless a value overflows).
 int64_t quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* rot, Coded& out, double dead_zone = 0.0) {
   const int64_t rows = m.rows;
-  Matrix coords(rows, k);
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < k; ++j) coords(i, j) = m(i, j);
-  if (rot) coords = matmul(*rot, coords, /*trans_a=*/true);
+  const Matrix coords = leading_coords(m, k, rot);
   out.q.assign(static_cast<size_t>(rows * k), 0);
   Matrix deq(rows, k);
   int64_t ok = k;
