@@ -363,7 +363,7 @@ struct LayerSetup {
 // One operating point: (k components, X step code tx, Y step code ty, quantiser variant).
 struct Point {
   int64_t k;
-  int tx, ty, dz;
+  int tx, ty, variant;  // variant: uniform with kDeadZones[variant], or (last) dependent
 };
 
 class SpectralCodec final : public LayerCodec {
@@ -381,14 +381,14 @@ class SpectralCodec final : public LayerCodec {
     out.push_back({w * u.energy, BitCounter::bytes_for(header_cost(s, 0, 0, 0, 0)), {0, kStepBias, kStepBias, 0}});  // drop the layer
     if (!(u.rms > 0)) return out;
     const int t_top = std::clamp(static_cast<int>(std::ceil(std::log2(8 * u.rms) * kStepsPerOctave)) + kStepBias, 0, 255);
-    // Prices the points (tx, dead zone dz, k in ks, Y step code tx + offset + dy for dy in dys).
-    auto price = [&](int tx, int dz, const std::vector<int64_t>& ks, const std::vector<int>& dys) {
+    // Prices the points (tx, quantiser variant, k in ks, Y step code tx + offset + dy for dy in dys).
+    auto price = [&](int tx, int variant, const std::vector<int64_t>& ks, const std::vector<int>& dys) {
       // Columns are quantised independently (feedback stays within a column), so X's first k
       // columns are a prefix of all of them, and so are their bit costs.
       if (tx < 0 || tx > 255) return;
       Coded all;
-      const int64_t ok = quantize_side(u.x, s.r, step_of(tx), u.ru, u.hx, dz, all);
-      const std::vector<uint64_t> x_cost = column_costs(all.q.data(), s.m, ok, is_dependent(dz));
+      const int64_t ok = quantize_side(u.x, s.r, step_of(tx), u.ru, u.hx, variant, all);
+      const std::vector<uint64_t> x_cost = column_costs(all.q.data(), s.m, ok, is_dependent(variant));
       for (int64_t k : ks) {
         if (k > ok) continue;
         const Coded cx = prefix(all, s.m, k);
@@ -396,10 +396,10 @@ class SpectralCodec final : public LayerCodec {
         for (int dy : dys) {
           const int ty = std::clamp(tx + u.y_offset + dy, 0, 255);
           Coded cy;
-          if (!quantize_y(u, fit, k, ty, dz, cy)) continue;
+          if (!quantize_y(u, fit, k, ty, variant, cy)) continue;
           const uint64_t bits =
-              header_cost(s, k, tx, ty, dz) + x_cost[static_cast<size_t>(k)] + column_costs(cy.q.data(), s.n, k, is_dependent(dz)).back();
-          out.push_back({w * distortion(u, fit, cy), BitCounter::bytes_for(bits), {static_cast<int32_t>(k), tx, ty, dz}});
+              header_cost(s, k, tx, ty, variant) + x_cost[static_cast<size_t>(k)] + column_costs(cy.q.data(), s.n, k, is_dependent(variant)).back();
+          out.push_back({w * distortion(u, fit, cy), BitCounter::bytes_for(bits), {static_cast<int32_t>(k), tx, ty, variant}});
         }
       }
     };
@@ -413,10 +413,10 @@ class SpectralCodec final : public LayerCodec {
     for (auto& [tx, ks] : refine) {
       std::sort(ks.begin(), ks.end());
       price(tx, 0, ks, {-2, 2});
-      for (int dz = 1; dz < kUniformVariants; ++dz) price(tx, dz, ks, {-2, 0, 2});
+      for (int variant = 1; variant < kUniformVariants; ++variant) price(tx, variant, ks, {-2, 0, 2});
     }
     // Dependent quantisation: its two interleaved grids are each twice as coarse as its step, so
-    // it is tried about an octave finer than the uniform front points.
+    // it is tried half an octave to an octave finer than the uniform front points.
     std::map<int, std::vector<int64_t>> dq_refine;
     if (dependent_)
       for (const auto& [tx, ks] : refine)
@@ -435,18 +435,18 @@ class SpectralCodec final : public LayerCodec {
     const std::string where = mode() + " layer " + std::to_string(ctx.layer_index());
     if (c.setting.size() != 4) throw Error(ErrorKind::InvalidInput, where, "not an operating point of this mode");
     const Point p{c.setting[0], c.setting[1], c.setting[2], c.setting[3]};
-    if (p.k < 0 || p.k > s.r || p.dz < 0 || p.dz >= kVariants)
+    if (p.k < 0 || p.k > s.r || p.variant < 0 || p.variant >= kVariants)
       throw Error(ErrorKind::InvalidInput, where, "not an operating point of this layer");
     if (p.k == 0) return {0};
     const LayerSetup u = setup(ctx, f);
     Coded all;  // exactly as candidates() computed it: all r columns, then the prefix
-    if (quantize_side(u.x, s.r, step_of(p.tx), u.ru, u.hx, p.dz, all) < p.k)
+    if (quantize_side(u.x, s.r, step_of(p.tx), u.ru, u.hx, p.variant, all) < p.k)
       throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
     const Coded cx = prefix(all, s.m, p.k);
     const Refit fit = refit(u, cx);
     Coded cy;
-    if (!quantize_y(u, fit, p.k, p.ty, p.dz, cy)) throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
-    return symbols_of(p.k, p.tx, p.ty, is_dependent(p.dz), cx.q, cy.q);
+    if (!quantize_y(u, fit, p.k, p.ty, p.variant, cy)) throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
+    return symbols_of(p.k, p.tx, p.ty, is_dependent(p.variant), cx.q, cy.q);
   }
 
   std::vector<uint8_t> write_stream(const std::vector<LayerShape>& shapes, const std::vector<std::vector<int32_t>>& symbols) const override {
@@ -706,8 +706,8 @@ class SpectralCodec final : public LayerCodec {
     return fit;
   }
 
-  static bool quantize_y(const LayerSetup& u, const Refit& fit, int64_t k, int ty, int dz, Coded& cy) {
-    return quantize_side(fit.yk, k, step_of(ty), u.rv, u.hy, dz, cy) == k;
+  static bool quantize_y(const LayerSetup& u, const Refit& fit, int64_t k, int ty, int variant, Coded& cy) {
+    return quantize_side(fit.yk, k, step_of(ty), u.rv, u.hy, variant, cy) == k;
   }
 
   static double distortion(const LayerSetup& u, const Refit& fit, const Coded& cy) {
