@@ -90,8 +90,9 @@ class LayerCodec {
   virtual std::vector<std::vector<int32_t>> read_stream(const std::vector<LayerShape>& shapes, const std::vector<uint8_t>& stream,
                                                         const std::string& where, uint32_t version) const;
   virtual Factors decode_symbols(const LayerContext& ctx, const std::vector<int32_t>& symbols) const;
-  // What each layer of a stream holds, for `solar inspect`: {"components": kept, "bytes": its
-  // share of the stream (bits it cost as coded, / 8)}, one object per layer.
+  // What each layer of a stream holds, for `solar inspect`: {"components": kept, "quantiser":
+  // "uniform" or "dependent", "bytes": its share of the stream (bits it cost as coded, / 8)}, one
+  // object per layer.
   virtual std::vector<nlohmann::json> stream_summary(const std::vector<LayerShape>& shapes,
                                                      const std::vector<std::vector<int32_t>>& symbols, uint32_t version) const;
   virtual EncodedLayer encode(const LayerContext& ctx, const Factors& f) const = 0;
