@@ -64,6 +64,13 @@ def references(task) -> tuple[dict, dict]:
     return base, task.evaluate(lora)
 
 
+def print_table_head(model: str, refs: tuple[dict, dict], columns: list[str], budgets: list[int]) -> None:
+    """The model's reference metrics, then a markdown table head: `columns`, then one per budget."""
+    print(f"\n{model}, tuning split: base {refs[0]}, LoRA {refs[1]}")
+    print("| " + " | ".join(columns) + " | " + " | ".join(f"{b} B" for b in budgets) + " |")
+    print("|" + "---|" * (len(columns) + len(budgets)))
+
+
 def retention_cells(task, cli: str, budgets: list[int], extra: list[str], refs: tuple[dict, dict], workdir: str) -> list[str]:
     """Retention (each metric, in %) of `solar compress --target-bytes B *extra` for every budget."""
     from safetensors.torch import load_file
@@ -97,9 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         task = tuning_task(model)
         refs = references(task)
         stats = ensure(model)
-        print(f"\n{model}, tuning split: base {refs[0]}, LoRA {refs[1]}")
-        print("| statistics | balance | " + " | ".join(f"{b} B" for b in BUDGETS[model]) + " |")
-        print("|---|---|" + "---|" * len(BUDGETS[model]))
+        print_table_head(model, refs, ["statistics", "balance"], BUDGETS[model])
         variants = [("none", b, []) for b in args.balances] + [("K-FAC", b, ["--calib", str(stats)])
                                                                 for b in args.calibrated_balances]
         with tempfile.TemporaryDirectory() as td:

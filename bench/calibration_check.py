@@ -74,7 +74,7 @@ def _variant_files(model: str, task, kfac: dict, td: Path) -> list[tuple[str, li
 def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import load_file
 
-    from bench.balance_check import BUDGETS, references, retention_cells, tuning_task
+    from bench.balance_check import BUDGETS, print_table_head, references, retention_cells, tuning_task
     from bench.calibration import ensure
     from bench.run import find_cli
 
@@ -87,9 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:
         task = tuning_task(model)
         refs = references(task)
-        print(f"\n{model}, tuning split: base {refs[0]}, LoRA {refs[1]}")
-        print("| statistics | " + " | ".join(f"{b} B" for b in BUDGETS[model]) + " |")
-        print("|---|" + "---|" * len(BUDGETS[model]))
+        print_table_head(model, refs, ["statistics"], BUDGETS[model])
         with tempfile.TemporaryDirectory() as td:
             for label, extra in _variant_files(model, task, load_file(str(ensure(model))), Path(td)):
                 print(f"| {label} | " + " | ".join(retention_cells(task, cli, BUDGETS[model], extra, refs, td)) + " |",

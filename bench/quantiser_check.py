@@ -33,7 +33,7 @@ def statistics(model: str) -> list[tuple[str, list[str]]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.balance_check import references, retention_cells, tuning_task
+    from bench.balance_check import print_table_head, references, retention_cells, tuning_task
     from bench.run import find_cli
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -44,9 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:
         task = tuning_task(model)
         refs = references(task)
-        print(f"\n{model}, tuning split: base {refs[0]}, LoRA {refs[1]}")
-        print("| statistics | quantiser | " + " | ".join(f"{b} B" for b in BUDGETS[model]) + " |")
-        print("|---|---|" + "---|" * len(BUDGETS[model]))
+        print_table_head(model, refs, ["statistics", "quantiser"], BUDGETS[model])
         with tempfile.TemporaryDirectory() as td:
             for label, extra in statistics(model):
                 for quantiser in ("uniform", "dependent"):
