@@ -37,6 +37,9 @@ class Adapter:
     file_metadata: dict
     modules: list[LoraModule]
     passthrough: dict[str, torch.Tensor] = field(default_factory=dict)
+    # How every method's file stores the passthrough tensors: "exact", or "int8" (solar's
+    # `--passthrough int8`, docs/FORMAT.md "Passthrough coding"), so that all pay the same for them.
+    passthrough_coding: str = "exact"
 
     @property
     def rank(self) -> int:
@@ -54,6 +57,12 @@ class Adapter:
     @property
     def passthrough_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.passthrough.values())
+
+    @property
+    def passthrough_stored_bytes(self) -> int:
+        """What the passthrough tensors' blobs take under `passthrough_coding` (before any zstd)."""
+        return sum(4 * t.shape[0] + t.numel() if self.passthrough_coding == "int8" and int8_rows_apply(t)
+                   else t.numel() * t.element_size() for t in self.passthrough.values())
 
     def key(self, module: str, which: str) -> str:
         return self.key_prefix + module + (LORA_A if which == "A" else LORA_B)
@@ -73,6 +82,11 @@ class Adapter:
             sd[self.key(m.name, "B")] = torch.from_numpy(np.ascontiguousarray(b)).to(m.dtype)
         sd.update(self.passthrough)
         return sd
+
+
+def int8_rows_apply(t: torch.Tensor) -> bool:
+    """The tensors `--passthrough int8` codes: floating point, 2-D or more, all finite."""
+    return t.is_floating_point() and t.dim() >= 2 and t.numel() > 0 and bool(torch.isfinite(t).all())
 
 
 def pad_rank(a: np.ndarray, b: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,8 @@ Every non-PEFT baseline file is ``b"SLBB"`` + one zstd frame (level 19) of
 compressed with solar's own public metadata dictionary (docs/metadata-dictionary-v1.txt) so the
 header (adapter_config.json verbatim, module names, shapes, method parameters, passthrough
 descriptors) costs what it costs a .solar file. The payload holds the quantised tensors, their
-scales and the passthrough tensors (byte-exact). The size on disk of that file is the figure
+scales and the passthrough tensors (byte-exact, or int8 rows exactly as solar's
+``--passthrough int8`` codes them when the run asks for that). The size on disk of that file is the figure
 reported: everything needed to rebuild the PEFT adapter directory is counted.
 
 The PEFT points are ``adapter_model.safetensors`` written as PEFT writes it (safetensors,
@@ -26,7 +27,7 @@ import torch
 import zstandard
 from safetensors.torch import save_file
 
-from bench.adapters import Adapter
+from bench.adapters import Adapter, int8_rows_apply
 
 MAGIC = b"SLBB"
 ZSTD_LEVEL = 19
@@ -40,11 +41,32 @@ def _zdict():
 
 
 # --------------------------------------------------------------------------- container
+def _int8_rows(t: torch.Tensor) -> bytes:
+    """solar's int8 passthrough coding (docs/FORMAT.md): float32 row scales max|row| / 127, then
+    the values rounded half away from zero, as int8."""
+    x = t.float().reshape(t.shape[0], -1)
+    scales = x.abs().amax(1) / 127
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))[:, None]
+    v = x / safe
+    whole = torch.trunc(v)  # half away from zero, exactly: no rounding in adding 0.5
+    q = torch.clamp(whole + torch.sign(v) * ((v - whole).abs() >= 0.5), -127, 127).to(torch.int8)
+    return scales.numpy().astype("<f4").tobytes() + q.numpy().tobytes()
+
+
+def _from_int8_rows(raw: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    rows = shape[0]
+    scales = torch.from_numpy(np.frombuffer(raw[:4 * rows], "<f4").copy())
+    q = torch.from_numpy(np.frombuffer(raw[4 * rows:], np.int8).copy()).reshape(rows, -1).float()
+    return (q * scales[:, None]).to(dtype).reshape(shape)
+
+
 def _write(adapter: Adapter, path: Path, method: str, params: dict, modules: list[dict], payload: bytes) -> dict:
     pt_desc, pt_bytes = [], b""
     for k, t in adapter.passthrough.items():
-        raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        pt_desc.append({"key": k, "dtype": _DTYPES[t.dtype], "shape": list(t.shape), "blob": len(raw)})
+        coded = adapter.passthrough_coding == "int8" and int8_rows_apply(t)
+        raw = _int8_rows(t) if coded else t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        pt_desc.append({"key": k, "dtype": _DTYPES[t.dtype], "shape": list(t.shape), "blob": len(raw),
+                        **({"coding": "int8"} if coded else {})})
         pt_bytes += raw
     header = json.dumps({"method": method, "params": params, "peft_config": json.loads(adapter.config_text),
                          "key_prefix": adapter.key_prefix, "file_metadata": adapter.file_metadata,
@@ -73,6 +95,9 @@ def _restore(adapter: Adapter, header: dict, payload: memoryview, factors: dict,
     for d in header["passthrough"]:
         raw = bytes(payload[off: off + d["blob"]])
         off += d["blob"]
+        if d.get("coding") == "int8":
+            sd[d["key"]] = _from_int8_rows(raw, _TORCH[d["dtype"]], d["shape"])
+            continue
         t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(_TORCH[d["dtype"]]).reshape(d["shape"])
         sd[d["key"]] = t.clone()
     assert off == len(payload), "payload length mismatch"

@@ -32,11 +32,26 @@ def file_bytes(p: dict) -> int:
     return p["bytes"]
 
 
+def passthrough_cost(res: dict) -> int:
+    """Bytes of the passthrough tensors every file of the run carries alike (MiniLM's classifier
+    head): raw, or as the run's `--passthrough` coding stores them (before zstd)."""
+    a = res["adapter"]
+    return a.get("passthrough_stored_bytes", a["passthrough_bytes"])
+
+
+def passthrough_words(res: dict) -> str:
+    a = res["adapter"]
+    if a.get("passthrough_coding", "exact") == "int8":
+        return (f"{_fmt_bytes(passthrough_cost(res))} B as int8 rows (raw {_fmt_bytes(a['passthrough_bytes'])} B), "
+                "which every method's file stores the same way")
+    return f"raw {_fmt_bytes(a['passthrough_bytes'])} B, which every method stores losslessly"
+
+
 def lora_bytes(res: dict):
-    """Bytes minus the raw size of the passthrough tensors every file carries (MiniLM's classifier
-    head): what the LoRA factors cost, the size the issue's own probe measured."""
-    raw = res["adapter"]["passthrough_bytes"]
-    return lambda p: p["bytes"] - raw
+    """Bytes minus what the passthrough tensors every file carries cost: what the LoRA factors
+    cost, the size the issue's own probe measured."""
+    cost = passthrough_cost(res)
+    return lambda p: p["bytes"] - cost
 
 
 def smallest_at(res: dict, level: float, family: str, key=None, size=file_bytes) -> dict | None:
@@ -114,7 +129,7 @@ def goals_section(results: list[dict]) -> str:
             goal = GOAL_SIZE.get(lv)
             size_ok = "" if goal is None else ("met" if b <= goal * t16 else "not met") + f" (≤{goal:.0%})"
             ratio = oth[0][0] / b if oth else float("inf")
-            raw = res["adapter"]["passthrough_bytes"]
+            raw = passthrough_cost(res)
             ratio_lora = (oth[0][0] - raw) / (b - raw) if oth and raw else None
             ok = ratio >= GOAL_RATIO
             met += ok
@@ -140,7 +155,7 @@ def points_table(res: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fam_rank = {f: i for i, f in enumerate(families(res))}
     pts = sorted(res["points"], key=lambda p: (fam_rank.get(p["family"], 99), -p.get("bytes", 0), p["name"]))
-    pt = res["adapter"]["passthrough_bytes"]
+    pt = passthrough_cost(res)
     for p in pts:
         if not _ok(p):
             lines.append(f"| {p['name']} | {p['family']} | ERROR: {p.get('error', '?')} |" + " |" * (len(head) - 3))
@@ -310,7 +325,9 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
                f"* LoRA: {a['modules']} modules, rank {a['rank']}, {a['lora_params']:,} parameters; fp16 tensor bytes "
                f"{_fmt_bytes(a['fp16_tensor_bytes'])}; fp16 PEFT file {_fmt_bytes(fp16f) if fp16f else '?'} B; "
                f"passthrough tensors {_fmt_bytes(a['passthrough_bytes'])} B raw"
-               + (f" ({', '.join(a['passthrough_keys'])})" if a["passthrough_keys"] else "") + ".",
+               + (f" ({', '.join(a['passthrough_keys'])}"
+                  + ("; every method's file stores the 2-D ones as int8 rows, as `solar compress --passthrough int8` "
+                     "does" if a.get("passthrough_coding") == "int8" else "") + ")" if a["passthrough_keys"] else "") + ".",
                f"* LoRA training time: {res.get('train_seconds')} s; this model's benchmark run: "
                f"{res['run']['seconds']:.0f} s.", "",
                f"![rate-distortion {res['model']}]({rel(Path(out_dir) / ('rd_' + res['model'] + '.png'))})", ""]
@@ -319,9 +336,8 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
                 md += [f"Headline by {m} retention alone:", "",
                        headline_table(res, key=lambda p, m=m: p["retention"][m]), ""]
         if a["passthrough_bytes"]:
-            md += ["Headline by LoRA bytes (file bytes minus the passthrough tensors' raw "
-                   f"{_fmt_bytes(a['passthrough_bytes'])} B, which every method stores losslessly), ranked as the "
-                   "main headline:", "", headline_table(res, size=lora_bytes(res)), "",
+            md += [f"Headline by LoRA bytes (file bytes minus the passthrough tensors' {passthrough_words(res)}), "
+                   "ranked as the main headline:", "", headline_table(res, size=lora_bytes(res)), "",
                    winners_sentence(res, size=lora_bytes(res)), ""]
         md += ["All points:", "", points_table(res), ""]
     if not any(r["smoke"] for r in runs) or speed:

@@ -87,6 +87,7 @@ def _sub(args: list[str], ctx: dict) -> list[str]:
 
 
 def run_point(method: Method, task: Task, adapter: Adapter, cli: str, workdir: Path, ref: dict) -> dict:
+    """One method's file for the adapter (its passthrough tensors stored per adapter.passthrough_coding)."""
     f = workdir / "out.bin"
     ctx = {"base": str(task.base_path), "adapter": str(task.adapter_dir), "model": task.name, "workdir": str(workdir)}
     rec: dict = {"name": method.name, "family": method.family, "kind": method.kind}
@@ -94,7 +95,8 @@ def run_point(method: Method, task: Task, adapter: Adapter, cli: str, workdir: P
         f = workdir / "out.solar"
         args = _sub(method.cli, ctx)
         rec["cli_args"] = args
-        cmd = [cli, "compress", "--base", ctx["base"], "--adapter", ctx["adapter"], "--out", str(f), "-q", "--no-verify", *args]
+        cmd = [cli, "compress", "--base", ctx["base"], "--adapter", ctx["adapter"], "--out", str(f), "-q", "--no-verify",
+               "--passthrough", adapter.passthrough_coding, *args]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True)
         rec["compress_s"] = time.perf_counter() - t0
@@ -149,6 +151,7 @@ def run_model(model: str, args, cli: str, cli_src: str) -> dict:
           {"eval_examples": args.e2e_examples} if model == "smollm2_e2e" else {"dev_limit": args.dev_limit})
     task: Task = TASKS[model](**kw)
     adapter = load_adapter(task.adapter_dir)
+    adapter.passthrough_coding = args.passthrough or "int8"
     print(f"== {model}: {task.describe()} (loaded in {time.time() - t_start:.1f} s)", flush=True)
     ref = {"base": task.evaluate(adapter.state_dict(zero=True)), "lora": task.evaluate(adapter.state_dict())}
     print(f"   base {ref['base']}  lora {ref['lora']}", flush=True)
@@ -191,7 +194,8 @@ def run_model(model: str, args, cli: str, cli_src: str) -> dict:
         "adapter": {"path": str(task.adapter_dir.relative_to(REPO)) if task.adapter_dir.is_relative_to(REPO) else str(task.adapter_dir),
                     "rank": adapter.rank, "modules": len(adapter.modules), "lora_params": adapter.lora_params,
                     "fp16_tensor_bytes": adapter.fp16_tensor_bytes, "passthrough_bytes": adapter.passthrough_bytes,
-                    "passthrough_keys": list(adapter.passthrough)},
+                    "passthrough_keys": list(adapter.passthrough), "passthrough_coding": adapter.passthrough_coding,
+                    "passthrough_stored_bytes": adapter.passthrough_stored_bytes},
         "metrics": list(task.metrics),
         "base": ref["base"],
         "lora": ref["lora"],
@@ -205,6 +209,9 @@ def run_model(model: str, args, cli: str, cli_src: str) -> dict:
     path = Path(args.out_dir) / f"{model}.json"
     if (args.only or args.match) and path.is_file():  # partial run: merge into the previous results
         old = json.loads(path.read_text())
+        was = old["adapter"].get("passthrough_coding", "exact")
+        if old["adapter"]["passthrough_bytes"] and was != adapter.passthrough_coding:
+            raise SystemExit(f"{path} holds points with --passthrough {was}: re-run every family, or pass --passthrough {was}")
         names = {p["name"] for p in points}
         rerun = set(args.only or [])  # a re-run family replaces all its old points (its grid may have changed)
         out["points"] = [p for p in old["points"] if p["name"] not in names and p["family"] not in rerun] + points
@@ -245,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed", dest="speed", action="store_true", default=None, help="run the C++ speed section")
     ap.add_argument("--no-speed", dest="speed", action="store_false")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for evaluation")
+    ap.add_argument("--passthrough", choices=["exact", "int8"], default=None,
+                    help="how every method's file stores the passthrough tensors (MiniLM's classifier head), the "
+                         "same for all methods; default int8")
     ap.add_argument("--keep-files", action="store_true", help="keep every compressed file under <out-dir>/files/")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)

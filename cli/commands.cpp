@@ -64,6 +64,7 @@ int run_compress(const CompressArgs& a) {
   o.proxy = a.proxy;
   o.calibration_damping = a.calib_damping.value_or(o.calibration_damping);
   o.quantiser = a.quantiser;
+  o.passthrough = a.passthrough;
   std::unique_ptr<Checkpoint> calib;
   if (!a.calib.empty()) {
     calib = std::make_unique<Checkpoint>(a.calib);
@@ -133,7 +134,9 @@ int run_inspect(const InspectArgs& a) {
     std::printf("%-48s %-10s %14s %-28s %12s\n", l.module.c_str(), l.mode.c_str(), shape.c_str(), params.c_str(), size.c_str());
   }
   if (streamed) std::printf("* the layer's share of its mode's one range-coded stream (bits it cost as coded / 8)\n");
-  std::printf("passthrough tensors: %zu (%zu bytes)\n", c.passthrough.size(), r.passthrough_raw_bytes);
+  std::printf("passthrough tensors: %zu (%zu bytes restored)", c.passthrough.size(), r.passthrough_raw_bytes);
+  if (r.passthrough_int8_tensors) std::printf(", %zu stored as int8 rows", r.passthrough_int8_tensors);
+  std::printf("\n");
   std::printf("header+checksum %zu B, metadata %zu B (raw %zu), payload %zu B (raw %zu)\n", r.header_bytes, r.metadata_bytes,
               r.metadata_raw_bytes, r.payload_bytes, r.payload_raw_bytes);
   std::printf("total %zu bytes; as a PEFT file: fp32 %zu, fp16 %zu bytes; ratio to fp16 %.4f (%.1fx smaller)\n", r.file_bytes,

@@ -23,6 +23,7 @@ struct CompressArgs {
   std::string calib, proxy;
   std::optional<double> calib_damping;
   std::string quantiser = "auto";
+  std::string passthrough = "exact";
   int threads = 0;
   bool verify = true;
   bool quiet = false;

@@ -1,4 +1,4 @@
-// Serialisation of the .solar container, format v1 (docs/FORMAT.md).
+// Serialisation of the .solar container (docs/FORMAT.md).
 #include "solar/container.hpp"
 
 #include <bit>
@@ -148,6 +148,13 @@ std::vector<uint8_t> serialize_container(const Container& c) {
   }
   nlohmann::json pass = nlohmann::json::array();
   for (const auto& [key, t] : c.passthrough) {
+    const auto coded = c.passthrough_int8.find(key);
+    if (coded != c.passthrough_int8.end()) {
+      if (c.version < 4) throw Error(ErrorKind::InvalidInput, "container", "int8-coded passthrough tensors need format version 4");
+      pass.push_back({{"key", key}, {"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"blob", add(int8_rows_blob(coded->second))},
+                      {"coding", "int8"}});
+      continue;
+    }
     const size_t blob = add(c.version >= 2 ? byte_planes(t.data, dtype_size(t.dtype)) : t.data);
     pass.push_back({{"key", key}, {"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"blob", blob}});
   }
@@ -314,6 +321,17 @@ Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& 
     for (int64_t d : t.shape) {
       if (d < 0 || (d > 0 && numel > (1ull << 40) / static_cast<uint64_t>(d))) throw Error(ErrorKind::Format, pw, "bad shape");
       numel *= static_cast<uint64_t>(d);
+    }
+    if (j.contains("coding")) {  // v4
+      const std::string coding = field<std::string>(j, "coding", pw);
+      if (version < 4) throw Error(ErrorKind::Format, pw, "passthrough coding needs format version 4");
+      if (coding != "int8") throw Error(ErrorKind::Format, pw, "unknown passthrough coding '" + coding + "'");
+      if (!is_float(t.dtype)) throw Error(ErrorKind::Format, pw, "int8 coding of a tensor that is not floating point");
+      Int8Rows q = int8_rows_from_blob(t.data, t.shape, pw);
+      t = dequantize_int8_rows(q, t.dtype, t.shape);
+      if (!c.passthrough_int8.emplace(key, std::move(q)).second) throw Error(ErrorKind::Format, pw, "tensor listed twice");
+      c.passthrough.emplace_back(key, std::move(t));
+      continue;
     }
     if (numel * dtype_size(t.dtype) != t.data.size()) throw Error(ErrorKind::Format, pw, "tensor size does not match its shape");
     if (version >= 2) t.data = from_byte_planes(t.data, dtype_size(t.dtype));

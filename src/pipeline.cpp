@@ -271,6 +271,16 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
   c.key_prefix = adapter.key_prefix;
   c.file_metadata = adapter.file_metadata;
   c.passthrough = adapter.passthrough;
+  if (options.passthrough == "int8") {
+    for (auto& [key, t] : c.passthrough) {
+      if (!int8_rows_apply(t)) continue;
+      Int8Rows q = quantize_int8_rows(t);
+      t = dequantize_int8_rows(q, t.dtype, t.shape);  // what the receiver restores
+      c.passthrough_int8.emplace(key, std::move(q));
+    }
+  } else if (options.passthrough != "exact") {
+    throw Error(ErrorKind::InvalidInput, "compress", "unknown passthrough coding '" + options.passthrough + "' (available: exact, int8)");
+  }
   c.layers.resize(adapter.modules.size());
 
   // Resolve and check every module against the base before any heavy work.

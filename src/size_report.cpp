@@ -41,6 +41,7 @@ SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes) {
     for (size_t k = 0; k < s.layers.size(); ++k) r.layers[s.layers[k]].stream = summary[k];
   }
   for (const auto& p : c.passthrough) r.passthrough_raw_bytes += p.second.data.size();
+  r.passthrough_int8_tensors = c.passthrough_int8.size();
   r.peft_fp32_bytes = peft_file_bytes(c, DType::F32);
   r.peft_fp16_bytes = peft_file_bytes(c, DType::F16);
   return r;
@@ -59,6 +60,7 @@ nlohmann::json SizeReport::to_json() const {
           {"payload_bytes", payload_bytes},
           {"payload_raw_bytes", payload_raw_bytes},
           {"passthrough_raw_bytes", passthrough_raw_bytes},
+          {"passthrough_int8_tensors", passthrough_int8_tensors},
           {"lora_params", lora_params},
           {"peft_fp32_bytes", peft_fp32_bytes},
           {"peft_fp16_bytes", peft_fp16_bytes},

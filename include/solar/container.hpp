@@ -1,6 +1,6 @@
-// The .solar container (format v2, specified in docs/FORMAT.md; v1 files are still read).
+// The .solar container (format v4, specified in docs/FORMAT.md; v1 to v3 files are still read).
 //
-//   magic "\x89SLR" | u8 version (3) | u8 flags | LEB128 sizes: metadata stored, metadata raw,
+//   magic "\x89SLR" | u8 version (4) | u8 flags | LEB128 sizes: metadata stored, metadata raw,
 //   payload stored, payload raw | metadata (JSON, UTF-8; zstd with a built-in dictionary when
 //   that is smaller) | payload (the blobs, concatenated) | u32 XXH32 of every byte before it.
 // Compact on purpose: per-adapter overhead matters for small adapters on the wire. Sizes are
@@ -17,10 +17,11 @@
 
 #include "solar/codec.hpp"
 #include "solar/dtype.hpp"
+#include "solar/passthrough_coding.hpp"
 
 namespace solar {
 
-inline constexpr uint32_t kFormatVersion = 3;       // what this build writes
+inline constexpr uint32_t kFormatVersion = 4;       // what this build writes
 inline constexpr uint32_t kOldestReadableVersion = 1;
 inline constexpr size_t kTrailerSize = 4;
 
@@ -36,14 +37,17 @@ struct LayerRecord {
 };
 
 struct Container {
-  uint32_t version = kFormatVersion;  // as read; serialised as is (1, 2 or 3)
+  uint32_t version = kFormatVersion;  // as read; serialised as is (1 to 4)
   uint64_t seed = 0;
   std::string producer;  // "solar <version>"
   nlohmann::json peft_config;
   std::string key_prefix = "base_model.model.";
   std::map<std::string, std::string> file_metadata;
   std::vector<LayerRecord> layers;
-  std::vector<std::pair<std::string, Tensor>> passthrough;
+  std::vector<std::pair<std::string, Tensor>> passthrough;  // as restored (int8-coded ones dequantised)
+  // v4: passthrough tensors stored as int8 rows, by key, with their codes (so that a file read
+  // and written again keeps its bytes).
+  std::map<std::string, Int8Rows> passthrough_int8;
 };
 
 std::vector<uint8_t> serialize_container(const Container& c);
@@ -69,7 +73,8 @@ struct SizeReport {
   size_t metadata_raw_bytes = 0;
   size_t payload_bytes = 0;       // as stored
   size_t payload_raw_bytes = 0;
-  size_t passthrough_raw_bytes = 0;
+  size_t passthrough_raw_bytes = 0;    // as restored
+  size_t passthrough_int8_tensors = 0;  // of them, stored as int8 rows (v4)
   size_t lora_params = 0;         // numbers in the original A and B factors
   size_t peft_fp32_bytes = 0;     // adapter_model.safetensors with LoRA factors in F32
   size_t peft_fp16_bytes = 0;     // ... in F16 (passthrough tensors as they are)

@@ -45,6 +45,10 @@ struct CompressOptions {
   // with K-FAC statistics, but without them its smaller Frobenius error bought less retention
   // than the uniform quantiser's on MiniLM: bench/quantiser_check.py.)
   std::string quantiser = "auto";
+  // Passthrough tensors (modules_to_save heads, ...): "exact" stores them verbatim; "int8" stores
+  // every floating-point one of 2 or more dimensions as int8 with a float32 scale per row
+  // (format v4), vectors staying exact. Any mode.
+  std::string passthrough = "exact";
   uint64_t seed = 0;
   int threads = 0;  // 0: hardware concurrency. The output does not depend on it.
   Progress progress;

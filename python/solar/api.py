@@ -201,6 +201,7 @@ def compress(
     calibration_damping: Optional[float] = None,
     balance: Optional[float] = None,
     quantiser: str = "auto",
+    passthrough: str = "exact",
 ) -> CompressedAdapter:
     """Compresses a PEFT LoRA adapter against its base model.
 
@@ -231,6 +232,9 @@ def compress(
         quantiser: spectral modes: ``"dependent"`` (uniform or dependent/trellis-coded
             quantisation, whichever the plan finds better per layer), ``"uniform"``, or ``"auto"``
             (the default: dependent with ``calibration``, uniform without).
+        passthrough: tensors besides the LoRA factors (``modules_to_save`` heads, ...):
+            ``"exact"`` (the default) stores them verbatim; ``"int8"`` stores every floating-point
+            one of 2 or more dimensions as int8 with a float32 scale per row (vectors stay exact).
         pool, pool_a, pool_b: pool sizes N_A, N_B (``pool`` for both unless overridden).
         keep: coefficients kept per factor (k_A = k_B); overrides ``keep_fraction``.
         keep_fraction: fraction of each pool kept when ``keep`` is not given.
@@ -271,6 +275,7 @@ def compress(
         _opt(float, calibration_damping),
         _opt(float, balance),
         str(quantiser),
+        str(passthrough),
     )
     return CompressedAdapter(c)
 

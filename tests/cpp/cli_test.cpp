@@ -103,11 +103,22 @@ TEST_F(Cli, NonFiniteAdapterIsRefused) {
   EXPECT_FALSE(std::filesystem::exists(dir_.file("n.solar")));
 }
 
-}  // namespace
-}  // namespace solar
-
-namespace solar {
-namespace {
+TEST_F(Cli, PassthroughInt8CodesHeadsAndInspectSaysSo) {
+  PeftAdapter a = read_peft_adapter(dir_.file("adapter"));
+  a.passthrough.emplace_back("base_model.model.score.weight", test::random_tensor({4, 64}, 9));
+  write_peft_adapter(dir_.file("headed"), a);
+  const std::string common = "compress --adapter " + dir_.file("headed") + " -q --target-error 0.05 --out ";
+  ASSERT_EQ(run(common + dir_.file("e.solar"), dir_).code, 0);
+  ASSERT_EQ(run(common + dir_.file("q.solar") + " --passthrough int8", dir_).code, 0);
+  EXPECT_LT(std::filesystem::file_size(dir_.file("q.solar")) + 500, std::filesystem::file_size(dir_.file("e.solar")));
+  const CliResult i = run("inspect " + dir_.file("q.solar"), dir_);
+  ASSERT_EQ(i.code, 0) << i.err;
+  EXPECT_NE(i.out.find("solar format v4"), std::string::npos) << i.out;
+  EXPECT_NE(i.out.find("1 stored as int8 rows"), std::string::npos) << i.out;
+  const CliResult bad = run(common + dir_.file("x.solar") + " --passthrough int4", dir_);
+  EXPECT_NE(bad.code, 0);
+  EXPECT_FALSE(std::filesystem::exists(dir_.file("x.solar")));
+}
 
 TEST_F(Cli, DefaultIsSpectralAndPaperOptionsImplyPaper) {
   ASSERT_EQ(run("compress --adapter " + dir_.file("adapter") + " --out " + dir_.file("d.solar") + " -q", dir_).code, 0);

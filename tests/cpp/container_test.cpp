@@ -1,6 +1,8 @@
 #include "solar/container.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdlib>
 
 #include <xxhash.h>
@@ -19,6 +21,7 @@ namespace {
 const std::string kGolden = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v1";
 const std::string kGoldenV2 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v2";
 const std::string kGoldenV3 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v3";
+const std::string kGoldenV4 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v4";
 // Pinned in docs/FORMAT.md: changing the dictionary is a format change.
 constexpr uint32_t kDictionaryXxh32 = 0x383e7759u;
 
@@ -123,7 +126,7 @@ TEST(Container, HeaderAbuseIsRejectedBeforeAllocation) {
   EXPECT_SOLAR_ERROR(parse_container(huge.data(), huge.size(), "h.solar"), ErrorKind::Format, "limits");
   const auto long_meta = forged(1ull << 40, h.metadata_raw);
   EXPECT_SOLAR_ERROR(parse_container(long_meta.data(), long_meta.size(), "h.solar"), ErrorKind::Format, "truncated");
-  for (uint8_t version : {uint8_t{0}, uint8_t{4}, uint8_t{255}}) {
+  for (uint8_t version : {uint8_t{0}, uint8_t{5}, uint8_t{255}}) {
     auto other = bytes;
     other[4] = version;
     EXPECT_SOLAR_ERROR(parse_container(other.data(), other.size(), "v.solar"), ErrorKind::Unsupported,
@@ -339,14 +342,118 @@ TEST(Container, GarbageStreamFailsCleanly) {
   EXPECT_GT(errors, 0u);  // the step-code and count checks do fire
 }
 
+// Format v4: the v2 adapter with a 2-D head and a bias, the head coded as int8 rows.
+PeftAdapter golden_adapter_v4() {
+  PeftAdapter a = golden_adapter_v2();
+  a.passthrough.clear();
+  a.passthrough.emplace_back("base_model.model.head.weight", philox_tensor(2027, 0, 0, 3, 5, DType::F32));
+  a.passthrough.emplace_back("base_model.model.head.bias", philox_tensor(2027, 0, 1, 1, 3, DType::F16));
+  a.passthrough.back().second.shape = {3};
+  return a;
+}
+
+Container spectral_container_v4() {
+  CompressOptions o;
+  o.mode = "spectral";
+  o.target_error = 0.2;
+  o.quantiser = "dependent";
+  o.passthrough = "int8";
+  o.threads = 1;
+  return compress_adapter(golden_adapter_v4(), InMemoryWeights("<none>"), o);
+}
+
+TEST(Container, GoldenV4Int8PassthroughStillDecodes) {
+  const auto bytes = test::read_bytes(kGoldenV4 + "_spectral.solar");
+  const Container c = parse_container(bytes.data(), bytes.size(), "golden_v4_spectral.solar");
+  EXPECT_EQ(c.version, 4u);
+  ASSERT_EQ(c.passthrough_int8.size(), 1u);
+  EXPECT_EQ(c.passthrough_int8.begin()->first, "base_model.model.head.weight");
+  const PeftAdapter restored = decompress_container(c, InMemoryWeights("<none>"));
+  const SafetensorsFile expected(kGoldenV4 + "_spectral_expected.safetensors");
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(restored.modules[i].A.data, expected.get("A" + std::to_string(i)).copy().data) << i;
+    EXPECT_EQ(restored.modules[i].B.data, expected.get("B" + std::to_string(i)).copy().data) << i;
+  }
+  ASSERT_EQ(restored.passthrough.size(), 2u);
+  EXPECT_EQ(restored.passthrough[0].second.data, expected.get("P0").copy().data);
+  EXPECT_EQ(restored.passthrough[1].second.data, golden_adapter_v4().passthrough[1].second.data);  // the vector: exact
+  EXPECT_EQ(serialize_container(c), bytes);  // the codes are kept, not re-derived
+}
+
+TEST(Container, Int8PassthroughIsWithinHalfAStepOfEveryValue) {
+  const PeftAdapter original = golden_adapter_v4();
+  const Container c = spectral_container_v4();
+  const auto bytes = serialize_container(c);
+  const Container back = parse_container(bytes.data(), bytes.size(), "p.solar");
+  const std::vector<float> x = original.passthrough[0].second.to_f32(), y = back.passthrough[0].second.to_f32();
+  const Int8Rows& q = back.passthrough_int8.at("base_model.model.head.weight");
+  ASSERT_EQ(q.scales.size(), 3u);
+  for (size_t i = 0; i < x.size(); ++i) {
+    const float s = q.scales[i / 5];
+    EXPECT_LE(std::fabs(x[i] - y[i]), 0.5f * s * (1 + 1e-6f)) << i;
+    EXPECT_GT(s, 0);
+  }
+  // Each row's largest value sits on the grid's end.
+  for (size_t r = 0; r < 3; ++r) {
+    int peak = 0;
+    for (size_t j = 0; j < 5; ++j) peak = std::max(peak, std::abs(int{q.values[r * 5 + j]}));
+    EXPECT_EQ(peak, 127) << r;
+  }
+  EXPECT_EQ(back.passthrough[1].second.data, original.passthrough[1].second.data);
+  EXPECT_EQ(serialize_container(back), bytes);
+}
+
+TEST(Container, Int8PassthroughNeedsVersion4) {
+  Container c = spectral_container_v4();
+  c.version = 3;
+  EXPECT_SOLAR_ERROR(serialize_container(c), ErrorKind::InvalidInput, "version 4");
+  // A v4 file relabelled v3 (valid checksum) is refused by the reader too.
+  c.version = 4;
+  auto bytes = serialize_container(c);
+  bytes[4] = 3;
+  const uint32_t sum = XXH32(bytes.data(), bytes.size() - kTrailerSize, 0);
+  for (int i = 0; i < 4; ++i) bytes[bytes.size() - 4 + i] = static_cast<uint8_t>(sum >> (8 * i));
+  EXPECT_SOLAR_ERROR(parse_container(bytes.data(), bytes.size(), "v3.solar"), ErrorKind::Format, "version 4");
+}
+
+TEST(Container, BadInt8PassthroughCodesAreRejected) {
+  const Container good = spectral_container_v4();
+  const std::string key = "base_model.model.head.weight";
+  auto parse_with = [&](auto mutate) {
+    Container c = good;
+    mutate(c.passthrough_int8.at(key));
+    const auto bytes = serialize_container(c);
+    return parse_container(bytes.data(), bytes.size(), "q.solar");
+  };
+  EXPECT_SOLAR_ERROR(parse_with([](Int8Rows& q) { q.values[2] = -128; }), ErrorKind::Format, "-128");
+  EXPECT_SOLAR_ERROR(parse_with([](Int8Rows& q) { q.scales[1] = -1; }), ErrorKind::Format, "scale");
+  EXPECT_SOLAR_ERROR(parse_with([](Int8Rows& q) { q.scales[0] = std::nanf(""); }), ErrorKind::Format, "scale");
+  EXPECT_SOLAR_ERROR(parse_with([](Int8Rows& q) { q.values.pop_back(); }), ErrorKind::Format, "head.weight");
+}
+
+TEST(Container, Int8PassthroughLeavesVectorsAndNonFiniteTensorsExact) {
+  PeftAdapter a = golden_adapter_v4();
+  std::vector<float> v = a.passthrough[0].second.to_f32();
+  v[4] = std::numeric_limits<float>::infinity();
+  a.passthrough[0].second = Tensor::from_f32(v, {3, 5}, DType::F32);
+  CompressOptions o;
+  o.mode = "spectral";
+  o.passthrough = "int8";
+  const Container c = compress_adapter(a, InMemoryWeights("<none>"), o);
+  EXPECT_TRUE(c.passthrough_int8.empty());
+  o.passthrough = "int4";
+  EXPECT_SOLAR_ERROR(compress_adapter(a, InMemoryWeights("<none>"), o), ErrorKind::InvalidInput, "passthrough");
+}
+
 // Run with --gtest_also_run_disabled_tests --gtest_filter='*Regenerate*' only when the format
-// version changes. The v1 and v2 files are frozen (this build writes v3).
+// version changes. The v1 to v3 files are frozen (this build writes v4).
 TEST(Container, DISABLED_RegenerateGoldenFiles) {
-  const Container c = spectral_container_v3();
-  write_container(kGoldenV3 + "_spectral.solar", c);
+  const Container c = spectral_container_v4();
+  write_container(kGoldenV4 + "_spectral.solar", c);
   const PeftAdapter r = decompress_container(c, InMemoryWeights("<none>"));
-  write_safetensors(kGoldenV3 + "_spectral_expected.safetensors",
-                    {{"A0", r.modules[0].A}, {"B0", r.modules[0].B}, {"A1", r.modules[1].A}, {"B1", r.modules[1].B}});
+  write_safetensors(kGoldenV4 + "_spectral_expected.safetensors",
+                    {{"A0", r.modules[0].A}, {"B0", r.modules[0].B}, {"A1", r.modules[1].A}, {"B1", r.modules[1].B},
+                     {"P0", r.passthrough[0].second}});
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 """docs/FORMAT.md is complete for the spectral mode: a decoder written from the document alone, in
 plain Python (container, metadata, range coder, adaptive integer model, uniform and dependent
-quantisation), must restore the golden v2 and v3 files to exactly the factors the C++ core does.
+quantisation, passthrough tensors exact and int8-coded), must restore the golden v2, v3 and v4
+files to exactly the tensors the C++ core does.
 """
 from __future__ import annotations
 
@@ -185,7 +186,38 @@ def decode_spectral(version: int, meta: dict, payload: bytes) -> list[tuple[np.n
     return out
 
 
-@pytest.mark.parametrize("name", ["golden_v2_spectral", "golden_v3_spectral"])
+# --- Passthrough tensors -------------------------------------------------------------------------
+
+DTYPES = {"F32": np.float32, "F16": np.float16}
+
+
+def decode_passthrough(version: int, meta: dict, payload: bytes) -> dict[str, np.ndarray]:
+    """Every passthrough tensor, by key, in its own dtype."""
+    pos = sum(sum(layer.get("blobs", [])) for layer in meta["layers"])
+    out = {}
+    for entry in meta["passthrough"]:
+        blob = payload[pos:pos + entry["blob"]]
+        pos += entry["blob"]
+        dtype, shape = np.dtype(DTYPES[entry["dtype"]]), entry["shape"]
+        numel = int(np.prod(shape))
+        if entry.get("coding") == "int8":
+            assert version >= 4 and len(shape) >= 2
+            rows = shape[0]
+            scales = np.frombuffer(blob[:4 * rows], "<f4").astype(np.float32)
+            q = np.frombuffer(blob[4 * rows:], np.int8).reshape(rows, -1)
+            assert q.size == numel and (q >= -127).all()
+            out[entry["key"]] = (q.astype(np.float32) * scales[:, None]).astype(dtype).reshape(shape)
+            continue
+        assert "coding" not in entry and len(blob) == numel * dtype.itemsize
+        raw = np.frombuffer(blob, np.uint8)
+        if version >= 2:  # byte planes
+            raw = raw.reshape(dtype.itemsize, numel).T.copy()
+        out[entry["key"]] = raw.view(dtype.newbyteorder("<")).reshape(shape)
+    assert pos == len(payload)
+    return out
+
+
+@pytest.mark.parametrize("name", ["golden_v2_spectral", "golden_v3_spectral", "golden_v4_spectral"])
 def test_independent_decoder_restores_the_golden_files(name):
     version, meta, payload = parse((FIXTURES / f"{name}.solar").read_bytes())
     assert version == int(name[8])
@@ -194,7 +226,14 @@ def test_independent_decoder_restores_the_golden_files(name):
     for i, (a, b, _) in enumerate(restored):
         np.testing.assert_array_equal(a, expected[f"A{i}"])
         np.testing.assert_array_equal(b, expected[f"B{i}"])
-    assert any(dq for _, _, dq in restored) == (version == 3)  # the v3 file exercises the trellis
+    assert any(dq for _, _, dq in restored) == (version >= 3)  # the v3 and v4 files exercise the trellis
+    passthrough = decode_passthrough(version, meta, payload)
+    if version >= 4:  # an int8-coded head and an exact F16 vector
+        assert [e.get("coding") for e in meta["passthrough"]] == ["int8", None]
+        np.testing.assert_array_equal(passthrough["base_model.model.head.weight"], expected["P0"])
+    else:
+        np.testing.assert_array_equal(passthrough["base_model.model.head.weight"],
+                                      np.array([[1, -2, 3.5], [0.25, 8, -0.5]], np.float32))
 
 
 def test_independent_decoder_matches_the_core_on_a_real_adapter(stories_adapter, tmp_path):

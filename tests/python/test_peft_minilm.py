@@ -144,3 +144,29 @@ def test_python_and_cli_round_trips_load_in_peft(trained, model_dir, solar_cli, 
     from_model = solar.restore_to_peft(packed, base_model(model_dir))
     assert isinstance(from_model, peft.PeftModel)
     assert rel(expected, logits(from_model.eval(), batch)) < 1e-4
+
+
+def test_int8_head_is_smaller_and_keeps_the_logits(trained, model_dir, tmp_path):
+    """`passthrough="int8"`: the classifier head (modules_to_save, 2 x 384 F32) is stored as int8
+    rows, its bias exactly; PEFT loads the result and the logits barely move."""
+    from safetensors.torch import load_file
+
+    _, adapter_dir, batch, _ = trained
+    lossless = {"target_error": 0.01}  # the LoRA part is the same in both files; only the head differs
+    exact = solar.compress(adapter_dir, model_dir, **lossless)
+    coded = solar.compress(adapter_dir, model_dir, passthrough="int8", **lossless)
+    assert coded.report()["passthrough_int8_tensors"] == 1 and exact.report()["passthrough_int8_tensors"] == 0
+    assert len(coded.to_bytes()) < len(exact.to_bytes()) - 1500  # 3,072 B of F32 weights -> ~780 B
+    dirs = {name: solar.restore_to_dir(p, model_dir, tmp_path / name) for name, p in (("exact", exact), ("int8", coded))}
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    restored = load_file(str(dirs["int8"] / "adapter_model.safetensors"))
+    (weight,) = [k for k in saved if k.endswith("classifier.weight")]
+    (bias,) = [k for k in saved if k.endswith("classifier.bias")]
+    assert torch.equal(restored[bias], saved[bias])
+    err = (restored[weight] - saved[weight]).abs()
+    assert 0 < err.max() <= saved[weight].abs().amax(1, keepdim=True).max() / 254 * 1.0001  # half a step
+    got = {name: logits(peft.PeftModel.from_pretrained(base_model(model_dir), str(d)).eval(), batch)
+           for name, d in dirs.items()}
+    assert rel(got["exact"], got["int8"]) < 1e-2
+    with pytest.raises(solar.SolarError, match="passthrough"):
+        solar.compress(adapter_dir, model_dir, passthrough="int4", **lossless)

@@ -1,0 +1,31 @@
+// Lossy coding of passthrough tensors (format v4, docs/FORMAT.md "Passthrough coding"):
+// `modules_to_save` heads and other tensors the LoRA codec does not touch can dwarf a compressed
+// adapter (MiniLM's fp32 classifier is twice its 99%-retention LoRA stream), so they may be stored
+// as int8 with one float32 scale per row instead of verbatim.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "solar/dtype.hpp"
+
+namespace solar {
+
+struct Int8Rows {
+  std::vector<float> scales;   // one per row (the first dimension), max |row| / 127
+  std::vector<int8_t> values;  // row-major, in -127..127
+};
+
+// Which tensors int8 coding applies to: floating point, at least 2-D, every value finite.
+// Vectors (biases, norms, DoRA magnitudes) stay exact: they are small, and a magnitude's error
+// would scale the frozen weight itself.
+bool int8_rows_apply(const Tensor& t);
+Int8Rows quantize_int8_rows(const Tensor& t);
+// value = float32(q) * scale (binary32), then converted to `dtype` (round to nearest even).
+Tensor dequantize_int8_rows(const Int8Rows& q, DType dtype, const std::vector<int64_t>& shape);
+
+// The blob: rows x float32 scale (little-endian), then the int8 values. `where` names the tensor.
+std::vector<uint8_t> int8_rows_blob(const Int8Rows& q);
+Int8Rows int8_rows_from_blob(const std::vector<uint8_t>& blob, const std::vector<int64_t>& shape, const std::string& where);
+
+}  // namespace solar
