@@ -201,6 +201,16 @@ Container spectral_container_v2() {
   return compress_adapter(golden_adapter_v2(), InMemoryWeights("<none>"), o);
 }
 
+// The golden files' two layers, restored, against the factors an earlier build wrote.
+void expect_golden_factors(const PeftAdapter& restored, const std::string& expected_path) {
+  const SafetensorsFile expected(expected_path);
+  ASSERT_EQ(restored.modules.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(restored.modules[i].A.data, expected.get("A" + std::to_string(i)).copy().data) << i;
+    EXPECT_EQ(restored.modules[i].B.data, expected.get("B" + std::to_string(i)).copy().data) << i;
+  }
+}
+
 TEST(Container, GoldenV2SpectralStreamStillDecodes) {
   const auto bytes = test::read_bytes(kGoldenV2 + "_spectral.solar");
   const Container c = parse_container(bytes.data(), bytes.size(), "golden_v2_spectral.solar");
@@ -209,11 +219,7 @@ TEST(Container, GoldenV2SpectralStreamStillDecodes) {
   EXPECT_EQ(c.layers[0].encoded.blobs.size(), 1u);  // the shared stream
   EXPECT_TRUE(c.layers[1].encoded.blobs.empty());
   const PeftAdapter restored = decompress_container(c, InMemoryWeights("<none>"));
-  const SafetensorsFile expected(kGoldenV2 + "_spectral_expected.safetensors");
-  for (size_t i = 0; i < 2; ++i) {
-    EXPECT_EQ(restored.modules[i].A.data, expected.get("A" + std::to_string(i)).copy().data) << i;
-    EXPECT_EQ(restored.modules[i].B.data, expected.get("B" + std::to_string(i)).copy().data) << i;
-  }
+  expect_golden_factors(restored, kGoldenV2 + "_spectral_expected.safetensors");
   // The passthrough tensor, stored as byte planes, comes back byte-exactly.
   const PeftAdapter original = golden_adapter_v2();
   ASSERT_EQ(restored.passthrough.size(), 1u);
@@ -222,14 +228,16 @@ TEST(Container, GoldenV2SpectralStreamStillDecodes) {
   EXPECT_EQ(pass, original.passthrough[0].second.data);
 }
 
-// Format v3: the same two layers, at a target where one of them takes dependent quantisation.
-Container spectral_container_v3() {
+// Formats v3 and v4: two layers at a target where one of them takes dependent quantisation
+// (how the v3 golden file was written, from golden_adapter_v2 with exact passthrough).
+Container dependent_spectral_container(const PeftAdapter& adapter, const std::string& passthrough) {
   CompressOptions o;
   o.mode = "spectral";
   o.target_error = 0.2;
   o.quantiser = "dependent";
+  o.passthrough = passthrough;
   o.threads = 1;
-  return compress_adapter(golden_adapter_v2(), InMemoryWeights("<none>"), o);
+  return compress_adapter(adapter, InMemoryWeights("<none>"), o);
 }
 
 TEST(Container, GoldenV3DependentQuantisationStillDecodes) {
@@ -242,11 +250,7 @@ TEST(Container, GoldenV3DependentQuantisationStillDecodes) {
   for (const auto& s : symbols) dependent = dependent || (s.size() > 3 && s[3] == 1);
   EXPECT_TRUE(dependent) << "the golden file must exercise dependent quantisation";
   const PeftAdapter restored = decompress_container(c, InMemoryWeights("<none>"));
-  const SafetensorsFile expected(kGoldenV3 + "_spectral_expected.safetensors");
-  for (size_t i = 0; i < 2; ++i) {
-    EXPECT_EQ(restored.modules[i].A.data, expected.get("A" + std::to_string(i)).copy().data) << i;
-    EXPECT_EQ(restored.modules[i].B.data, expected.get("B" + std::to_string(i)).copy().data) << i;
-  }
+  expect_golden_factors(restored, kGoldenV3 + "_spectral_expected.safetensors");
 }
 
 // The levels of dependent quantisation, written from docs/FORMAT.md alone: a layer's restored B
@@ -352,15 +356,7 @@ PeftAdapter golden_adapter_v4() {
   return a;
 }
 
-Container spectral_container_v4() {
-  CompressOptions o;
-  o.mode = "spectral";
-  o.target_error = 0.2;
-  o.quantiser = "dependent";
-  o.passthrough = "int8";
-  o.threads = 1;
-  return compress_adapter(golden_adapter_v4(), InMemoryWeights("<none>"), o);
-}
+Container spectral_container_v4() { return dependent_spectral_container(golden_adapter_v4(), "int8"); }
 
 TEST(Container, GoldenV4Int8PassthroughStillDecodes) {
   const auto bytes = test::read_bytes(kGoldenV4 + "_spectral.solar");
@@ -369,11 +365,8 @@ TEST(Container, GoldenV4Int8PassthroughStillDecodes) {
   ASSERT_EQ(c.passthrough_int8.size(), 1u);
   EXPECT_EQ(c.passthrough_int8.begin()->first, "base_model.model.head.weight");
   const PeftAdapter restored = decompress_container(c, InMemoryWeights("<none>"));
+  expect_golden_factors(restored, kGoldenV4 + "_spectral_expected.safetensors");
   const SafetensorsFile expected(kGoldenV4 + "_spectral_expected.safetensors");
-  for (size_t i = 0; i < 2; ++i) {
-    EXPECT_EQ(restored.modules[i].A.data, expected.get("A" + std::to_string(i)).copy().data) << i;
-    EXPECT_EQ(restored.modules[i].B.data, expected.get("B" + std::to_string(i)).copy().data) << i;
-  }
   ASSERT_EQ(restored.passthrough.size(), 2u);
   EXPECT_EQ(restored.passthrough[0].second.data, expected.get("P0").copy().data);
   EXPECT_EQ(restored.passthrough[1].second.data, golden_adapter_v4().passthrough[1].second.data);  // the vector: exact

@@ -57,3 +57,39 @@ def test_bench_smoke(tmp_path, solar_cli):
         assert p["ratio_fp16_tensors"] == pytest.approx(p["bytes"] / res["adapter"]["fp16_tensor_bytes"])
         assert p["compress_s"] >= 0 and p["decompress_s"] >= 0
         assert p["retention"]["loss"] <= 1.05
+
+
+def test_baselines_store_the_head_as_solar_does(tmp_path):
+    """With `--passthrough int8` every method pays the same for MiniLM's classifier head: the
+    baselines' files hold exactly the bytes solar's core writes for it (docs/FORMAT.md)."""
+    import torch
+
+    import solar
+    from bench.adapters import load_adapter
+    from bench.baselines import _int8_rows, decode_quant, encode_quant
+
+    adapter_dir = REPO / "tests" / "fixtures" / "minilm_sst2_lora_r8"
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        pytest.skip("MiniLM LoRA fixture absent")
+    packed = solar.compress(adapter_dir, None, target_error=0.3, passthrough="int8")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_format_portable import parse
+
+    _, meta, payload = parse(packed.to_bytes())
+    offset = sum(sum(layer.get("blobs", [])) for layer in meta["layers"])
+    adapter = load_adapter(adapter_dir)
+    adapter.passthrough_coding = "int8"
+    coded = 0
+    for entry in meta["passthrough"]:
+        blob = payload[offset: offset + entry["blob"]]
+        offset += entry["blob"]
+        if entry.get("coding") == "int8":
+            assert blob == _int8_rows(adapter.passthrough[entry["key"]])
+            coded += 1
+    assert coded == 1
+    # A baseline file restores the head to what solar restores it to.
+    encode_quant(adapter, tmp_path / "b.bin", bits=4)
+    sd = decode_quant(adapter, tmp_path / "b.bin")
+    core = solar.restore(packed, None)
+    for key in adapter.passthrough:
+        assert torch.equal(sd[key], core[key]), key
