@@ -290,8 +290,10 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
           "frame (level 19, with solar's public metadata dictionary) holding a JSON header (adapter_config.json, "
           "tensor names, shapes, parameters), the quantised tensors with their scales, and the passthrough tensors. "
           "PEFT points: `adapter_model.safetensors` as PEFT writes it (its separate adapter_config.json is not "
-          "counted). Passthrough tensors (MiniLM's classifier head, stored byte-exactly) are in every file, "
-          "identically; the per-model tables also show bytes minus their raw size.",
+          "counted). Passthrough tensors (MiniLM's classifier head) are in every file, stored the same way in "
+          "all of them but the PEFT points (as int8 rows, as `solar compress --passthrough int8` writes them, "
+          "unless the run says otherwise below; the PEFT files keep them as trained); the per-model tables also "
+          "show bytes minus what they take.",
           "* **% fp16 tensors**: bytes / (2 × numel of all LoRA A and B factors) — the *tensor* bytes of an fp16 "
           "adapter, without safetensors header or passthrough. **% fp16 file**: bytes / size of the fp16 PEFT file.",
           "* **rel. err ΔW**: sqrt(Σ_l s_l²‖B_l A_l − B̃_l Ã_l‖² / Σ_l s_l²‖B_l A_l‖²), s_l = PEFT scaling.",
