@@ -7,7 +7,7 @@ calibration statistics only). Tuning splits as in bench/balance_check.py (storie
 windows the benchmark does not score; MiniLM: SST-2 training sentences 20,000-20,871; SmolLM2:
 the 128 E2E test pairs halfway between the scored ones).
 
-    python -m bench.quantiser_check [--models stories260k minilm_sst2 smollm2_e2e]
+    python -m bench.quantiser_check [--models stories260k minilm_sst2 smollm2_e2e] [--statistics self]
 """
 from __future__ import annotations
 
@@ -23,13 +23,16 @@ BUDGETS = {"stories260k": [1100, 1300, 1500, 1800, 2100], "minilm_sst2": [4500, 
            "smollm2_e2e": [6000, 9000, 14000, 21000, 29000]}
 
 
-def statistics(model: str) -> list[tuple[str, list[str]]]:
-    """The (label, CLI flags) of the statistics each model is checked with."""
+def statistics(model: str, task=None) -> list[tuple[str, list[str]]]:
+    """The (label, CLI flags) of the statistics each model is checked with: none, K-FAC from data,
+    and for the causal LMs the self-generated ones (`solar.self_calibrate`)."""
     from bench.calibration import ensure
+    from bench.self_calibration import SELF_CALIBRATED, ensure_self
 
-    if model == "smollm2_e2e":  # ~40 s per calibrated point: the winning family only
-        return [("K-FAC", ["--calib", str(ensure(model))])]
-    return [("none", []), ("K-FAC", ["--calib", str(ensure(model))])]
+    own = [("self", ["--calib", str(ensure_self(model, task))])] if model in SELF_CALIBRATED else []
+    if model == "smollm2_e2e":  # ~40 s per calibrated point: no plain row
+        return [("K-FAC", ["--calib", str(ensure(model))])] + own
+    return [("none", []), ("K-FAC", ["--calib", str(ensure(model))])] + own
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["stories260k", "minilm_sst2", "smollm2_e2e"])
+    ap.add_argument("--statistics", nargs="+", default=None, help="only these rows: none, K-FAC, self")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     cli = find_cli()
@@ -46,7 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         refs = references(task)
         print_table_head(model, refs, ["statistics", "quantiser"], BUDGETS[model])
         with tempfile.TemporaryDirectory() as td:
-            for label, extra in statistics(model):
+            for label, extra in statistics(model, task):
+                if args.statistics and label not in args.statistics:
+                    continue
                 for quantiser in ("uniform", "dependent"):
                     cells = retention_cells(task, cli, BUDGETS[model], ["--quantiser", quantiser, *extra], refs, td)
                     print(f"| {label} | {quantiser} | " + " | ".join(cells) + " |", flush=True)
