@@ -174,7 +174,7 @@ def points_table(res: dict) -> str:
 
 # ------------------------------------------------------------------------------ plots
 COLORS = {"peft": "#7f7f7f", "int-quant": "#ff7f0e", "svd-fp16": "#2ca02c", "svd+int8": "#bcbd22",
-          "svd+int4": "#17becf", "compeft": "#9467bd", "nola": "#8c564b", "solar-paper": "#e377c2",
+          "svd+int4": "#17becf", "svd+int3/2": "#7fdbe8", "compeft": "#9467bd", "nola": "#8c564b", "solar-paper": "#e377c2",
           "solar-spectral": "#d62728", "solar-spectral-w": "#1f77b4", "solar-spectral-cal": "#000000",
           "solar-spectral-selfcal": "#e6a000"}
 
