@@ -63,6 +63,7 @@ class Settings:
     dev_limit: int | None = None  # None: the whole SST-2 dev set (872)
     mode: str = "spectral"
     target_error: float = 0.1
+    passthrough: str = "int8"  # the head rides in the payload as int8 rows ("exact": sent as it is)
     aggregation: str = "delta"
     client_threads: int = 1
     server_threads: int = 2
@@ -188,7 +189,7 @@ def make_client_app(s: Settings, solar: bool, extra_mods: tuple = ()):
         from solar.flower import solar_mod
 
         mods.append(solar_mod(s.mode, target_error=s.target_error, peft_config=lora_config(s),
-                              threads=s.client_threads, report_metrics=True))
+                              threads=s.client_threads, report_metrics=True, passthrough=s.passthrough))
     app = ClientApp(mods=mods)
 
     @app.train()
@@ -400,8 +401,11 @@ def report(results: dict, plot_name: str) -> str:
         f"labels); each round every client runs {st['local_steps']} AdamW steps (batch {st['batch_size']}, "
         f"lr {st['lr']}) from the global adapter and replies with `get_peft_model_state_dict(model)`, as "
         "FlowerTune does. **plain**: the reply as it is (fp32 arrays). **solar**: the same reply through "
-        f"`solar.flower.solar_mod(mode=\"{st['mode']}\", target_error={st['target_error']})`, which replaces the "
-        "24 LoRA arrays by one `.solar` payload; the 3 kB head passes through unchanged. "
+        f"`solar.flower.solar_mod(mode=\"{st['mode']}\", target_error={st['target_error']}"
+        + (f", passthrough=\"int8\")`, which replaces the 24 LoRA arrays and the 3 kB head's weight by one `.solar` "
+           "payload (the head's weight as int8 rows; its 2-value bias passes through as it is). "
+           if st.get("passthrough", "exact") == "int8" else
+           ")`, which replaces the 24 LoRA arrays by one `.solar` payload; the 3 kB head passes through unchanged. ") +
         f"The server is `SolarStrategy(FedAvg(), aggregation=\"{st['aggregation']}\")` in both runs (weighted by "
         "client examples), so the runs differ only in what the clients upload. Accuracy: the global model on the "
         f"SST-2 dev set ({'all 872 sentences' if st['dev_limit'] is None else str(st['dev_limit']) + ' sentences'}) "
@@ -459,7 +463,7 @@ def report(results: dict, plot_name: str) -> str:
              f"({st['rounds']} rounds)\npython -m bench.federated --split dirichlet --rounds 10\n"
              "python -m bench.federated --quick         # smoke run, writes bench/results/federated_quick_*\n```\n")
     L.append("Options: `--clients`, `--rounds`, `--split iid|dirichlet|both`, `--alpha`, `--local-steps`, "
-             "`--target-error`, `--mode`, `--aggregation delta|factors`, `--dev-limit`. The test "
+             "`--target-error`, `--mode`, `--passthrough int8|exact`, `--aggregation delta|factors`, `--dev-limit`. The test "
              "`tests/python/test_flower.py` runs a two-client, one-round version on the same engine, and the "
              "rejection of corrupt payloads.\n")
     return "\n".join(L)
@@ -469,7 +473,7 @@ def reading_notes(results: dict) -> str:
     """What the numbers do and do not show, computed from the results."""
     L = ["Reading the numbers:\n"]
     for split in [k for k in ("iid", "dirichlet") if k in results]:
-        runs = results[split]["runs"]
+        runs, st = results[split]["runs"], results[split]["settings"]
         if "plain" not in runs or "solar" not in runs:
             continue
         p, q = runs["plain"], runs["solar"]
@@ -483,7 +487,8 @@ def reading_notes(results: dict) -> str:
                  f"{p['total_upload_bytes'] / q['total_upload_bytes']:.1f}x fewer uploaded bytes. Plain's accuracy by "
                  f"round was {accs}: one seed per setting, so differences of this size between the two runs "
                  "are within run-to-run noise, not an effect of the codec. A solar reply is the payload plus "
-                 f"{head:,.0f} B of uncompressed head, metrics and message metadata. Encoding took "
+                 f"{head:,.0f} B of " + ("" if st.get("passthrough", "exact") == "int8" else "uncompressed head, ")
+                 + "metrics and message metadata. Encoding took "
                  f"{enc:.1f} s per client per round (one thread, two simulated clients per two cores), "
                  f"{100 * enc / train:.0f}% of the {train:.1f} s of local training.")
     return "\n".join(L) + "\n"
@@ -545,6 +550,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--local-steps", type=int, default=20)
     ap.add_argument("--target-error", type=float, default=0.1)
+    ap.add_argument("--passthrough", choices=["int8", "exact"], default="int8",
+                    help="int8: the head's weight rides in the payload as int8 rows; exact: sent as it is")
     ap.add_argument("--mode", default="spectral")
     ap.add_argument("--aggregation", choices=["delta", "factors"], default="delta")
     ap.add_argument("--dev-limit", type=int, default=None)
@@ -552,7 +559,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--report-only", action="store_true", help="rewrite the report and plot from the JSON results")
     args = ap.parse_args(argv)
     kw = dict(rounds=args.rounds, clients=args.clients, alpha=args.alpha, local_steps=args.local_steps,
-              target_error=args.target_error, mode=args.mode, aggregation=args.aggregation, dev_limit=args.dev_limit)
+              target_error=args.target_error, mode=args.mode, aggregation=args.aggregation, dev_limit=args.dev_limit,
+              passthrough=args.passthrough)
     prefix = "federated"
     if args.quick:
         kw.update(rounds=2, clients=4, local_steps=3, pool=800, dev_limit=128)

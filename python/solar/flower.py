@@ -116,6 +116,8 @@ _META = "solar_flower"
 def _np(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # torch tensor
         value = value.detach().cpu().numpy()
+    elif isinstance(value, Array):  # a Flower array (the mod hands pass-through arrays on as they are)
+        value = value.numpy()
     return np.asarray(value)
 
 
@@ -209,13 +211,20 @@ def encode_arrays(
     """Replaces the LoRA factor pairs in ``arrays`` (key -> array/tensor, in order) by one
     ``.solar`` payload. Returns (new mapping in order, with the payload at the place of the
     first LoRA array and every other array unchanged; the CompressedAdapter or None when
-    there were no LoRA pairs). ``codec`` goes to :func:`solar.compress` (mode, target_error, ...)."""
+    there were no LoRA pairs). ``codec`` goes to :func:`solar.compress` (mode, target_error, ...).
+    With ``passthrough="int8"`` the float16/float32 arrays of 2 or more dimensions besides the
+    factors (a ``modules_to_save`` head) go into the payload too, as int8 rows."""
     keys = list(arrays)
     pairs, others = _split_lora(keys)
     if not pairs:
         return dict(arrays), None
+    if codec.get("passthrough") == "int8":
+        heads = {k for k in others if _np(arrays[k]).dtype in (np.float16, np.float32) and _np(arrays[k]).ndim >= 2}
+        others = [k for k in others if k not in heads]
+    else:
+        heads = set()
     others = set(others)
-    lora_keys = [k for k in keys if k not in others]
+    lora_keys = [k for k in keys if k not in others and k not in heads]
     # The codec takes F32/F16/BF16 factors; float64 ones are sent as float32.
     lora = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in ((k, _np(arrays[k])) for k in lora_keys)}
     layout = _layout(lora_keys)
@@ -223,10 +232,11 @@ def encode_arrays(
     if layout is not None:
         config[_META] = layout
     state = {_peft_key(k): lora[k] for k in lora_keys}
+    state.update({k: _np(arrays[k]) for k in keys if k in heads})  # under their own keys
     packed = api.compress((state, config), base, **codec)
     out: dict = {}
     for k in keys:
-        if k in lora:
+        if k in lora or k in heads:
             if PAYLOAD_KEY not in out:
                 out[PAYLOAD_KEY] = packed
         else:
@@ -236,7 +246,8 @@ def encode_arrays(
 
 def decode_arrays(payload: Any, base: Any = None, *, threads: int = 0) -> dict:
     """The LoRA arrays of a payload (bytes or CompressedAdapter) under the client's record
-    keys, as float32/float16/... NumPy arrays in the order they were sent. Raises
+    keys, as float32/float16/... NumPy arrays in the order they were sent, then the other
+    arrays it carries (``passthrough="int8"`` heads) under their own keys. Raises
     solar.CorruptError / FormatError for damaged bytes and solar.MismatchError for a payload
     built against another base."""
     packed = api.load(payload) if not isinstance(payload, api.CompressedAdapter) else payload
@@ -251,7 +262,9 @@ def decode_arrays(payload: Any, base: Any = None, *, threads: int = 0) -> dict:
         mapping = {k: by_peft[k] for k in lora}
     else:
         mapping = {k: _record_key(k, layout) for k in lora}
-    return {mapping[k]: _np(tensors[k]) for k in lora}
+    out = {mapping[k]: _np(tensors[k]) for k in lora}
+    out.update({k: _np(v) for k, v in tensors.items() if not _LORA_KEY.match(k)})
+    return out
 
 
 def solar_mod(

@@ -370,3 +370,24 @@ def test_message_nbytes_counts_the_payload():
     small = train_reply(1, record({"w": np.zeros(10, np.float32)}), 1)
     big = train_reply(1, record({"w": np.arange(100_000, dtype=np.float32)}), 1)
     assert message_nbytes(big) - message_nbytes(small) >= 399_960
+
+
+def test_int8_passthrough_sends_the_head_inside_the_payload():
+    """`passthrough="int8"`: the 2-D head rides in the payload as int8 rows (smaller reply), the
+    bias stays a plain array; the server restores both under their keys and aggregates them."""
+    state = lora_state(seed=5)
+    plain = run_mod(solar_mod("spectral", target_error=0.05, threads=1), record(state))
+    coded = run_mod(solar_mod("spectral", target_error=0.05, threads=1, passthrough="int8"), record(state))
+    arrays = coded.content["arrays"]
+    assert list(arrays.keys()) == [PAYLOAD_KEY, HEAD[1]]  # the weight went into the payload
+    assert arrays[HEAD[1]].data == Array(state[HEAD[1]]).data
+    saved = 2 * 384 * 4 - (2 * 4 + 2 * 384)  # F32 weight against its int8 rows
+    assert message_nbytes(coded) < message_nbytes(plain) - saved // 2
+    back = decode_arrays(bytes(arrays[PAYLOAD_KEY].data))
+    assert list(back)[-1] == HEAD[0] and back[HEAD[0]].dtype == np.float32
+    step = np.abs(state[HEAD[0]]).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(back[HEAD[0]] - state[HEAD[0]]) <= step / 2 * (1 + 1e-6))
+    strat = SolarStrategy(FedAvg(), aggregation="delta")
+    out, _ = strat.aggregate_train(1, [coded])
+    assert set(out.keys()) == set(state.keys())
+    np.testing.assert_array_equal(out[HEAD[0]].numpy(), back[HEAD[0]])
