@@ -296,7 +296,9 @@ def solar_mod(
         report_metrics: add ``solar-payload-bytes``, ``solar-raw-bytes`` and ``solar-encode-seconds``
             to the reply's MetricRecord (when it has exactly one), so the strategy's train
             metrics show them.
-        codec: further :func:`solar.compress` options (pool, keep_fraction, bits, seed, calibration, ...).
+        codec: further :func:`solar.compress` options (pool, keep_fraction, bits, seed, calibration, ...);
+            ``passthrough="int8"`` also sends the reply's other float arrays of 2 or more
+            dimensions (a ``modules_to_save`` head) inside the payload, as int8 rows.
 
     List it first in ``ClientApp(mods=[...])``: the first mod is the outermost, so it then
     compresses the reply after every other mod (e.g. ``fixedclipping_mod``) has worked on the
