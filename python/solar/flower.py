@@ -343,8 +343,10 @@ def solar_mod(
             })
             seconds = time.perf_counter() - t0
             if verbose:
-                _flwr_log(INFO, "solar_mod: %d LoRA arrays (%d B) -> %d B .solar payload (%s) in %.2fs",
-                          2 * len(pairs), raw, len(blob), opts.get("mode"), seconds)
+                packed_others = len(arrays) - len(lora_keys) - (len(encoded) - 1)  # heads moved into the payload
+                _flwr_log(INFO, "solar_mod: %d LoRA arrays (%d B)%s -> %d B .solar payload (%s) in %.2fs",
+                          2 * len(pairs), raw, f" and {packed_others} other(s)" if packed_others else "", len(blob),
+                          opts.get("mode"), seconds)
             if report_metrics and len(out.content.metric_records) == 1:
                 metrics = next(iter(out.content.metric_records.values()))
                 metrics["solar-payload-bytes"] = len(blob)
