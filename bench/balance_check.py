@@ -89,28 +89,40 @@ def retention_cells(task, cli: str, budgets: list[int], extra: list[str], refs: 
     return cells
 
 
+def print_tuning_tables(models: list[str], budgets: dict[str, list[int]], columns: list[str], rows) -> None:
+    """For each model, its tuning split's reference metrics and a table of retention at equal file
+    size: one row per (labels, CLI flags) that `rows(model, task)` yields."""
+    from bench.run import find_cli
+
+    torch.set_num_threads(2)
+    cli = find_cli()
+    for model in models:
+        task = tuning_task(model)
+        refs = references(task)
+        print_table_head(model, refs, columns, budgets[model])
+        with tempfile.TemporaryDirectory() as td:
+            for labels, flags in rows(model, task):
+                cells = retention_cells(task, cli, budgets[model], flags, refs, td)
+                print("| " + " | ".join([*labels, *cells]) + " |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     from bench.calibration import ensure
-    from bench.run import find_cli
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["stories260k", "minilm_sst2"])
     ap.add_argument("--balances", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5])
     ap.add_argument("--calibrated-balances", type=float, nargs="+", default=[0.0, 1.0])
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
-    cli = find_cli()
-    for model in args.models:
-        task = tuning_task(model)
-        refs = references(task)
+
+    def rows(model, _task):
         stats = ensure(model)
-        print_table_head(model, refs, ["statistics", "balance"], BUDGETS[model])
         variants = [("none", b, []) for b in args.balances] + [("K-FAC", b, ["--calib", str(stats)])
                                                                 for b in args.calibrated_balances]
-        with tempfile.TemporaryDirectory() as td:
-            for label, balance, extra in variants:
-                cells = retention_cells(task, cli, BUDGETS[model], ["--balance", f"{balance:g}", *extra], refs, td)
-                print(f"| {label} | {balance:g} | " + " | ".join(cells) + " |", flush=True)
+        for label, balance, extra in variants:
+            yield [label, f"{balance:g}"], ["--balance", f"{balance:g}", *extra]
+
+    print_tuning_tables(args.models, BUDGETS, ["statistics", "balance"], rows)
 
 
 if __name__ == "__main__":

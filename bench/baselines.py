@@ -64,7 +64,10 @@ def _write(adapter: Adapter, path: Path, method: str, params: dict, modules: lis
     pt_desc, pt_bytes = [], b""
     for k, t in adapter.passthrough.items():
         coded = adapter.passthrough_coding == "int8" and int8_rows_apply(t)
-        raw = _int8_rows(t) if coded else t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        if coded:
+            raw = _int8_rows(t)
+        else:
+            raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
         pt_desc.append({"key": k, "dtype": _DTYPES[t.dtype], "shape": list(t.shape), "blob": len(raw),
                         **({"coding": "int8"} if coded else {})})
         pt_bytes += raw

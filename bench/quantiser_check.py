@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
 
 BUDGETS = {"stories260k": [1100, 1300, 1500, 1800, 2100], "minilm_sst2": [4500, 5500, 7000, 9000],
            "smollm2_e2e": [6000, 9000, 14000, 21000, 29000]}
@@ -36,26 +33,21 @@ def statistics(model: str, task=None) -> list[tuple[str, list[str]]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.balance_check import print_table_head, references, retention_cells, tuning_task
-    from bench.run import find_cli
+    from bench.balance_check import print_tuning_tables
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["stories260k", "minilm_sst2", "smollm2_e2e"])
     ap.add_argument("--statistics", nargs="+", default=None, help="only these rows: none, K-FAC, self")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
-    cli = find_cli()
-    for model in args.models:
-        task = tuning_task(model)
-        refs = references(task)
-        print_table_head(model, refs, ["statistics", "quantiser"], BUDGETS[model])
-        with tempfile.TemporaryDirectory() as td:
-            for label, extra in statistics(model, task):
-                if args.statistics and label not in args.statistics:
-                    continue
-                for quantiser in ("uniform", "dependent"):
-                    cells = retention_cells(task, cli, BUDGETS[model], ["--quantiser", quantiser, *extra], refs, td)
-                    print(f"| {label} | {quantiser} | " + " | ".join(cells) + " |", flush=True)
+
+    def rows(model, task):
+        for label, extra in statistics(model, task):
+            if args.statistics and label not in args.statistics:
+                continue
+            for quantiser in ("uniform", "dependent"):
+                yield [label, quantiser], ["--quantiser", quantiser, *extra]
+
+    print_tuning_tables(args.models, BUDGETS, ["statistics", "quantiser"], rows)
 
 
 if __name__ == "__main__":

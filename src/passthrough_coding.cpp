@@ -14,14 +14,10 @@ size_t row_count(const std::vector<int64_t>& shape) { return shape.empty() ? 1 :
 
 }  // namespace
 
-bool int8_rows_apply(const Tensor& t) {
-  if (!is_float(t.dtype) || t.shape.size() < 2 || t.numel() == 0) return false;
+std::optional<Int8Rows> quantize_int8_rows(const Tensor& t) {
+  if (!is_float(t.dtype) || t.shape.size() < 2 || t.numel() == 0) return std::nullopt;
   const std::vector<float> v = t.to_f32();
-  return std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); });
-}
-
-Int8Rows quantize_int8_rows(const Tensor& t) {
-  const std::vector<float> v = t.to_f32();
+  if (!std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); })) return std::nullopt;
   const size_t rows = row_count(t.shape), cols = rows ? v.size() / rows : 0;
   Int8Rows q;
   q.scales.resize(rows);

@@ -273,10 +273,10 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
   c.passthrough = adapter.passthrough;
   if (options.passthrough == "int8") {
     for (auto& [key, t] : c.passthrough) {
-      if (!int8_rows_apply(t)) continue;
-      Int8Rows q = quantize_int8_rows(t);
-      t = dequantize_int8_rows(q, t.dtype, t.shape);  // what the receiver restores
-      c.passthrough_int8.emplace(key, std::move(q));
+      std::optional<Int8Rows> q = quantize_int8_rows(t);
+      if (!q) continue;
+      t = dequantize_int8_rows(*q, t.dtype, t.shape);  // what the receiver restores
+      c.passthrough_int8.emplace(key, std::move(*q));
     }
   } else if (options.passthrough != "exact") {
     throw Error(ErrorKind::InvalidInput, "compress", "unknown passthrough coding '" + options.passthrough + "' (available: exact, int8)");

@@ -4,6 +4,7 @@
 // files), so they may be stored as int8 with one float32 scale per row instead of verbatim.
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -16,11 +17,10 @@ struct Int8Rows {
   std::vector<int8_t> values;  // row-major, in -127..127
 };
 
-// Which tensors int8 coding applies to: floating point, at least 2-D, every value finite.
-// Vectors (biases, norms, DoRA magnitudes) stay exact: they are small, and a magnitude's error
-// would scale the frozen weight itself.
-bool int8_rows_apply(const Tensor& t);
-Int8Rows quantize_int8_rows(const Tensor& t);
+// The int8 codes of `t`, or nullopt where the coding does not apply: it takes floating-point
+// tensors of at least 2 dimensions whose values are all finite. Vectors (biases, norms, DoRA
+// magnitudes) stay exact: they are small, and a magnitude's error would scale the frozen weight.
+std::optional<Int8Rows> quantize_int8_rows(const Tensor& t);
 // value = float32(q) * scale (binary32), then converted to `dtype` (round to nearest even).
 Tensor dequantize_int8_rows(const Int8Rows& q, DType dtype, const std::vector<int64_t>& shape);
 

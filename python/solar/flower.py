@@ -218,11 +218,11 @@ def encode_arrays(
     pairs, others = _split_lora(keys)
     if not pairs:
         return dict(arrays), None
+    heads: dict = {}
     if codec.get("passthrough") == "int8":
-        heads = {k for k in others if _np(arrays[k]).dtype in (np.float16, np.float32) and _np(arrays[k]).ndim >= 2}
+        candidates = {k: _np(arrays[k]) for k in others}
+        heads = {k: v for k, v in candidates.items() if v.dtype in (np.float16, np.float32) and v.ndim >= 2}
         others = [k for k in others if k not in heads]
-    else:
-        heads = set()
     others = set(others)
     lora_keys = [k for k in keys if k not in others and k not in heads]
     # The codec takes F32/F16/BF16 factors; float64 ones are sent as float32.
@@ -232,7 +232,7 @@ def encode_arrays(
     if layout is not None:
         config[_META] = layout
     state = {_peft_key(k): lora[k] for k in lora_keys}
-    state.update({k: _np(arrays[k]) for k in keys if k in heads})  # under their own keys
+    state.update(heads)  # under their own keys
     packed = api.compress((state, config), base, **codec)
     out: dict = {}
     for k in keys:
