@@ -1,6 +1,7 @@
 """Baseline codecs, each writing a real, self-contained file.
 
-Every non-PEFT baseline file is ``b"SLBB"`` + one zstd frame (level 19) of
+Every non-PEFT baseline file is ``b"SLBB"`` + one zstd frame (level 19; stored without the frame's
+4-byte magic number, as .solar files since format v5 store theirs) of
 
     u32 header length | header (compact JSON) | payload (binary)
 
@@ -30,6 +31,7 @@ from safetensors.torch import save_file
 from bench.adapters import Adapter, int8_rows_apply
 
 MAGIC = b"SLBB"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_LEVEL = 19
 _DICT_PATH = Path(__file__).resolve().parents[1] / "docs" / "metadata-dictionary-v1.txt"
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -75,7 +77,9 @@ def _write(adapter: Adapter, path: Path, method: str, params: dict, modules: lis
                          "key_prefix": adapter.key_prefix, "file_metadata": adapter.file_metadata,
                          "layers": modules, "passthrough": pt_desc}, separators=(",", ":")).encode()
     body = struct.pack("<I", len(header)) + header + payload + pt_bytes
-    data = MAGIC + zstandard.ZstdCompressor(level=ZSTD_LEVEL, dict_data=_zdict()).compress(body)
+    frame = zstandard.ZstdCompressor(level=ZSTD_LEVEL, dict_data=_zdict()).compress(body)
+    assert frame[:4] == ZSTD_MAGIC
+    data = MAGIC + frame[4:]  # without the frame's magic number, as .solar v5 stores its frames
     Path(path).write_bytes(data)
     # What each part would cost alone (zstd'd the same way), for the report's breakdown.
     zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL, dict_data=_zdict())
@@ -85,7 +89,7 @@ def _write(adapter: Adapter, path: Path, method: str, params: dict, modules: lis
 def _read(path: Path) -> tuple[dict, memoryview]:
     data = Path(path).read_bytes()
     assert data[:4] == MAGIC, path
-    body = zstandard.ZstdDecompressor(dict_data=_zdict()).decompress(data[4:])
+    body = zstandard.ZstdDecompressor(dict_data=_zdict()).decompress(ZSTD_MAGIC + data[4:])
     (hl,) = struct.unpack_from("<I", body, 0)
     header = json.loads(body[4: 4 + hl])
     return header, memoryview(body)[4 + hl:]

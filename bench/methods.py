@@ -68,7 +68,7 @@ SMOLLM2_SUBSETS = {
     "solar-spectral-abs": [0.4, 0.3, 0.2, 0.12, 0.07, 0.03],
     "solar-spectral-w": [0.35, 0.1],
     "solar-spectral-wgram": [0.2, 0.05],
-    "solar-spectral-cal": [0.4, 0.3, 0.275, 0.25, 0.2, 0.15, 0.1, 0.07, 0.06, 0.05, 0.03],
+    "solar-spectral-cal": [0.4, 0.3, 0.275, 0.27, 0.26, 0.25, 0.2, 0.15, 0.1, 0.07, 0.06, 0.05, 0.03],
     "compeft": [0.1, 0.3],
 }
 

@@ -13,17 +13,22 @@ namespace {
 }  // namespace
 
 std::vector<int32_t> LayerCodec::candidate_symbols(const LayerContext&, const Factors&, const Candidate&) const { not_planned(mode()); }
-std::vector<uint8_t> LayerCodec::write_stream(const std::vector<LayerShape>&, const std::vector<std::vector<int32_t>>&) const {
+std::vector<uint8_t> LayerCodec::write_stream(const std::vector<StreamLayer>&, const std::vector<std::vector<int32_t>>&) const {
   not_planned(mode());
 }
-std::vector<std::vector<int32_t>> LayerCodec::read_stream(const std::vector<LayerShape>&, const std::vector<uint8_t>&,
+std::vector<std::vector<int32_t>> LayerCodec::read_stream(const std::vector<StreamLayer>&, const std::vector<uint8_t>&,
                                                           const std::string&, uint32_t) const {
   not_planned(mode());
 }
 Factors LayerCodec::decode_symbols(const LayerContext&, const std::vector<int32_t>&) const { not_planned(mode()); }
-std::vector<nlohmann::json> LayerCodec::stream_summary(const std::vector<LayerShape>&, const std::vector<std::vector<int32_t>>&,
+std::vector<nlohmann::json> LayerCodec::stream_summary(const std::vector<StreamLayer>&, const std::vector<std::vector<int32_t>>&,
                                                       uint32_t) const {
   not_planned(mode());
+}
+
+std::string stream_group(const std::string& module) {
+  const size_t dot = module.rfind('.');
+  return dot == std::string::npos ? module : module.substr(dot + 1);
 }
 
 std::vector<ModeStream> read_streams(const Container& c) {
@@ -40,9 +45,9 @@ std::vector<ModeStream> read_streams(const Container& c) {
       if (l.encoded.blobs.size() != (k == 0 ? 1u : 0u))
         throw Error(ErrorKind::Format, "layer " + l.module,
                     k == 0 ? "the stream's first layer must hold it as its one blob" : "a streamed layer has blobs of its own");
-      s.shapes.push_back(l.shape);
+      s.stream_layers.push_back({l.shape, stream_group(l.module)});
     }
-    s.symbols = s.codec->read_stream(s.shapes, c.layers[idx.front()].encoded.blobs.front(), "stream of the " + mode + " layers", c.version);
+    s.symbols = s.codec->read_stream(s.stream_layers, c.layers[idx.front()].encoded.blobs.front(), "stream of the " + mode + " layers", c.version);
     s.layers = std::move(idx);
     out.push_back(std::move(s));
   }

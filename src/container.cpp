@@ -45,19 +45,31 @@ uint64_t get_varint(const uint8_t* data, size_t size, size_t& pos, const std::st
   throw Error(ErrorKind::Format, where, "malformed size field in header");
 }
 
-std::vector<uint8_t> zstd_compress(const std::vector<uint8_t>& raw, const std::string* dict) {
+// Every zstd frame starts with these 4 bytes; since v5 a container stores its frames without them.
+constexpr uint8_t kZstdMagic[4] = {0x28, 0xB5, 0x2F, 0xFD};
+bool frames_are_magicless(uint32_t version) { return version >= 5; }
+
+std::vector<uint8_t> zstd_compress(const std::vector<uint8_t>& raw, const std::string* dict, bool magicless) {
   std::vector<uint8_t> z(ZSTD_compressBound(raw.size()));
   ZSTD_CCtx* cctx = ZSTD_createCCtx();
   const size_t n = dict ? ZSTD_compress_usingDict(cctx, z.data(), z.size(), raw.data(), raw.size(), dict->data(), dict->size(), kZstdLevel)
                         : ZSTD_compressCCtx(cctx, z.data(), z.size(), raw.data(), raw.size(), kZstdLevel);
   ZSTD_freeCCtx(cctx);
-  if (ZSTD_isError(n)) return {};
+  if (ZSTD_isError(n) || n < 4 || std::memcmp(z.data(), kZstdMagic, 4) != 0) return {};
   z.resize(n);
+  if (magicless) z.erase(z.begin(), z.begin() + 4);
   return z;
 }
 
-std::vector<uint8_t> inflate(const uint8_t* p, size_t n, uint64_t raw_size, const std::string* dict, const std::string& where,
-                             const char* part) {
+std::vector<uint8_t> inflate(const uint8_t* p, size_t n, uint64_t raw_size, const std::string* dict, bool magicless,
+                             const std::string& where, const char* part) {
+  std::vector<uint8_t> framed;
+  if (magicless) {
+    framed.assign(kZstdMagic, kZstdMagic + 4);
+    framed.insert(framed.end(), p, p + n);
+    p = framed.data();
+    n = framed.size();
+  }
   const unsigned long long declared = ZSTD_getFrameContentSize(p, n);
   if (declared == ZSTD_CONTENTSIZE_ERROR || declared == ZSTD_CONTENTSIZE_UNKNOWN || declared != raw_size)
     throw Error(ErrorKind::Format, where, std::string(part) + ": zstd frame does not declare the expected size");
@@ -167,14 +179,14 @@ std::vector<uint8_t> serialize_container(const Container& c) {
 
   uint32_t flags = 0;
   std::vector<uint8_t> meta_stored = meta_raw;
-  const std::vector<uint8_t> with_dict = zstd_compress(meta_raw, &metadata_dictionary_v1());
+  const std::vector<uint8_t> with_dict = zstd_compress(meta_raw, &metadata_dictionary_v1(), frames_are_magicless(c.version));
   if (!with_dict.empty() && with_dict.size() < meta_stored.size()) {
     meta_stored = with_dict;
     flags = kFlagMetaZstd | kFlagMetaDict;
   }
   std::vector<uint8_t> pay_stored = payload;
   if (!payload.empty()) {
-    const std::vector<uint8_t> z = zstd_compress(payload, nullptr);
+    const std::vector<uint8_t> z = zstd_compress(payload, nullptr, frames_are_magicless(c.version));
     if (!z.empty() && z.size() < payload.size()) {
       pay_stored = z;
       flags |= kFlagPayloadZstd;
@@ -237,10 +249,10 @@ Container parse_container(const uint8_t* data, size_t size, const std::string& w
   const uint8_t* pay_p = meta_p + h.metadata_stored;
   const std::string* dict = (h.flags & kFlagMetaDict) ? &metadata_dictionary_v1() : nullptr;
   const std::vector<uint8_t> meta_bytes = (h.flags & kFlagMetaZstd)
-                                              ? inflate(meta_p, h.metadata_stored, h.metadata_raw, dict, where, "metadata")
+                                              ? inflate(meta_p, h.metadata_stored, h.metadata_raw, dict, frames_are_magicless(h.version), where, "metadata")
                                               : std::vector<uint8_t>(meta_p, meta_p + h.metadata_stored);
   const std::vector<uint8_t> payload = (h.flags & kFlagPayloadZstd)
-                                           ? inflate(pay_p, h.payload_stored, h.payload_raw, nullptr, where, "payload")
+                                           ? inflate(pay_p, h.payload_stored, h.payload_raw, nullptr, frames_are_magicless(h.version), where, "payload")
                                            : std::vector<uint8_t>(pay_p, pay_p + h.payload_stored);
   nlohmann::json meta;
   try {

@@ -160,8 +160,8 @@ void plan_and_fill(Container& c, const LayerCodec& codec, const std::vector<std:
   if (count == 0) return;
   std::vector<std::optional<size_t>> have(count);
   std::vector<std::vector<int32_t>> symbols(count);
-  std::vector<LayerShape> shapes;
-  for (const auto& l : c.layers) shapes.push_back(l.shape);
+  std::vector<StreamLayer> stream_layers;
+  for (const auto& l : c.layers) stream_layers.push_back({l.shape, stream_group(l.module)});
   auto assign = [&](const std::vector<size_t>& pick) {
     std::vector<size_t> todo;
     for (size_t i = 0; i < count; ++i)
@@ -172,7 +172,7 @@ void plan_and_fill(Container& c, const LayerCodec& codec, const std::vector<std:
       have[i] = pick[i];
     });
     for (auto& l : c.layers) l.encoded = EncodedLayer{nlohmann::json::object(), {}};
-    c.layers[0].encoded.blobs = {codec.write_stream(shapes, symbols)};
+    c.layers[0].encoded.blobs = {codec.write_stream(stream_layers, symbols)};
   };
   auto distortion_of = [&](const std::vector<size_t>& pick) {
     double d = 0;

@@ -71,6 +71,17 @@ const std::array<uint32_t, (1u << kBits) + 1>& cost_table() {
 BitCounter::BitCounter() : table_(cost_table().data()) {}
 
 std::vector<uint8_t> RangeEncoder::finish() {
+  // Any value in [low, low + range) decodes the same. Take the one with the most trailing zero
+  // bits: its last bytes are zeros, which are trimmed below (the decoder reads zeros past the
+  // end), so the flush costs about one byte instead of three.
+  for (int s = 32; s > 0; --s) {
+    const uint64_t mask = (uint64_t{1} << s) - 1;
+    const uint64_t v = (low_ + mask) & ~mask;
+    if (v - low_ < range_) {
+      low_ = v;
+      break;
+    }
+  }
   for (int i = 0; i < 5; ++i) shift_low();
   // The first byte LZMA emits is always 0: drop it (the decoder starts from it implicitly).
   out_.erase(out_.begin());
@@ -147,7 +158,7 @@ void IntModel::update(uint32_t mag) {
   ++count_;
 }
 
-int32_t IntModel::decode(RangeDecoder& d, const std::string& where) {
+int32_t IntModel::decode(RangeDecoder& d, const std::string& where, bool signed_value) {
   auto& ctx = len_[static_cast<size_t>(context())];
   int len = 0;
   while (len < kMaxLen && d.bit(ctx[static_cast<size_t>(len)])) ++len;
@@ -159,7 +170,7 @@ int32_t IntModel::decode(RangeDecoder& d, const std::string& where) {
       if (len >= 3) mag = (mag << (len - 2)) | d.direct(len - 2);
     }
   }
-  const bool negative = len >= 1 && d.direct(1);
+  const bool negative = len >= 1 && signed_value && d.direct(1);
   update(mag);
   return negative ? -static_cast<int32_t>(mag) : static_cast<int32_t>(mag);
 }

@@ -37,7 +37,7 @@ SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes) {
     r.layers.push_back(std::move(L));
   }
   for (const ModeStream& s : read_streams(c)) {
-    const std::vector<nlohmann::json> summary = s.codec->stream_summary(s.shapes, s.symbols, c.version);
+    const std::vector<nlohmann::json> summary = s.codec->stream_summary(s.stream_layers, s.symbols, c.version);
     for (size_t k = 0; k < s.layers.size(); ++k) r.layers[s.layers[k]].stream = summary[k];
   }
   for (const auto& p : c.passthrough) r.passthrough_raw_bytes += p.second.data.size();

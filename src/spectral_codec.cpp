@@ -13,6 +13,9 @@
 #include <numeric>
 #include <bit>
 #include <cmath>
+#include <functional>
+#include <optional>
+#include <utility>
 
 #include "budget_planner.hpp"
 #include "solar/codec.hpp"
@@ -388,7 +391,7 @@ class SpectralCodec final : public LayerCodec {
       if (tx < 0 || tx > 255) return;
       Coded all;
       const int64_t ok = quantize_side(u.x, s.r, step_of(tx), u.ru, u.hx, variant, all);
-      const std::vector<uint64_t> x_cost = column_costs(all.q.data(), s.m, ok, is_dependent(variant));
+      const std::vector<uint64_t> x_cost = column_costs(all.q.data(), s.m, ok, is_dependent(variant), true);
       for (int64_t k : ks) {
         if (k > ok) continue;
         const Coded cx = prefix(all, s.m, k);
@@ -398,7 +401,7 @@ class SpectralCodec final : public LayerCodec {
           Coded cy;
           if (!quantize_y(u, fit, k, ty, variant, cy)) continue;
           const uint64_t bits =
-              header_cost(s, k, tx, ty, variant) + x_cost[static_cast<size_t>(k)] + column_costs(cy.q.data(), s.n, k, is_dependent(variant)).back();
+              header_cost(s, k, tx, ty, variant) + x_cost[static_cast<size_t>(k)] + column_costs(cy.q.data(), s.n, k, is_dependent(variant), false).back();
           out.push_back({w * distortion(u, fit, cy), BitCounter::bytes_for(bits), {static_cast<int32_t>(k), tx, ty, variant}});
         }
       }
@@ -446,37 +449,37 @@ class SpectralCodec final : public LayerCodec {
     const Refit fit = refit(u, cx);
     Coded cy;
     if (!quantize_y(u, fit, p.k, p.ty, p.variant, cy)) throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
-    return symbols_of(p.k, p.tx, p.ty, is_dependent(p.variant), cx.q, cy.q);
+    return symbols_of(s, p.k, p.tx, p.ty, is_dependent(p.variant), cx.q, cy.q);
   }
 
-  std::vector<uint8_t> write_stream(const std::vector<LayerShape>& shapes, const std::vector<std::vector<int32_t>>& symbols) const override {
-    if (shapes.size() != symbols.size()) throw Error(ErrorKind::InvalidInput, mode(), "one symbol list per layer");
+  std::vector<uint8_t> write_stream(const std::vector<StreamLayer>& layers, const std::vector<std::vector<int32_t>>& symbols) const override {
+    if (layers.size() != symbols.size()) throw Error(ErrorKind::InvalidInput, mode(), "one symbol list per layer");
     RangeEncoder e;
-    StreamModels models;  // the current syntax (v3)
-    for (size_t i = 0; i < shapes.size(); ++i) put_layer(e, models, shapes[i], symbols[i]);
+    StreamModels models;  // the current syntax (v5)
+    for (size_t i = 0; i < layers.size(); ++i) put_layer(e, models, layers[i], symbols[i]);
     return e.finish();
   }
 
-  std::vector<std::vector<int32_t>> read_stream(const std::vector<LayerShape>& shapes, const std::vector<uint8_t>& stream,
+  std::vector<std::vector<int32_t>> read_stream(const std::vector<StreamLayer>& layers, const std::vector<uint8_t>& stream,
                                                 const std::string& where, uint32_t version) const override {
     RangeDecoder d(stream.data(), stream.size());
     StreamModels models;
     models.version = version;
     std::vector<std::vector<int32_t>> out;
-    for (size_t i = 0; i < shapes.size(); ++i) out.push_back(get_layer(d, models, shapes[i], where + " (stream layer " + std::to_string(i) + ")"));
+    for (size_t i = 0; i < layers.size(); ++i) out.push_back(get_layer(d, models, layers[i], where + " (stream layer " + std::to_string(i) + ")"));
     return out;
   }
 
-  std::vector<nlohmann::json> stream_summary(const std::vector<LayerShape>& shapes,
+  std::vector<nlohmann::json> stream_summary(const std::vector<StreamLayer>& layers,
                                              const std::vector<std::vector<int32_t>>& symbols, uint32_t version) const override {
-    if (shapes.size() != symbols.size()) throw Error(ErrorKind::InvalidInput, mode(), "one symbol list per layer");
+    if (layers.size() != symbols.size()) throw Error(ErrorKind::InvalidInput, mode(), "one symbol list per layer");
     BitCounter e;  // the stream's own coding, layer after layer: each layer's cost given the ones before
     StreamModels models;
     models.version = version;
     std::vector<nlohmann::json> out;
-    for (size_t i = 0; i < shapes.size(); ++i) {
+    for (size_t i = 0; i < layers.size(); ++i) {
       const uint64_t before = e.cost();
-      put_layer(e, models, shapes[i], symbols[i]);
+      put_layer(e, models, layers[i], symbols[i]);
       out.push_back({{"components", symbols[i].empty() ? 0 : symbols[i][0]},
                      {"quantiser", symbols[i].size() > 3 && symbols[i][3] ? "dependent" : "uniform"},
                      {"bytes", static_cast<double>(e.cost() - before) / (8.0 * BitCounter::kCostScale)}});
@@ -521,8 +524,8 @@ class SpectralCodec final : public LayerCodec {
     const int ty = static_cast<int>(dec.direct(kStepBits));
     IntModel mx, my;
     std::vector<int32_t> sym{static_cast<int32_t>(k), tx, ty, 0};
-    get_columns(dec, mx, mx, false, sym, s.m, k, where);
-    get_columns(dec, my, my, false, sym, s.n, k, where);
+    get_columns(dec, mx, mx, false, false, sym, s.m, k, where);
+    get_columns(dec, my, my, false, false, sym, s.n, k, where);
     return decode_symbols(ctx, sym);
   }
 
@@ -533,22 +536,39 @@ class SpectralCodec final : public LayerCodec {
 
   // Appends k columns of `rows` integers, each a new run of its models (put_columns' inverse).
   // With dependent quantisation, each integer uses the model of its trellis state's quantiser.
-  static void get_columns(RangeDecoder& d, IntModel& m0, IntModel& m1, bool dependent, std::vector<int32_t>& out, int64_t rows,
-                          int64_t k, const std::string& where) {
+  // `positive_lead` (v5, X's columns): each column's first non-zero integer is positive and has
+  // no sign bit.
+  static void get_columns(RangeDecoder& d, IntModel& m0, IntModel& m1, bool dependent, bool positive_lead, std::vector<int32_t>& out,
+                          int64_t rows, int64_t k, const std::string& where) {
     out.reserve(out.size() + static_cast<size_t>(rows * k));
     for (int64_t j = 0; j < k; ++j) {
       m0.reset_run();
       m1.reset_run();
       int state = 0;
+      bool lead = positive_lead;
       for (int64_t i = 0; i < rows; ++i) {
-        const int32_t v = (dependent && state >= 2 ? m1 : m0).decode(d, where);
+        const int32_t v = (dependent && state >= 2 ? m1 : m0).decode(d, where, !lead);
+        if (v != 0) lead = false;
         if (dependent) state = dq_next(state, v);
         out.push_back(v);
       }
     }
   }
-  static std::vector<int32_t> symbols_of(int64_t k, int tx, int ty, bool dependent, const std::vector<int32_t>& qx,
-                                         const std::vector<int32_t>& qy) {
+  // A layer's components have no intrinsic sign (negating column j of X and of Y keeps X Y^T,
+  // and both quantisers are odd-symmetric), so v5 fixes it: X's first non-zero integer in each
+  // column is positive, and its sign bit is not coded.
+  static void normalise_signs(std::vector<int32_t>& qx, std::vector<int32_t>& qy, int64_t m, int64_t n, int64_t k) {
+    for (int64_t j = 0; j < k; ++j) {
+      const auto col = qx.begin() + j * m;
+      const auto lead = std::find_if(col, col + m, [](int32_t v) { return v != 0; });
+      if (lead == col + m || *lead > 0) continue;
+      std::transform(col, col + m, col, std::negate<>());
+      std::transform(qy.begin() + j * n, qy.begin() + (j + 1) * n, qy.begin() + j * n, std::negate<>());
+    }
+  }
+  static std::vector<int32_t> symbols_of(const LayerShape& s, int64_t k, int tx, int ty, bool dependent, std::vector<int32_t> qx,
+                                         std::vector<int32_t> qy) {
+    normalise_signs(qx, qy, s.m, s.n, k);
     std::vector<int32_t> sym{static_cast<int32_t>(k), tx, ty, dependent ? 1 : 0};
     sym.insert(sym.end(), qx.begin(), qx.end());
     sym.insert(sym.end(), qy.begin(), qy.end());
@@ -557,62 +577,118 @@ class SpectralCodec final : public LayerCodec {
 
   // Adaptive state carried through a stream from one layer to the next.
   struct StreamModels {
-    uint32_t version = 3;            // stream syntax: 2 has no quantiser flag (and no Q1 models)
+    uint32_t version = 5;            // stream syntax: 2 has no quantiser flag (and no Q1 models)
     IntModel step_change, step_gap, x, y;
     IntModel x1, y1;                 // v3: integers of the Q1 quantiser of dependent quantisation
     Prob dependent = kProbInit;      // v3: the layer's quantiser flag
-    int previous_tx = kStepBias;
+    int previous_tx = kStepBias;     // v2 to v4
+    // v5: k as a bit tree (one per bit width), steps predicted from the layer's group.
+    std::map<int, std::vector<Prob>> k_tree;
+    std::map<std::string, std::pair<int, int>> group_steps;  // group -> its last coded (tx, ty)
+    std::optional<std::pair<int, int>> last_steps;           // the last coded layer's (tx, ty)
+    std::vector<Prob>& tree(int bits) {
+      auto& t = k_tree[bits];
+      if (t.empty()) t.assign(size_t{1} << bits, kProbInit);
+      return t;
+    }
+    // The (tx, ty) a v5 layer's steps are coded against; ty's is tx itself when no layer was coded before.
+    std::pair<int, std::optional<int>> predicted_steps(const std::string& group) const {
+      if (const auto it = group_steps.find(group); it != group_steps.end()) return {it->second.first, it->second.second};
+      if (last_steps) return {last_steps->first, last_steps->second};
+      return {kStepBias, std::nullopt};
+    }
+    void coded(const std::string& group, int tx, int ty) {
+      group_steps[group] = {tx, ty};
+      last_steps = std::pair{tx, ty};
+      previous_tx = tx;
+    }
   };
 
-  // One layer of a stream: k (bit_width(r) direct bits); if k > 0, tx - previous tx and ty - tx
-  // (signed integers, their own models), in v3 the quantiser flag (a modelled bit), then X's k
-  // columns and Y's k columns.
+  // One layer of a stream. v2 to v4: k (bit_width(r) direct bits); if k > 0, tx - previous tx and
+  // ty - tx (signed integers, their own models), in v3 and v4 the quantiser flag (a modelled
+  // bit). v5: k through a bit tree of adaptive bits; tx and ty minus their predictions (the last
+  // coded layer of the same group, else the last coded layer, else 200 and tx); the quantiser
+  // flag. Then X's k columns and Y's k columns.
   template <class Coder>
-  static void put_header(Coder& e, StreamModels& m, const LayerShape& s, int64_t k, int tx, int ty, bool dependent) {
-    e.direct(static_cast<uint32_t>(k), rank_bits(s.r));
+  static void put_header(Coder& e, StreamModels& m, const StreamLayer& l, int64_t k, int tx, int ty, bool dependent) {
+    if (m.version >= 5) {
+      put_tree(e, m.tree(rank_bits(l.shape.r)), rank_bits(l.shape.r), static_cast<uint32_t>(k));
+    } else {
+      e.direct(static_cast<uint32_t>(k), rank_bits(l.shape.r));
+    }
     if (k == 0) return;
-    m.step_change.encode(e, tx - m.previous_tx);
-    m.step_gap.encode(e, ty - tx);
-    m.previous_tx = tx;
+    if (m.version >= 5) {
+      const auto [ptx, pty] = m.predicted_steps(l.group);
+      m.step_change.encode(e, tx - ptx);
+      m.step_gap.encode(e, ty - pty.value_or(tx));
+    } else {
+      m.step_change.encode(e, tx - m.previous_tx);
+      m.step_gap.encode(e, ty - tx);
+    }
+    m.coded(l.group, tx, ty);
     if (m.version >= 3) e.bit(m.dependent, dependent ? 1 : 0);
   }
+  // `bits` bits of v, most significant first, each with the probability of its tree node.
   template <class Coder>
-  static void put_columns(Coder& e, IntModel& m0, IntModel& m1, bool dependent, const int32_t* q, int64_t rows, int64_t k) {
+  static void put_tree(Coder& e, std::vector<Prob>& tree, int bits, uint32_t v) {
+    size_t node = 1;
+    for (int i = bits - 1; i >= 0; --i) {
+      const int b = static_cast<int>((v >> i) & 1u);
+      e.bit(tree[node], b);
+      node = 2 * node + static_cast<size_t>(b);
+    }
+  }
+  static uint32_t get_tree(RangeDecoder& d, std::vector<Prob>& tree, int bits) {
+    size_t node = 1;
+    for (int i = 0; i < bits; ++i) node = 2 * node + static_cast<size_t>(d.bit(tree[node]));
+    return static_cast<uint32_t>(node - (size_t{1} << bits));
+  }
+  template <class Coder>
+  static void put_columns(Coder& e, IntModel& m0, IntModel& m1, bool dependent, bool positive_lead, const int32_t* q, int64_t rows,
+                          int64_t k) {
     for (int64_t j = 0; j < k; ++j) {
       m0.reset_run();
       m1.reset_run();
       int state = 0;
+      bool lead = positive_lead;
       for (int64_t i = 0; i < rows; ++i) {
         const int32_t v = q[j * rows + i];
-        (dependent && state >= 2 ? m1 : m0).encode(e, v);
+        if (lead && v < 0) throw Error(ErrorKind::InvalidInput, "spectral stream", "a column's first non-zero integer must be positive");
+        (dependent && state >= 2 ? m1 : m0).encode(e, v, !lead);
+        if (v != 0) lead = false;
         if (dependent) state = dq_next(state, v);
       }
     }
   }
   template <class Coder>
-  static void put_layer(Coder& e, StreamModels& m, const LayerShape& s, const std::vector<int32_t>& sym) {
+  static void put_layer(Coder& e, StreamModels& m, const StreamLayer& l, const std::vector<int32_t>& sym) {
+    const LayerShape& s = l.shape;
     const int64_t k = sym.empty() ? -1 : sym[0];
     if (k < 0 || k > s.r || sym.size() != static_cast<size_t>(k == 0 ? 1 : kHead + (s.m + s.n) * k))
       throw Error(ErrorKind::InvalidInput, "spectral stream", "symbols do not match the layer's shape");
-    if (k == 0) return put_header(e, m, s, 0, 0, 0, false);
+    if (k == 0) return put_header(e, m, l, 0, 0, 0, false);
     const bool dependent = sym[3] != 0;
     if (dependent && m.version < 3) throw Error(ErrorKind::InvalidInput, "spectral stream", "format v2 has no dependent quantisation");
-    put_header(e, m, s, k, sym[1], sym[2], dependent);
-    put_columns(e, m.x, m.x1, dependent, sym.data() + kHead, s.m, k);
-    put_columns(e, m.y, m.y1, dependent, sym.data() + kHead + s.m * k, s.n, k);
+    put_header(e, m, l, k, sym[1], sym[2], dependent);
+    put_columns(e, m.x, m.x1, dependent, m.version >= 5, sym.data() + kHead, s.m, k);
+    put_columns(e, m.y, m.y1, dependent, false, sym.data() + kHead + s.m * k, s.n, k);
   }
-  static std::vector<int32_t> get_layer(RangeDecoder& d, StreamModels& m, const LayerShape& s, const std::string& where) {
-    const auto k = static_cast<int64_t>(d.direct(rank_bits(s.r)));
+  static std::vector<int32_t> get_layer(RangeDecoder& d, StreamModels& m, const StreamLayer& l, const std::string& where) {
+    const LayerShape& s = l.shape;
+    const int bits = rank_bits(s.r);
+    const auto k = static_cast<int64_t>(m.version >= 5 ? get_tree(d, m.tree(bits), bits) : d.direct(bits));
     if (k > s.r) throw Error(ErrorKind::Format, where, "more components than the rank");
     if (k == 0) return {0};
-    const int64_t tx = m.previous_tx + static_cast<int64_t>(m.step_change.decode(d, where));
-    const int64_t ty = tx + m.step_gap.decode(d, where);
-    if (tx < 0 || tx > 255 || ty < 0 || ty > 255) throw Error(ErrorKind::Format, where, "step code out of range");
-    m.previous_tx = static_cast<int>(tx);
+    const auto [ptx, pty] = m.version >= 5 ? m.predicted_steps(l.group) : std::pair{m.previous_tx, std::optional<int>{}};
+    const int64_t tx = ptx + static_cast<int64_t>(m.step_change.decode(d, where));
+    if (tx < 0 || tx > 255) throw Error(ErrorKind::Format, where, "step code out of range");
+    const int64_t ty = pty.value_or(static_cast<int>(tx)) + static_cast<int64_t>(m.step_gap.decode(d, where));
+    if (ty < 0 || ty > 255) throw Error(ErrorKind::Format, where, "step code out of range");
+    m.coded(l.group, static_cast<int>(tx), static_cast<int>(ty));
     const bool dependent = m.version >= 3 && d.bit(m.dependent) == 1;
     std::vector<int32_t> sym{static_cast<int32_t>(k), static_cast<int32_t>(tx), static_cast<int32_t>(ty), dependent ? 1 : 0};
-    get_columns(d, m.x, m.x1, dependent, sym, s.m, k, where);
-    get_columns(d, m.y, m.y1, dependent, sym, s.n, k, where);
+    get_columns(d, m.x, m.x1, dependent, m.version >= 5, sym, s.m, k, where);
+    get_columns(d, m.y, m.y1, dependent, false, sym, s.n, k, where);
     return sym;
   }
   // What a point costs as a layer of a fresh stream (an estimate: in a real stream the models
@@ -621,15 +697,19 @@ class SpectralCodec final : public LayerCodec {
   static uint64_t header_cost(const LayerShape& s, int64_t k, int tx, int ty, int variant) {
     BitCounter e;
     StreamModels m;
-    put_header(e, m, s, k, tx, ty, is_dependent(variant));
+    put_header(e, m, StreamLayer{s, ""}, k, tx, ty, is_dependent(variant));
     return e.cost();
   }
-  static std::vector<uint64_t> column_costs(const int32_t* q, int64_t rows, int64_t k, bool dependent) {  // [0, after 1, ..., after k]
+  // [0, after 1, ..., after k]; X's columns (`positive_lead`) cost one sign bit less, whatever
+  // their sign before normalise_signs.
+  static std::vector<uint64_t> column_costs(const int32_t* q, int64_t rows, int64_t k, bool dependent, bool positive_lead) {
     BitCounter e;
     IntModel m0, m1;
     std::vector<uint64_t> out{0};
+    std::vector<int32_t> col(static_cast<size_t>(rows));
     for (int64_t j = 0; j < k; ++j) {
-      put_columns(e, m0, m1, dependent, q + j * rows, rows, 1);
+      std::transform(q + j * rows, q + (j + 1) * rows, col.begin(), [](int32_t v) { return v < 0 ? -v : v; });
+      put_columns(e, m0, m1, dependent, positive_lead, positive_lead ? col.data() : q + j * rows, rows, 1);
       out.push_back(e.cost());
     }
     return out;

@@ -22,6 +22,15 @@ struct LayerShape {
   int64_t r = 0;  // LoRA rank
 };
 
+// A layer as a shared stream sees it: its shape and its group, the last dot-separated component
+// of its module path ("model.layers.3.self_attn.q_proj" -> "q_proj"). Since format v5 a layer's
+// step codes are predicted from the last coded layer of its group (docs/FORMAT.md).
+struct StreamLayer {
+  LayerShape shape;
+  std::string group;
+};
+std::string stream_group(const std::string& module);
+
 // What a codec sees of one layer. The base weight and its canonical SVD are computed on demand
 // (only modes that use W pay for it) and cached for the lifetime of the context.
 class LayerContext {
@@ -84,16 +93,17 @@ class LayerCodec {
   virtual std::vector<Candidate> candidates(const LayerContext&, const Factors&) const { return {}; }
   // The symbols of one of candidates()'s points (given the same context and factors).
   virtual std::vector<int32_t> candidate_symbols(const LayerContext& ctx, const Factors& f, const Candidate& c) const;
-  virtual std::vector<uint8_t> write_stream(const std::vector<LayerShape>& shapes,
+  // Writes the current syntax (format v5).
+  virtual std::vector<uint8_t> write_stream(const std::vector<StreamLayer>& layers,
                                             const std::vector<std::vector<int32_t>>& symbols) const;
   // `version`: the container's format version (a stream's syntax may differ between versions).
-  virtual std::vector<std::vector<int32_t>> read_stream(const std::vector<LayerShape>& shapes, const std::vector<uint8_t>& stream,
+  virtual std::vector<std::vector<int32_t>> read_stream(const std::vector<StreamLayer>& layers, const std::vector<uint8_t>& stream,
                                                         const std::string& where, uint32_t version) const;
   virtual Factors decode_symbols(const LayerContext& ctx, const std::vector<int32_t>& symbols) const;
   // What each layer of a stream holds, for `solar inspect`: {"components": kept, "quantiser":
   // "uniform" or "dependent", "bytes": its share of the stream (bits it cost as coded, / 8)}, one
   // object per layer.
-  virtual std::vector<nlohmann::json> stream_summary(const std::vector<LayerShape>& shapes,
+  virtual std::vector<nlohmann::json> stream_summary(const std::vector<StreamLayer>& layers,
                                                      const std::vector<std::vector<int32_t>>& symbols, uint32_t version) const;
   virtual EncodedLayer encode(const LayerContext& ctx, const Factors& f) const = 0;
   // Validates params and blob sizes against the shape before using them; throws Format.

@@ -1,6 +1,6 @@
-// The .solar container (format v4, specified in docs/FORMAT.md; v1 to v3 files are still read).
+// The .solar container (format v5, specified in docs/FORMAT.md; v1 to v4 files are still read).
 //
-//   magic "\x89SLR" | u8 version (4) | u8 flags | LEB128 sizes: metadata stored, metadata raw,
+//   magic "\x89SLR" | u8 version (5) | u8 flags | LEB128 sizes: metadata stored, metadata raw,
 //   payload stored, payload raw | metadata (JSON, UTF-8; zstd with a built-in dictionary when
 //   that is smaller) | payload (the blobs, concatenated) | u32 XXH32 of every byte before it.
 // Compact on purpose: per-adapter overhead matters for small adapters on the wire. Sizes are
@@ -21,7 +21,7 @@
 
 namespace solar {
 
-inline constexpr uint32_t kFormatVersion = 4;       // what this build writes
+inline constexpr uint32_t kFormatVersion = 5;       // what this build writes
 inline constexpr uint32_t kOldestReadableVersion = 1;
 inline constexpr size_t kTrailerSize = 4;
 
@@ -37,7 +37,7 @@ struct LayerRecord {
 };
 
 struct Container {
-  uint32_t version = kFormatVersion;  // as read; serialised as is (1 to 4)
+  uint32_t version = kFormatVersion;  // as read; serialised as is (1 to 5)
   uint64_t seed = 0;
   std::string producer;  // "solar <version>"
   nlohmann::json peft_config;
@@ -89,7 +89,7 @@ SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes);
 struct ModeStream {
   std::unique_ptr<LayerCodec> codec;
   std::vector<size_t> layers;
-  std::vector<LayerShape> shapes;
+  std::vector<StreamLayer> stream_layers;  // shapes and groups, in stream order
   std::vector<std::vector<int32_t>> symbols;
 };
 std::vector<ModeStream> read_streams(const Container& c);

@@ -113,7 +113,7 @@ TEST_F(Cli, PassthroughInt8CodesHeadsAndInspectSaysSo) {
   EXPECT_LT(std::filesystem::file_size(dir_.file("q.solar")) + 500, std::filesystem::file_size(dir_.file("e.solar")));
   const CliResult i = run("inspect " + dir_.file("q.solar"), dir_);
   ASSERT_EQ(i.code, 0) << i.err;
-  EXPECT_NE(i.out.find("solar format v4"), std::string::npos) << i.out;
+  EXPECT_NE(i.out.find("solar format v5"), std::string::npos) << i.out;
   EXPECT_NE(i.out.find("1 stored as int8 rows"), std::string::npos) << i.out;
   const CliResult bad = run(common + dir_.file("x.solar") + " --passthrough int4", dir_);
   EXPECT_NE(bad.code, 0);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <cstdlib>
+#include <tuple>
 
 #include <xxhash.h>
 
@@ -22,6 +23,7 @@ const std::string kGolden = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v1";
 const std::string kGoldenV2 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v2";
 const std::string kGoldenV3 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v3";
 const std::string kGoldenV4 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v4";
+const std::string kGoldenV5 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v5";
 // Pinned in docs/FORMAT.md: changing the dictionary is a format change.
 constexpr uint32_t kDictionaryXxh32 = 0x383e7759u;
 
@@ -126,7 +128,7 @@ TEST(Container, HeaderAbuseIsRejectedBeforeAllocation) {
   EXPECT_SOLAR_ERROR(parse_container(huge.data(), huge.size(), "h.solar"), ErrorKind::Format, "limits");
   const auto long_meta = forged(1ull << 40, h.metadata_raw);
   EXPECT_SOLAR_ERROR(parse_container(long_meta.data(), long_meta.size(), "h.solar"), ErrorKind::Format, "truncated");
-  for (uint8_t version : {uint8_t{0}, uint8_t{5}, uint8_t{255}}) {
+  for (uint8_t version : {uint8_t{0}, uint8_t{6}, uint8_t{255}}) {
     auto other = bytes;
     other[4] = version;
     EXPECT_SOLAR_ERROR(parse_container(other.data(), other.size(), "v.solar"), ErrorKind::Unsupported,
@@ -201,11 +203,11 @@ Container spectral_container_v2() {
   return compress_adapter(golden_adapter_v2(), InMemoryWeights("<none>"), o);
 }
 
-// The golden files' two layers, restored, against the factors an earlier build wrote.
-void expect_golden_factors(const PeftAdapter& restored, const std::string& expected_path) {
+// The golden files' layers, restored, against the factors an earlier build wrote.
+void expect_golden_factors(const PeftAdapter& restored, const std::string& expected_path, size_t layers = 2) {
   const SafetensorsFile expected(expected_path);
-  ASSERT_EQ(restored.modules.size(), 2u);
-  for (size_t i = 0; i < 2; ++i) {
+  ASSERT_EQ(restored.modules.size(), layers);
+  for (size_t i = 0; i < layers; ++i) {
     EXPECT_EQ(restored.modules[i].A.data, expected.get("A" + std::to_string(i)).copy().data) << i;
     EXPECT_EQ(restored.modules[i].B.data, expected.get("B" + std::to_string(i)).copy().data) << i;
   }
@@ -438,15 +440,99 @@ TEST(Container, Int8PassthroughLeavesVectorsAndNonFiniteTensorsExact) {
   EXPECT_SOLAR_ERROR(compress_adapter(a, InMemoryWeights("<none>"), o), ErrorKind::InvalidInput, "passthrough");
 }
 
+// Format v5: four layers in two groups ("q" and "v"), the last one too small to keep (k = 0),
+// one trellis-coded layer, and the v4 head and bias.
+PeftAdapter golden_adapter_v5() {
+  nlohmann::json cfg = {{"peft_type", "LORA"}, {"r", 2}, {"lora_alpha", 4}, {"rank_pattern", {{"v", 3}}}, {"target_modules", {"q", "v"}}};
+  std::vector<std::pair<std::string, Tensor>> t;
+  for (uint32_t layer = 0; layer < 2; ++layer)
+    for (const auto& [name, m, r] : {std::tuple{"q", 24, 2}, std::tuple{"v", 12, 3}}) {
+      const std::string prefix = "base_model.model.layers." + std::to_string(layer) + ".attn." + name;
+      const uint32_t index = 2 * layer + (name[0] == 'v' ? 1 : 0);
+      t.emplace_back(prefix + ".lora_A.weight", philox_tensor(2028, index, 0, r, 16, DType::F32));
+      Tensor b = philox_tensor(2028, index, 1, m, r, DType::F32);
+      if (index == 3) b = Tensor::from_f32([&] { auto v = b.to_f32(); for (float& x : v) x *= 1e-4f; return v; }(), b.shape, DType::F32);
+      t.emplace_back(prefix + ".lora_B.weight", std::move(b));
+    }
+  const PeftAdapter v4 = golden_adapter_v4();
+  for (const auto& p : v4.passthrough) t.push_back(p);
+  return make_peft_adapter(cfg, std::move(t), {{"format", "pt"}}, "golden v5");
+}
+
+Container spectral_container_v5() { return dependent_spectral_container(golden_adapter_v5(), "int8"); }
+
+TEST(Container, GoldenV5StreamStillDecodes) {
+  const auto bytes = test::read_bytes(kGoldenV5 + "_spectral.solar");
+  const Container c = parse_container(bytes.data(), bytes.size(), "golden_v5_spectral.solar");
+  EXPECT_EQ(c.version, 5u);
+  // What the file must exercise: a dropped layer, a trellis-coded one, a step predicted from its
+  // group, and the metadata as a zstd frame without its magic number.
+  const std::vector<std::vector<int32_t>> symbols = read_streams(c).at(0).symbols;
+  ASSERT_EQ(symbols.size(), 4u);
+  EXPECT_EQ(symbols[3], std::vector<int32_t>{0});
+  EXPECT_EQ(symbols[1][3] + symbols[2][3] + symbols[0][3] >= 1, true) << "no trellis-coded layer";
+  const ContainerHeader h = parse_container_header(bytes.data(), bytes.size(), "v5");
+  EXPECT_EQ(h.flags & 3u, 3u);
+  EXPECT_NE(std::vector<uint8_t>(bytes.begin() + static_cast<ptrdiff_t>(h.header_bytes), bytes.begin() + static_cast<ptrdiff_t>(h.header_bytes) + 4),
+            (std::vector<uint8_t>{0x28, 0xB5, 0x2F, 0xFD}));
+  const PeftAdapter restored = decompress_container(c, InMemoryWeights("<none>"));
+  expect_golden_factors(restored, kGoldenV5 + "_spectral_expected.safetensors", 4);
+  const SafetensorsFile expected(kGoldenV5 + "_spectral_expected.safetensors");
+  EXPECT_EQ(restored.passthrough[0].second.data, expected.get("P0").copy().data);
+  EXPECT_EQ(serialize_container(c), bytes);
+}
+
+// v5 stream syntax: every kept component's X column starts with a positive integer (its sign is
+// not coded), and the restored product B A is what the unnormalised symbols would give.
+TEST(Container, V5ComponentsStartPositive) {
+  const Container c = spectral_container_v5();
+  const std::vector<std::vector<int32_t>> symbols = read_streams(c).at(0).symbols;
+  int columns = 0;
+  for (size_t l = 0; l < symbols.size(); ++l) {
+    const auto& s = symbols[l];
+    const int64_t k = s[0], m = c.layers[l].shape.m;
+    for (int64_t j = 0; j < k; ++j) {
+      const auto col = s.begin() + 4 + j * m;
+      const auto lead = std::find_if(col, col + m, [](int32_t v) { return v != 0; });
+      ASSERT_NE(lead, col + m);
+      EXPECT_GT(*lead, 0) << l << " " << j;
+      ++columns;
+    }
+  }
+  EXPECT_GE(columns, 3);
+}
+
+// Since v5 a compressed payload is a zstd frame without its magic number too; it round-trips.
+TEST(Container, V5PayloadFrameIsMagicless) {
+  PeftAdapter a = golden_adapter_v2();
+  a.passthrough.emplace_back("base_model.model.zeros.weight", Tensor::from_f32(std::vector<float>(4096, 0.0f), {64, 64}, DType::F32));
+  CompressOptions o;
+  o.mode = "spectral";
+  o.threads = 1;
+  const Container c = compress_adapter(a, InMemoryWeights("<none>"), o);
+  const auto bytes = serialize_container(c);
+  const ContainerHeader h = parse_container_header(bytes.data(), bytes.size(), "z");
+  ASSERT_TRUE(h.flags & 4u) << "the payload should compress";
+  const auto pay = bytes.begin() + static_cast<ptrdiff_t>(h.header_bytes + h.metadata_stored);
+  EXPECT_NE(std::vector<uint8_t>(pay, pay + 4), (std::vector<uint8_t>{0x28, 0xB5, 0x2F, 0xFD}));
+  const Container back = parse_container(bytes.data(), bytes.size(), "z.solar");
+  EXPECT_EQ(back.passthrough.back().second.data, a.passthrough.back().second.data);
+  EXPECT_EQ(serialize_container(back), bytes);
+}
+
 // Run with --gtest_also_run_disabled_tests --gtest_filter='*Regenerate*' only when the format
-// version changes. The v1 to v3 files are frozen (this build writes v4).
+// version changes. The v1 to v4 files are frozen (this build writes v5).
 TEST(Container, DISABLED_RegenerateGoldenFiles) {
-  const Container c = spectral_container_v4();
-  write_container(kGoldenV4 + "_spectral.solar", c);
+  const Container c = spectral_container_v5();
+  write_container(kGoldenV5 + "_spectral.solar", c);
   const PeftAdapter r = decompress_container(c, InMemoryWeights("<none>"));
-  write_safetensors(kGoldenV4 + "_spectral_expected.safetensors",
-                    {{"A0", r.modules[0].A}, {"B0", r.modules[0].B}, {"A1", r.modules[1].A}, {"B1", r.modules[1].B},
-                     {"P0", r.passthrough[0].second}});
+  std::vector<std::pair<std::string, Tensor>> t;
+  for (size_t i = 0; i < r.modules.size(); ++i) {
+    t.emplace_back("A" + std::to_string(i), r.modules[i].A);
+    t.emplace_back("B" + std::to_string(i), r.modules[i].B);
+  }
+  t.emplace_back("P0", r.passthrough[0].second);
+  write_safetensors(kGoldenV5 + "_spectral_expected.safetensors", t);
 }
 
 }  // namespace

@@ -91,10 +91,14 @@ TEST(RangeCoder, BitCounterPredictsTheEncodedSize) {
         const auto v = gaussian_ints(n, sd, seed);
         const auto actual = static_cast<long>(encode(v, 64).size());
         const auto predicted = static_cast<long>(counted(v, 64));
-        // Never more than a byte under (a byte budget is planned on it), and within two bytes
-        // unless the stream ends in a long run of zeros, which the encoder trims for free.
+        // Never more than a byte under (a byte budget is planned on it), and within three bytes
+        // unless the stream ends in a long run of zeros, which the encoder trims for free (the
+        // flush itself ends in up to three zero bytes).
         EXPECT_LE(actual, predicted + 1) << "sd " << sd << " n " << n << " seed " << seed;
-        if (sd >= 0.7 && n >= 64) EXPECT_LE(std::labs(predicted - actual), 2) << "sd " << sd << " n " << n << " seed " << seed;
+        // The flush picks the value of the final interval with the most trailing zero bytes:
+        // the stream is no longer than its information rounded up to whole bytes.
+        EXPECT_LE(actual, predicted - 1) << "sd " << sd << " n " << n << " seed " << seed;
+        if (sd >= 0.7 && n >= 64) EXPECT_LE(std::labs(predicted - actual), 3) << "sd " << sd << " n " << n << " seed " << seed;
         ++checked;
       }
   EXPECT_EQ(checked, 90u);

@@ -1,7 +1,7 @@
 """docs/FORMAT.md is complete for the spectral mode: a decoder written from the document alone, in
 plain Python (container, metadata, range coder, adaptive integer model, uniform and dependent
-quantisation, passthrough tensors exact and int8-coded), must restore the golden v2, v3 and v4
-files to exactly the tensors the C++ core does.
+quantisation, passthrough tensors exact and int8-coded, the v5 stream syntax), must restore the
+golden v2 to v5 files to exactly the tensors the C++ core does.
 """
 from __future__ import annotations
 
@@ -41,14 +41,15 @@ def parse(data: bytes) -> tuple[int, dict, bytes]:
     assert pos + meta_stored + payload_stored + 4 == len(data)
     meta = data[pos:pos + meta_stored]
     payload = data[pos + meta_stored:pos + meta_stored + payload_stored]
+    frame = b"\x28\xb5\x2f\xfd" if version >= 5 else b""  # v5 stores zstd frames without their magic
     if flags & 1:
         dictionary = None
         if flags & 2:
             raw = (ROOT / "docs" / "metadata-dictionary-v1.txt").read_bytes()
             dictionary = zstandard.ZstdCompressionDict(raw, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-        meta = zstandard.ZstdDecompressor(dict_data=dictionary).decompress(meta, max_output_size=meta_raw)
+        meta = zstandard.ZstdDecompressor(dict_data=dictionary).decompress(frame + meta, max_output_size=meta_raw)
     if flags & 4:
-        payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=payload_raw)
+        payload = zstandard.ZstdDecompressor().decompress(frame + payload, max_output_size=payload_raw)
     return version, json.loads(meta), payload
 
 
@@ -106,7 +107,7 @@ class IntModel:
     def reset_run(self) -> None:
         self.sum = self.count = 0
 
-    def decode(self, d: RangeDecoder) -> int:
+    def decode(self, d: RangeDecoder, signed: bool = True) -> int:
         if self.count == 0:
             c = 0
         else:
@@ -120,7 +121,7 @@ class IntModel:
             mag |= d.bit(self.mant, length) << (length - 2)
         if length >= 3:
             mag |= d.direct(length - 2)
-        negative = d.direct(1) if length >= 1 else 0
+        negative = d.direct(1) if length >= 1 and signed else 0
         self.sum += mag
         self.count += 1
         return -mag if negative else mag
@@ -141,14 +142,15 @@ def levels(q: list[int], dependent: bool) -> list[int]:
     return out
 
 
-def read_columns(d, m0, m1, dependent, rows, k):
+def read_columns(d, m0, m1, dependent, rows, k, positive_lead=False):
     cols = []
     for _ in range(k):
         m0.reset_run()
         m1.reset_run()
-        col, s = [], 0
+        col, s, lead = [], 0, positive_lead
         for _ in range(rows):
-            v = (m1 if dependent and s >= 2 else m0).decode(d)
+            v = (m1 if dependent and s >= 2 else m0).decode(d, signed=not lead)
+            lead = lead and v == 0
             if dependent:
                 s = NEXT[s][v & 1]
             col.append(v)
@@ -165,18 +167,35 @@ def decode_spectral(version: int, meta: dict, payload: bytes) -> list[tuple[np.n
     models = {name: IntModel() for name in ("step_change", "step_gap", "x", "y", "x1", "y1")}
     dependent_prob = [1024]
     previous_tx = 200
+    k_trees, group_steps, last_steps = {}, {}, None  # v5
     out = []
     for layer in layers:
         m, n, r = layer["shape"]
         a, b = np.zeros((r, n), np.float32), np.zeros((m, r), np.float32)
-        k = d.direct(r.bit_length())
+        bits = r.bit_length()
+        if version >= 5:
+            tree = k_trees.setdefault(bits, [1024] * (1 << bits))
+            node = 1
+            for _ in range(bits):
+                node = 2 * node + d.bit(tree, node)
+            k = node - (1 << bits)
+        else:
+            k = d.direct(bits)
+        assert k <= r
         dependent = False
         if k:
-            tx = previous_tx + models["step_change"].decode(d)
-            ty = tx + models["step_gap"].decode(d)
+            group = layer["module"].rsplit(".", 1)[-1]
+            if version >= 5:
+                ptx, pty = group_steps.get(group, last_steps or (200, None))
+                tx = ptx + models["step_change"].decode(d)
+                ty = (tx if pty is None else pty) + models["step_gap"].decode(d)
+            else:
+                tx = previous_tx + models["step_change"].decode(d)
+                ty = tx + models["step_gap"].decode(d)
             previous_tx = tx
+            group_steps[group] = last_steps = (tx, ty)
             dependent = version >= 3 and d.bit(dependent_prob, 0) == 1
-            xs = read_columns(d, models["x"], models["x1"], dependent, m, k)
+            xs = read_columns(d, models["x"], models["x1"], dependent, m, k, positive_lead=version >= 5)
             ys = read_columns(d, models["y"], models["y1"], dependent, n, k)
             step_x, step_y = 2.0 ** ((tx - 200) / 8), 2.0 ** ((ty - 200) / 8)
             for j in range(k):
@@ -217,7 +236,7 @@ def decode_passthrough(version: int, meta: dict, payload: bytes) -> dict[str, np
     return out
 
 
-@pytest.mark.parametrize("name", ["golden_v2_spectral", "golden_v3_spectral", "golden_v4_spectral"])
+@pytest.mark.parametrize("name", ["golden_v2_spectral", "golden_v3_spectral", "golden_v4_spectral", "golden_v5_spectral"])
 def test_independent_decoder_restores_the_golden_files(name):
     version, meta, payload = parse((FIXTURES / f"{name}.solar").read_bytes())
     assert version == int(name[8])
@@ -228,6 +247,9 @@ def test_independent_decoder_restores_the_golden_files(name):
         np.testing.assert_array_equal(b, expected[f"B{i}"])
     assert any(dq for _, _, dq in restored) == (version >= 3)  # the v3 and v4 files exercise the trellis
     passthrough = decode_passthrough(version, meta, payload)
+    if version >= 5:  # four layers in two groups, the last one dropped
+        assert [layer["module"] for layer in meta["layers"]] == ["layers.0.attn.q", "layers.0.attn.v", "layers.1.attn.q", "layers.1.attn.v"]
+        assert not restored[3][0].any() and not restored[3][1].any()
     if version >= 4:  # an int8-coded head and an exact F16 vector
         assert [e.get("coding") for e in meta["passthrough"]] == ["int8", None]
         np.testing.assert_array_equal(passthrough["base_model.model.head.weight"], expected["P0"])
@@ -237,11 +259,13 @@ def test_independent_decoder_restores_the_golden_files(name):
 
 
 def test_independent_decoder_matches_the_core_on_a_real_adapter(stories_adapter, tmp_path):
-    """A v3 file of the real stories260K adapter, the trellis quantiser offered without statistics."""
+    """A file of the real stories260K adapter as this build writes it (v5), the trellis quantiser
+    offered without statistics."""
     import solar
 
     packed = solar.compress(stories_adapter, None, mode="spectral", target_error=0.3, quantiser="dependent")
     version, meta, payload = parse(packed.to_bytes())
+    assert version == 5
     restored = decode_spectral(version, meta, payload)
     used = [dq for _, _, dq in restored]
     assert any(used) and [layer["stream"]["quantiser"] == "dependent" for layer in packed.report()["layers"]] == used
