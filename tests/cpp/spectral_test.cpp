@@ -6,7 +6,9 @@
 #include <gtest/gtest.h>
 
 #include "adapter_factory.hpp"
+#include "solar/codec.hpp"
 #include "solar/pipeline.hpp"
+#include "test_support.hpp"
 
 namespace solar {
 namespace {
@@ -217,6 +219,42 @@ TEST_F(Spectral, CalibrationSpendsBytesWhereInputsAreLarge) {
   InMemoryWeights empty("calib.safetensors");
   weighted.calibration = &empty;
   EXPECT_SOLAR_ERROR(compress_adapter(adapter_, none, weighted), ErrorKind::Mismatch, "input_moment");
+}
+
+// Format v5's stream syntax on hand-made symbols: layers of two interleaved groups whose step
+// codes differ; the group prediction makes the stream shorter than one prediction chain would, it
+// round-trips, and a component whose leading X integer is negative is refused (its sign is not
+// coded, so the encoder must normalise it first).
+TEST(SpectralStream, StepsArePredictedWithinTheirGroup) {
+  const LayerShape shape{8, 6, 2};
+  std::vector<std::vector<int32_t>> symbols;
+  for (int layer = 0; layer < 12; ++layer) {
+    const bool q = layer % 2 == 0;
+    std::vector<int32_t> s{1, q ? 230 : 205, q ? 120 : 131, 0};
+    for (int i = 0; i < 8; ++i) s.push_back((i * 7 + layer) % 5 - 1 + (i == 0 ? 2 : 0));  // X: leads with a positive integer
+    for (int i = 0; i < 6; ++i) s.push_back((i * 3 + layer) % 4 - 2);
+    symbols.push_back(s);
+  }
+  std::vector<StreamLayer> grouped, single;
+  for (int layer = 0; layer < 12; ++layer) {
+    grouped.push_back({shape, stream_group("model.layers." + std::to_string(layer / 2) + (layer % 2 ? ".v_proj" : ".q_proj"))});
+    single.push_back({shape, "proj"});
+  }
+  EXPECT_EQ(grouped[1].group, "v_proj");
+  EXPECT_EQ(stream_group("lm_head"), "lm_head");
+  const auto codec = make_spectral_codec();
+  const std::vector<uint8_t> a = codec->write_stream(grouped, symbols), b = codec->write_stream(single, symbols);
+  EXPECT_LT(a.size() + 5, b.size()) << "grouped " << a.size() << " vs one chain " << b.size();
+  EXPECT_EQ(codec->read_stream(grouped, a, "grouped", 5), symbols);
+  EXPECT_EQ(codec->read_stream(single, b, "single", 5), symbols);
+  // Read with the wrong groups, the same bytes give other step codes (or an error).
+  try {
+    EXPECT_NE(codec->read_stream(single, a, "mismatch", 5), symbols);
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Format);
+  }
+  symbols[3][4] = -std::abs(symbols[3][4]) - 1;
+  EXPECT_SOLAR_ERROR(codec->write_stream(grouped, symbols), ErrorKind::InvalidInput, "first non-zero");
 }
 
 }  // namespace
