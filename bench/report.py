@@ -286,8 +286,9 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
           + (f"; compute time of the runs behind it {total_seconds / 60:.1f} min" if total_seconds else "") + ").", "",
           "## How to read this", "",
           "* **bytes**: the size on disk of the file the method writes; everything needed to rebuild the PEFT "
-          "adapter directory is in it. `.solar` files: the CLI's output. Baselines (bench/baselines.py): one zstd "
-          "frame (level 19, with solar's public metadata dictionary) holding a JSON header (adapter_config.json, "
+          "adapter directory is in it. `.solar` files: the CLI's output. Baselines (bench/baselines.py): a 4-byte tag and "
+          "one zstd frame (level 19, with solar's public metadata dictionary; without the frame's magic number, as "
+          "`.solar` v5 stores its frames) holding a JSON header (adapter_config.json, "
           "tensor names, shapes, parameters), the quantised tensors with their scales, and the passthrough tensors. "
           "PEFT points: `adapter_model.safetensors` as PEFT writes it (its separate adapter_config.json is not "
           "counted). Passthrough tensors (MiniLM's classifier head) are in every file, stored the same way in "
@@ -316,7 +317,8 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
           "bench/calibration.py; balance 0) and, for the causal LMs, `spectral+selfcal` (K-FAC statistics of the "
           "adapted model's own sampled text, `solar.self_calibrate`, bench/self_calibration.py: no data; balance 0). "
           "All spectral points use the CLI's default `--quantiser auto` (format v3): the uniform quantiser without "
-          "statistics; with statistics, per layer the uniform or the dependent (trellis-coded) quantiser.",
+          "statistics; with statistics, per layer the uniform or the dependent (trellis-coded) quantiser. `.solar` "
+          "files are written in the format of the CLI that ran the point (v5 for every point of this report).",
           "", "## Headline", "", headline, "", goals_section(results), ""]
     for res in results:
         a = res["adapter"]
