@@ -2,7 +2,8 @@
 //
 //   magic "\x89SLR" | u8 version (5) | u8 flags | LEB128 sizes: metadata stored, metadata raw,
 //   payload stored, payload raw | metadata (JSON, UTF-8; zstd with a built-in dictionary when
-//   that is smaller) | payload (the blobs, concatenated) | u32 XXH32 of every byte before it.
+//   that is smaller) | payload (the blobs, concatenated; zstd when smaller) | u32 XXH32 of every
+//   byte before it. Since v5 zstd frames are stored without their 4-byte magic number.
 // Compact on purpose: per-adapter overhead matters for small adapters on the wire. Sizes are
 // checked against the file size and fixed limits before any allocation; the checksum is verified
 // before anything is parsed.
@@ -88,8 +89,8 @@ SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes);
 // v1. Throws Format when the layout or a stream is wrong.
 struct ModeStream {
   std::unique_ptr<LayerCodec> codec;
-  std::vector<size_t> layers;
-  std::vector<StreamLayer> stream_layers;  // shapes and groups, in stream order
+  std::vector<size_t> layers;              // indices into Container::layers, in stream order
+  std::vector<StreamLayer> stream_layers;  // those layers' shapes and groups
   std::vector<std::vector<int32_t>> symbols;
 };
 std::vector<ModeStream> read_streams(const Container& c);
