@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from bench.adapters import Adapter, int8_rows_apply
 
 MAGIC = b"SLBB"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_MAGIC = zstandard.FRAME_HEADER  # the first 4 bytes of every zstd frame
 ZSTD_LEVEL = 19
 _DICT_PATH = Path(__file__).resolve().parents[1] / "docs" / "metadata-dictionary-v1.txt"
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

@@ -45,8 +45,10 @@ uint64_t get_varint(const uint8_t* data, size_t size, size_t& pos, const std::st
   throw Error(ErrorKind::Format, where, "malformed size field in header");
 }
 
-// Every zstd frame starts with these 4 bytes; since v5 a container stores its frames without them.
-constexpr uint8_t kZstdMagic[4] = {0x28, 0xB5, 0x2F, 0xFD};
+// Every zstd frame starts with its magic number (4 bytes, little-endian); since v5 a container
+// stores its frames without them.
+constexpr uint8_t kZstdMagic[4] = {ZSTD_MAGICNUMBER & 0xFF, (ZSTD_MAGICNUMBER >> 8) & 0xFF, (ZSTD_MAGICNUMBER >> 16) & 0xFF,
+                                   ZSTD_MAGICNUMBER >> 24};
 bool frames_are_magicless(uint32_t version) { return version >= 5; }
 
 std::vector<uint8_t> zstd_compress(const std::vector<uint8_t>& raw, const std::string* dict, bool magicless) {

@@ -643,6 +643,8 @@ class SpectralCodec final : public LayerCodec {
     for (int i = 0; i < bits; ++i) node = 2 * node + static_cast<size_t>(d.bit(tree[node]));
     return static_cast<uint32_t>(node - (size_t{1} << bits));
   }
+  // With `positive_lead` the sign of each column's first non-zero integer is left out (put_layer
+  // has checked that it is positive; a cost estimate needs no check: the sign costs nothing).
   template <class Coder>
   static void put_columns(Coder& e, IntModel& m0, IntModel& m1, bool dependent, bool positive_lead, const int32_t* q, int64_t rows,
                           int64_t k) {
@@ -653,7 +655,6 @@ class SpectralCodec final : public LayerCodec {
       bool lead = positive_lead;
       for (int64_t i = 0; i < rows; ++i) {
         const int32_t v = q[j * rows + i];
-        if (lead && v < 0) throw Error(ErrorKind::InvalidInput, "spectral stream", "a column's first non-zero integer must be positive");
         (dependent && state >= 2 ? m1 : m0).encode(e, v, !lead);
         if (v != 0) lead = false;
         if (dependent) state = dq_next(state, v);
@@ -669,8 +670,16 @@ class SpectralCodec final : public LayerCodec {
     if (k == 0) return put_header(e, m, l, 0, 0, 0, false);
     const bool dependent = sym[3] != 0;
     if (dependent && m.version < 3) throw Error(ErrorKind::InvalidInput, "spectral stream", "format v2 has no dependent quantisation");
+    const bool positive_lead = m.version >= 5;
+    if (positive_lead)
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t* col = sym.data() + kHead + j * s.m;
+        const int32_t* lead = std::find_if(col, col + s.m, [](int32_t v) { return v != 0; });
+        if (lead != col + s.m && *lead < 0)
+          throw Error(ErrorKind::InvalidInput, "spectral stream", "a column's first non-zero integer must be positive");
+      }
     put_header(e, m, l, k, sym[1], sym[2], dependent);
-    put_columns(e, m.x, m.x1, dependent, m.version >= 5, sym.data() + kHead, s.m, k);
+    put_columns(e, m.x, m.x1, dependent, positive_lead, sym.data() + kHead, s.m, k);
     put_columns(e, m.y, m.y1, dependent, false, sym.data() + kHead + s.m * k, s.n, k);
   }
   static std::vector<int32_t> get_layer(RangeDecoder& d, StreamModels& m, const StreamLayer& l, const std::string& where) {
@@ -706,10 +715,8 @@ class SpectralCodec final : public LayerCodec {
     BitCounter e;
     IntModel m0, m1;
     std::vector<uint64_t> out{0};
-    std::vector<int32_t> col(static_cast<size_t>(rows));
     for (int64_t j = 0; j < k; ++j) {
-      std::transform(q + j * rows, q + (j + 1) * rows, col.begin(), [](int32_t v) { return v < 0 ? -v : v; });
-      put_columns(e, m0, m1, dependent, positive_lead, positive_lead ? col.data() : q + j * rows, rows, 1);
+      put_columns(e, m0, m1, dependent, positive_lead, q + j * rows, rows, 1);
       out.push_back(e.cost());
     }
     return out;
