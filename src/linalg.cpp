@@ -162,6 +162,28 @@ Svd full_svd(const Matrix& w) {
   return out;
 }
 
+SymmetricEigen symmetric_eigen(const Matrix& a) {
+  if (a.rows != a.cols) throw std::invalid_argument("symmetric_eigen needs a square matrix");
+  SymmetricEigen out;
+  out.values.assign(static_cast<size_t>(a.rows), 0.0);
+  if (a.rows == 0) return out;
+  const int N = checked_int(a.rows, "rows");
+  // Row-major a is column-major a^T = a; dsyevd overwrites it with the eigenvectors as columns.
+  std::vector<double> v = a.data;
+  int info = 0, lwork = -1, liwork = -1, iwq = 0;
+  double wq = 0;
+  const char jobz = 'V', uplo = 'L';
+  dsyevd_(&jobz, &uplo, &N, v.data(), &N, out.values.data(), &wq, &lwork, &iwq, &liwork, &info);
+  lwork = std::max(1, static_cast<int>(wq));
+  liwork = std::max(1, iwq);
+  std::vector<double> work(static_cast<size_t>(lwork));
+  std::vector<int> iwork(static_cast<size_t>(liwork));
+  dsyevd_(&jobz, &uplo, &N, v.data(), &N, out.values.data(), work.data(), &lwork, iwork.data(), &liwork, &info);
+  lapack_check(info, "dsyevd");
+  out.V = from_col_major(v.data(), a.rows, a.rows);
+  return out;
+}
+
 std::vector<double> lstsq_min_norm(const Matrix& d, const std::vector<double>& t, double rcond) {
   return lstsq_min_norm_col_major(d.rows, d.cols, to_col_major(d), t, rcond);
 }

@@ -157,10 +157,11 @@ bool dq_column(const double* target, int64_t rows, double step, const Matrix* hi
     if (hinv_u) {
       for (int ns = 0; ns < 4; ++ns) {
         if (next_cost[ns] == kInf) continue;
-        const std::vector<double>& src = w[from[static_cast<size_t>(i)][ns]];
-        std::vector<double>& dst = w_next[ns];
+        const double* __restrict src = w[from[static_cast<size_t>(i)][ns]].data();
+        double* __restrict dst = w_next[ns].data();
+        const double* __restrict hrow = hinv_u->data.data() + i * rows;
         const double e = next_err[ns];
-        for (int64_t t = i + 1; t < rows; ++t) dst[static_cast<size_t>(t)] = src[static_cast<size_t>(t)] - e * (*hinv_u)(i, t);
+        for (int64_t t = i + 1; t < rows; ++t) dst[t] = src[t] - e * hrow[t];
       }
       std::swap(w, w_next);
     }
@@ -315,19 +316,18 @@ struct SqrtPair {
   Matrix root, inverse_root;  // inverse_root only when asked for
 };
 
-// M^1/2 and, if asked, M^-1/2 of a symmetric positive definite matrix (eigendecomposition via
-// the SVD).
+// M^1/2 and, if asked, M^-1/2 of a symmetric positive definite matrix (its eigendecomposition).
 SqrtPair sqrt_pair(const Matrix& m, bool with_inverse) {
-  const Svd eig = full_svd(m);
-  Matrix us = eig.U, ui = eig.U;
+  const SymmetricEigen eig = symmetric_eigen(m);
+  Matrix us = eig.V, ui = eig.V;
   for (int64_t t = 0; t < m.rows; ++t) {
-    const double root = std::sqrt(std::max(eig.S[static_cast<size_t>(t)], 1e-300));
+    const double root = std::sqrt(std::max(eig.values[static_cast<size_t>(t)], 1e-300));
     for (int64_t i = 0; i < m.rows; ++i) {
       us(i, t) *= root;
       ui(i, t) /= root;
     }
   }
-  return {matmul(us, eig.U, false, true), with_inverse ? matmul(ui, eig.U, false, true) : Matrix()};
+  return {matmul(us, eig.V, false, true), with_inverse ? matmul(ui, eig.V, false, true) : Matrix()};
 }
 
 void check_square(const Matrix* m, int64_t dim, const char* which) {
@@ -392,10 +392,10 @@ class SpectralCodec final : public LayerCodec {
       Coded all;
       const int64_t ok = quantize_side(u.x, s.r, step_of(tx), u.ru, u.hx, variant, all);
       const std::vector<uint64_t> x_cost = column_costs(all.q.data(), s.m, ok, is_dependent(variant), true);
+      const Refit basis = refit_basis(u, all);
       for (int64_t k : ks) {
         if (k > ok) continue;
-        const Coded cx = prefix(all, s.m, k);
-        const Refit fit = refit(u, cx);
+        const Refit fit = refit(u, basis, k);
         for (int dy : dys) {
           const int ty = std::clamp(tx + u.y_offset + dy, 0, 255);
           Coded cy;
@@ -446,7 +446,7 @@ class SpectralCodec final : public LayerCodec {
     if (quantize_side(u.x, s.r, step_of(p.tx), u.ru, u.hx, p.variant, all) < p.k)
       throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
     const Coded cx = prefix(all, s.m, p.k);
-    const Refit fit = refit(u, cx);
+    const Refit fit = refit(u, refit_basis(u, all), p.k);
     Coded cy;
     if (!quantize_y(u, fit, p.k, p.ty, p.variant, cy)) throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
     return symbols_of(s, p.k, p.tx, p.ty, is_dependent(p.variant), cx.q, cy.q);
@@ -723,7 +723,7 @@ class SpectralCodec final : public LayerCodec {
   }
 
   struct Refit {
-    Matrix gx, xgx, bgx, yk;  // G X~, X~^T G X~, B^T G X~, refitted Y (n x k)
+    Matrix gx, xgx, bgx, yk;  // G X~ (basis only), X~^T G X~, B^T G X~, refitted Y (n x k)
   };
 
   LayerSetup setup(const LayerContext& ctx, const Factors& f) const {
@@ -783,12 +783,24 @@ class SpectralCodec final : public LayerCodec {
     return c;
   }
 
-  // Refits Y to the quantised X in the metric: Y^T = (X~^T G X~)^-1 X~^T G B A.
-  static Refit refit(const LayerSetup& u, const Coded& cx) {
+  // The products a refit needs, for all of X~'s columns at once (each k takes a leading block:
+  // one m x m product per X step instead of one per k).
+  static Refit refit_basis(const LayerSetup& u, const Coded& all) {
+    Refit b;
+    b.gx = u.left(all.value);
+    b.xgx = matmul(all.value, b.gx, true);  // r x r
+    b.bgx = matmul(u.f->B, b.gx, true);     // r x r = B^T G X~
+    return b;
+  }
+  // Refits Y to X~'s first k columns in the metric: Y^T = (X~^T G X~)^-1 X~^T G B A.
+  static Refit refit(const LayerSetup& u, const Refit& basis, int64_t k) {
     Refit fit;
-    fit.gx = u.left(cx.value);
-    fit.xgx = matmul(cx.value, fit.gx, true);  // k x k
-    fit.bgx = matmul(u.f->B, fit.gx, true);    // r x k = B^T G X~
+    fit.xgx = Matrix(k, k);
+    fit.bgx = Matrix(basis.bgx.rows, k);
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j) fit.xgx(i, j) = basis.xgx(i, j);
+    for (int64_t i = 0; i < basis.bgx.rows; ++i)
+      for (int64_t j = 0; j < k; ++j) fit.bgx(i, j) = basis.bgx(i, j);
     fit.yk = solve_spd(fit.xgx, matmul(u.f->A, fit.bgx, true).transposed()).transposed();  // n x k
     return fit;
   }
@@ -797,9 +809,30 @@ class SpectralCodec final : public LayerCodec {
     return quantize_side(fit.yk, k, step_of(ty), u.rv, u.hy, variant, cy) == k;
   }
 
+  // Y~^T S Y~ (k x k; S = identity when null). At low rates most of Y~'s rows are zero: the
+  // product then only needs S on the rows that are not, instead of a whole n x n pass.
+  static Matrix quadratic_form(const Matrix* sig, const Matrix& y) {
+    if (!sig) return matmul(y, y, true);
+    std::vector<int64_t> rows;
+    for (int64_t i = 0; i < y.rows; ++i)
+      for (int64_t j = 0; j < y.cols; ++j)
+        if (y(i, j) != 0) {
+          rows.push_back(i);
+          break;
+        }
+    const auto nz = static_cast<int64_t>(rows.size());
+    if (2 * nz > y.rows) return matmul(y, matmul(*sig, y), true);
+    Matrix ys(nz, y.cols), ss(nz, nz);
+    for (int64_t a = 0; a < nz; ++a) {
+      for (int64_t j = 0; j < y.cols; ++j) ys(a, j) = y(rows[static_cast<size_t>(a)], j);
+      for (int64_t b = 0; b < nz; ++b) ss(a, b) = (*sig)(rows[static_cast<size_t>(a)], rows[static_cast<size_t>(b)]);
+    }
+    return matmul(ys, matmul(ss, ys), true);
+  }
+
   static double distortion(const LayerSetup& u, const Refit& fit, const Coded& cy) {
     const double cross = frob_dot(fit.bgx, matmul(u.as, cy.value));
-    const double self = trace_product(fit.xgx, matmul(cy.value, u.right(cy.value), true));
+    const double self = trace_product(fit.xgx, quadratic_form(u.sig, cy.value));
     return std::max(0.0, u.energy - 2 * cross + self);
   }
 

@@ -33,6 +33,15 @@ struct Svd {
 };
 Svd full_svd(const Matrix& w);
 
+// Eigendecomposition of a symmetric matrix, a = V diag(values) V^T (LAPACK dsyevd; only the
+// lower triangle is read): values ascending, V's columns the orthonormal eigenvectors, signs as
+// LAPACK leaves them (callers use V only in sign-invariant products such as V f(values) V^T).
+struct SymmetricEigen {
+  Matrix V;
+  std::vector<double> values;
+};
+SymmetricEigen symmetric_eigen(const Matrix& a);
+
 // Thin QR of a (rows x cols, rows >= cols): a = Q R, Q rows x cols with orthonormal columns,
 // R cols x cols upper triangular (Householder, LAPACK dgeqrf/dorgqr).
 struct Qr {

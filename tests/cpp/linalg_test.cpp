@@ -92,6 +92,22 @@ TEST(Linalg, InverseCholeskyFactorsTheInverse) {
   EXPECT_SOLAR_ERROR(inverse_cholesky_upper(indefinite), ErrorKind::InvalidInput, "positive definite");
 }
 
+TEST(Linalg, SymmetricEigenRebuildsTheMatrix) {
+  for (int64_t n : {1, 6, 33}) {
+    const Matrix z = random_matrix(n, n + 3, 31);
+    const Matrix a = matmul(z, z, false, true);  // symmetric
+    const SymmetricEigen e = symmetric_eigen(a);
+    ASSERT_EQ(e.values.size(), static_cast<size_t>(n));
+    for (size_t t = 1; t < e.values.size(); ++t) EXPECT_LE(e.values[t - 1], e.values[t]);  // ascending
+    expect_orthonormal(e.V);
+    Matrix vd = e.V;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t t = 0; t < n; ++t) vd(i, t) *= e.values[static_cast<size_t>(t)];
+    EXPECT_LT(max_abs_diff(matmul(vd, e.V, false, true), a), 1e-9 * (1 + frobenius_norm(a))) << n;
+  }
+  EXPECT_THROW(symmetric_eigen(Matrix(2, 3)), std::invalid_argument);
+}
+
 TEST(Linalg, LeastSquaresOverdeterminedMatchesNormalEquations) {
   const Matrix d = random_matrix(20, 4, 11);
   std::vector<double> t(20);

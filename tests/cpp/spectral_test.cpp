@@ -221,6 +221,64 @@ TEST_F(Spectral, CalibrationSpendsBytesWhereInputsAreLarge) {
   EXPECT_SOLAR_ERROR(compress_adapter(adapter_, none, weighted), ErrorKind::Mismatch, "input_moment");
 }
 
+// With statistics, every operating point's distortion (what the planner trusts) is the layer's
+// error in the metric, tr(G E S E^T) for E = B A - B~ A~, of the layer decode_symbols rebuilds
+// from it: at high rates and at low ones, where most of Y's integers are zero and the codec
+// prices only the rows that are not.
+TEST(SpectralCalibrated, PointDistortionIsTheDecodedErrorInTheMetric) {
+  const int64_t m = 40, n = 56, r = 6;
+  auto random = [](int64_t rows, int64_t cols, uint64_t seed) {
+    const auto v = test::random_normals(static_cast<size_t>(rows * cols), seed);
+    return Matrix::from_f32(v.data(), rows, cols);
+  };
+  auto moment = [&](int64_t dim, uint64_t seed) {  // a few loud channels, as in transformers
+    Matrix z = random(dim, 2 * dim, seed);
+    for (int64_t j = 0; j < z.cols; ++j) {
+      z(3, j) *= 12;
+      z(dim / 2, j) *= 5;
+    }
+    return matmul(z, z, false, true);
+  };
+  Factors f{random(r, n, 1), random(m, r, 2)};
+  for (int64_t j = 0; j < r; ++j)  // a decaying spectrum, as a trained update has
+    for (int64_t i = 0; i < n; ++i) f.A(j, i) *= std::pow(0.5, static_cast<double>(j));
+  LayerContext ctx(0, 0, LayerShape{m, n, r}, [] { return Matrix(); });
+  ctx.weight = 0.7;
+  ctx.input_moment = moment(n, 3);
+  ctx.output_moment = moment(m, 4);
+  const auto codec = make_spectral_codec(false, /*dependent=*/true);
+  const std::vector<Candidate> points = codec->candidates(ctx, f);
+  ASSERT_GT(points.size(), 100u);
+  ASSERT_EQ(points[0].setting[0], 0);  // the first point drops the layer: its distortion is the whole update's
+  const Matrix ba = matmul(f.B, f.A);
+  int sparse = 0, checked = 0;
+  for (size_t c = 0; c < points.size(); c += 7) {
+    const std::vector<int32_t> sym = codec->candidate_symbols(ctx, f, points[c]);
+    const Factors back = codec->decode_symbols(ctx, sym);
+    Matrix e = ba;
+    const Matrix rebuilt = matmul(back.B, back.A);
+    for (size_t i = 0; i < e.data.size(); ++i) e.data[i] -= rebuilt.data[i];
+    double metric = 0;  // tr(G E S E^T) = sum_ij (G E)_ij (E S)_ij, S and G symmetric
+    const Matrix ge = matmul(*ctx.output_moment, e), es = matmul(e, *ctx.input_moment);
+    for (size_t i = 0; i < ge.data.size(); ++i) metric += ge.data[i] * es.data[i];
+    // The codec gets it as energy - 2 cross + self: exact up to rounding of the whole energy.
+    EXPECT_NEAR(points[c].distortion, ctx.weight * metric, 1e-12 * points[0].distortion) << "point " << c;
+    ++checked;
+    if (sym[0] > 0) {  // Y's rows with any non-zero integer
+      int64_t rows = 0;
+      const int64_t k = sym[0];
+      for (int64_t i = 0; i < n; ++i) {
+        bool any = false;
+        for (int64_t j = 0; j < k; ++j) any = any || sym[static_cast<size_t>(4 + m * k + j * n + i)] != 0;
+        rows += any;
+      }
+      sparse += 2 * rows <= n;
+    }
+  }
+  EXPECT_GT(checked, 15);
+  EXPECT_GT(sparse, 3) << "no low-rate point exercised the sparse pricing";
+}
+
 // Format v5's stream syntax on hand-made symbols: layers of two interleaved groups whose step
 // codes differ; the group prediction makes the stream shorter than one prediction chain would, it
 // round-trips, and a component whose leading X integer is negative is refused (its sign is not
