@@ -392,7 +392,7 @@ class SpectralCodec final : public LayerCodec {
       Coded all;
       const int64_t ok = quantize_side(u.x, s.r, step_of(tx), u.ru, u.hx, variant, all);
       const std::vector<uint64_t> x_cost = column_costs(all.q.data(), s.m, ok, is_dependent(variant), true);
-      const Refit basis = refit_basis(u, all);
+      const RefitBasis basis = refit_basis(u, all);
       for (int64_t k : ks) {
         if (k > ok) continue;
         const Refit fit = refit(u, basis, k);
@@ -723,7 +723,10 @@ class SpectralCodec final : public LayerCodec {
   }
 
   struct Refit {
-    Matrix gx, xgx, bgx, yk;  // G X~ (basis only), X~^T G X~, B^T G X~, refitted Y (n x k)
+    Matrix xgx, bgx, yk;  // X~^T G X~, B^T G X~, refitted Y (n x k)
+  };
+  struct RefitBasis {     // the same products for all of X~'s r columns
+    Matrix xgx, bgx;      // r x r each
   };
 
   LayerSetup setup(const LayerContext& ctx, const Factors& f) const {
@@ -785,15 +788,12 @@ class SpectralCodec final : public LayerCodec {
 
   // The products a refit needs, for all of X~'s columns at once (each k takes a leading block:
   // one m x m product per X step instead of one per k).
-  static Refit refit_basis(const LayerSetup& u, const Coded& all) {
-    Refit b;
-    b.gx = u.left(all.value);
-    b.xgx = matmul(all.value, b.gx, true);  // r x r
-    b.bgx = matmul(u.f->B, b.gx, true);     // r x r = B^T G X~
-    return b;
+  static RefitBasis refit_basis(const LayerSetup& u, const Coded& all) {
+    const Matrix gx = u.left(all.value);
+    return {matmul(all.value, gx, true), matmul(u.f->B, gx, true)};
   }
   // Refits Y to X~'s first k columns in the metric: Y^T = (X~^T G X~)^-1 X~^T G B A.
-  static Refit refit(const LayerSetup& u, const Refit& basis, int64_t k) {
+  static Refit refit(const LayerSetup& u, const RefitBasis& basis, int64_t k) {
     Refit fit;
     fit.xgx = Matrix(k, k);
     fit.bgx = Matrix(basis.bgx.rows, k);
