@@ -180,11 +180,16 @@ bool dq_column(const double* target, int64_t rows, double step, const Matrix* hi
   return true;
 }
 
+// The top-left rows x cols block of `m`.
+Matrix leading_block(const Matrix& m, int64_t rows, int64_t cols) {
+  Matrix b(rows, cols);
+  for (int64_t i = 0; i < rows; ++i) std::copy_n(m.data.begin() + i * m.cols, cols, b.data.begin() + i * cols);
+  return b;
+}
+
 // The first k columns of `m`, rotated by R^T when R is given: what a side's integers quantise.
 Matrix leading_coords(const Matrix& m, int64_t k, const Matrix* rot) {
-  Matrix coords(m.rows, k);
-  for (int64_t i = 0; i < m.rows; ++i)
-    for (int64_t j = 0; j < k; ++j) coords(i, j) = m(i, j);
+  const Matrix coords = leading_block(m, m.rows, k);
   return rot ? matmul(*rot, coords, /*trans_a=*/true) : coords;
 }
 
@@ -241,9 +246,7 @@ int64_t quantize_columns_feedback(const Matrix& m, int64_t k, double step, const
                                   double dead_zone = 0.0) {
   constexpr int64_t kBlock = 32;
   const int64_t rows = m.rows;
-  Matrix w(rows, k);
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < k; ++j) w(i, j) = m(i, j);
+  Matrix w = leading_block(m, rows, k);
   out.q.assign(static_cast<size_t>(rows * k), 0);
   out.value = Matrix(rows, k);
   int64_t ok = k;
@@ -445,11 +448,10 @@ class SpectralCodec final : public LayerCodec {
     Coded all;  // exactly as candidates() computed it: all r columns, then the prefix
     if (quantize_side(u.x, s.r, step_of(p.tx), u.ru, u.hx, p.variant, all) < p.k)
       throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
-    const Coded cx = prefix(all, s.m, p.k);
     const Refit fit = refit(u, refit_basis(u, all), p.k);
     Coded cy;
     if (!quantize_y(u, fit, p.k, p.ty, p.variant, cy)) throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
-    return symbols_of(s, p.k, p.tx, p.ty, is_dependent(p.variant), cx.q, cy.q);
+    return symbols_of(s, p.k, p.tx, p.ty, is_dependent(p.variant), {all.q.begin(), all.q.begin() + s.m * p.k}, cy.q);
   }
 
   std::vector<uint8_t> write_stream(const std::vector<StreamLayer>& layers, const std::vector<std::vector<int32_t>>& symbols) const override {
@@ -557,10 +559,13 @@ class SpectralCodec final : public LayerCodec {
   // A layer's components have no intrinsic sign (negating column j of X and of Y keeps X Y^T,
   // and both quantisers are odd-symmetric), so v5 fixes it: X's first non-zero integer in each
   // column is positive, and its sign bit is not coded.
+  static const int32_t* first_nonzero(const int32_t* col, int64_t rows) {  // col + rows if none
+    return std::find_if(col, col + rows, [](int32_t v) { return v != 0; });
+  }
   static void normalise_signs(std::vector<int32_t>& qx, std::vector<int32_t>& qy, int64_t m, int64_t n, int64_t k) {
     for (int64_t j = 0; j < k; ++j) {
-      const auto col = qx.begin() + j * m;
-      const auto lead = std::find_if(col, col + m, [](int32_t v) { return v != 0; });
+      int32_t* col = qx.data() + j * m;
+      const int32_t* lead = first_nonzero(col, m);
       if (lead == col + m || *lead > 0) continue;
       std::transform(col, col + m, col, std::negate<>());
       std::transform(qy.begin() + j * n, qy.begin() + (j + 1) * n, qy.begin() + j * n, std::negate<>());
@@ -674,7 +679,7 @@ class SpectralCodec final : public LayerCodec {
     if (positive_lead)
       for (int64_t j = 0; j < k; ++j) {
         const int32_t* col = sym.data() + kHead + j * s.m;
-        const int32_t* lead = std::find_if(col, col + s.m, [](int32_t v) { return v != 0; });
+        const int32_t* lead = first_nonzero(col, s.m);
         if (lead != col + s.m && *lead < 0)
           throw Error(ErrorKind::InvalidInput, "spectral stream", "a column's first non-zero integer must be positive");
       }
@@ -777,15 +782,6 @@ class SpectralCodec final : public LayerCodec {
     return h.rows > 0 ? quantize_columns_feedback(v, k, step, h, c, dead_zone) : quantize_columns(v, k, step, rot, c, dead_zone);
   }
 
-  static Coded prefix(const Coded& all, int64_t rows, int64_t k) {
-    Coded c;
-    c.q.assign(all.q.begin(), all.q.begin() + rows * k);
-    c.value = Matrix(rows, k);
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < k; ++j) c.value(i, j) = all.value(i, j);
-    return c;
-  }
-
   // The products a refit needs, for all of X~'s columns at once (each k takes a leading block:
   // one m x m product per X step instead of one per k).
   static RefitBasis refit_basis(const LayerSetup& u, const Coded& all) {
@@ -795,12 +791,8 @@ class SpectralCodec final : public LayerCodec {
   // Refits Y to X~'s first k columns in the metric: Y^T = (X~^T G X~)^-1 X~^T G B A.
   static Refit refit(const LayerSetup& u, const RefitBasis& basis, int64_t k) {
     Refit fit;
-    fit.xgx = Matrix(k, k);
-    fit.bgx = Matrix(basis.bgx.rows, k);
-    for (int64_t i = 0; i < k; ++i)
-      for (int64_t j = 0; j < k; ++j) fit.xgx(i, j) = basis.xgx(i, j);
-    for (int64_t i = 0; i < basis.bgx.rows; ++i)
-      for (int64_t j = 0; j < k; ++j) fit.bgx(i, j) = basis.bgx(i, j);
+    fit.xgx = leading_block(basis.xgx, k, k);
+    fit.bgx = leading_block(basis.bgx, basis.bgx.rows, k);
     fit.yk = solve_spd(fit.xgx, matmul(u.f->A, fit.bgx, true).transposed()).transposed();  // n x k
     return fit;
   }

@@ -24,6 +24,11 @@ const std::string kGoldenV2 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v2";
 const std::string kGoldenV3 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v3";
 const std::string kGoldenV4 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v4";
 const std::string kGoldenV5 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v5";
+// A golden `<stem>_spectral.solar` parsed as a reader would, errors named by its file name.
+Container parse_golden_spectral(const std::string& stem) {
+  const auto bytes = test::read_bytes(stem + "_spectral.solar");
+  return parse_container(bytes.data(), bytes.size(), stem.substr(stem.rfind('/') + 1) + "_spectral.solar");
+}
 // Pinned in docs/FORMAT.md: changing the dictionary is a format change.
 constexpr uint32_t kDictionaryXxh32 = 0x383e7759u;
 
@@ -172,8 +177,7 @@ TEST(Container, GoldenV1FileStillDecodes) {
 // The spectral mode's stream (range coder, integer model, step codes) pinned the same way; its
 // decoder does no floating-point factorisation, so the restored factors must match exactly.
 TEST(Container, GoldenV1SpectralFileStillDecodes) {
-  const auto bytes = test::read_bytes(kGolden + "_spectral.solar");
-  const Container c = parse_container(bytes.data(), bytes.size(), "golden_v1_spectral.solar");
+  const Container c = parse_golden_spectral(kGolden);
   ASSERT_EQ(c.layers.size(), 1u);
   EXPECT_EQ(c.layers[0].mode, "spectral");
   const PeftAdapter restored = decompress_container(c, InMemoryWeights("<none>"));
@@ -214,8 +218,7 @@ void expect_golden_factors(const PeftAdapter& restored, const std::string& expec
 }
 
 TEST(Container, GoldenV2SpectralStreamStillDecodes) {
-  const auto bytes = test::read_bytes(kGoldenV2 + "_spectral.solar");
-  const Container c = parse_container(bytes.data(), bytes.size(), "golden_v2_spectral.solar");
+  const Container c = parse_golden_spectral(kGoldenV2);
   EXPECT_EQ(c.version, 2u);
   ASSERT_EQ(c.layers.size(), 2u);
   EXPECT_EQ(c.layers[0].encoded.blobs.size(), 1u);  // the shared stream
@@ -243,8 +246,7 @@ Container dependent_spectral_container(const PeftAdapter& adapter, const std::st
 }
 
 TEST(Container, GoldenV3DependentQuantisationStillDecodes) {
-  const auto bytes = test::read_bytes(kGoldenV3 + "_spectral.solar");
-  const Container c = parse_container(bytes.data(), bytes.size(), "golden_v3_spectral.solar");
+  const Container c = parse_golden_spectral(kGoldenV3);
   EXPECT_EQ(c.version, 3u);
   const std::vector<std::vector<int32_t>> symbols = read_streams(c).at(0).symbols;
   ASSERT_EQ(symbols.size(), 2u);
@@ -258,8 +260,7 @@ TEST(Container, GoldenV3DependentQuantisationStillDecodes) {
 // The levels of dependent quantisation, written from docs/FORMAT.md alone: a layer's restored B
 // columns are step(tx) times these levels of its integers.
 TEST(Container, DependentQuantisationLevelsFollowTheSpec) {
-  const auto bytes = test::read_bytes(kGoldenV3 + "_spectral.solar");
-  const Container c = parse_container(bytes.data(), bytes.size(), "golden_v3_spectral.solar");
+  const Container c = parse_golden_spectral(kGoldenV3);
   const std::vector<std::vector<int32_t>> symbols = read_streams(c).at(0).symbols;
   const PeftAdapter restored = decompress_container(c, InMemoryWeights("<none>"));
   const int next[4][2] = {{0, 2}, {2, 0}, {1, 3}, {3, 1}};
