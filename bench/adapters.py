@@ -37,8 +37,11 @@ class Adapter:
     file_metadata: dict
     modules: list[LoraModule]
     passthrough: dict[str, torch.Tensor] = field(default_factory=dict)
-    # How every method's file stores the passthrough tensors: "exact", or "int8" (solar's
-    # `--passthrough int8`, docs/FORMAT.md "Passthrough coding"), so that all pay the same for them.
+    # How the methods' files store the passthrough tensors (a classifier head): "exact" or "int8"
+    # (solar's `--passthrough int8`, docs/FORMAT.md "Passthrough coding"), the same for every
+    # method; or "matched", each as a user of that method would: solar's spectral points code it
+    # as a layer of their stream (`--passthrough spectral`), a baseline quantising to b < 8 bits
+    # stores it as b-bit rows, and every other method as int8 rows.
     passthrough_coding: str = "exact"
 
     @property
@@ -61,7 +64,7 @@ class Adapter:
     @property
     def passthrough_stored_bytes(self) -> int:
         """What the passthrough tensors' blobs take under `passthrough_coding` (before any zstd)."""
-        return sum(4 * t.shape[0] + t.numel() if self.passthrough_coding == "int8" and int8_rows_apply(t)
+        return sum(4 * t.shape[0] + t.numel() if self.passthrough_coding in ("int8", "matched") and int8_rows_apply(t)
                    else t.numel() * t.element_size() for t in self.passthrough.values())
 
     def key(self, module: str, which: str) -> str:

@@ -89,6 +89,29 @@ def retention_cells(task, cli: str, budgets: list[int], extra: list[str], refs: 
     return cells
 
 
+def split_cells(cli: str, adapter_dir, budgets: list[int], flags: list[str], tasks: dict, refs: dict, workdir) -> list[str]:
+    """One cell per budget for `solar compress --adapter adapter_dir --target-bytes B *flags` (a
+    mode that needs no base), scored on several splits of one task: each split's retention per
+    metric in % joined by "/", the splits (in `tasks`' order) by ", "."""
+    from safetensors.torch import load_file
+
+    from bench.evaluate import retention
+
+    cells = []
+    for budget in budgets:
+        subprocess.run([cli, "compress", "--adapter", str(adapter_dir), "--out", f"{workdir}/a.solar", "-q", "--no-verify",
+                        "--target-bytes", str(budget), *flags], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([cli, "decompress", f"{workdir}/a.solar", "--out", f"{workdir}/r", "-q"], check=True,
+                       stdout=subprocess.DEVNULL)
+        restored = load_file(f"{workdir}/r/adapter_model.safetensors")
+        parts = []
+        for split, task in tasks.items():
+            ret = retention(*refs[split], task.evaluate(restored))
+            parts.append("/".join(f"{100 * ret[m]:.1f}" for m in task.metrics))
+        cells.append(", ".join(parts))
+    return cells
+
+
 def print_tuning_tables(models: list[str], budgets: dict[str, list[int]], columns: list[str], rows) -> None:
     """For each model, its tuning split's reference metrics and a table of retention at equal file
     size: one row per (labels, CLI flags) that `rows(model, task)` yields."""

@@ -43,6 +43,22 @@ def _zdict():
 
 
 # --------------------------------------------------------------------------- container
+def _int_rows(t: torch.Tensor, bits: int) -> bytes:
+    """A head as b-bit rows (the "matched" passthrough coding of a b-bit baseline): float32 row
+    scales max|row| / (2^(b-1) - 1), then the rounded values as packed b-bit fields."""
+    x = t.float().reshape(t.shape[0], -1).numpy()
+    q, scales = quantize_sym(x, bits, axis=1)
+    return scales.astype("<f4").tobytes() + pack_bits(q, bits)
+
+
+def _from_int_rows(raw: bytes, bits: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    rows = shape[0]
+    scales = np.frombuffer(raw[:4 * rows], "<f4")
+    count = int(np.prod(shape))
+    q = unpack_bits(raw[4 * rows:], count, bits).reshape(rows, -1).astype(np.float32)
+    return torch.from_numpy(q * scales[:, None]).to(dtype).reshape(shape)
+
+
 def _int8_rows(t: torch.Tensor) -> bytes:
     """solar's int8 passthrough coding (docs/FORMAT.md): float32 row scales max|row| / 127, then
     the values rounded half away from zero, as int8."""
@@ -62,16 +78,20 @@ def _from_int8_rows(raw: bytes, dtype: torch.dtype, shape: list[int]) -> torch.T
     return (q * scales[:, None]).to(dtype).reshape(shape)
 
 
-def _write(adapter: Adapter, path: Path, method: str, params: dict, modules: list[dict], payload: bytes) -> dict:
+def _write(adapter: Adapter, path: Path, method: str, params: dict, modules: list[dict], payload: bytes,
+           head_bits: int = 8) -> dict:
+    """`head_bits`: the method's own bit width, which the "matched" passthrough coding stores 2-D
+    passthrough tensors at when it is below 8 (int8 rows otherwise)."""
     pt_desc, pt_bytes = [], b""
     for k, t in adapter.passthrough.items():
-        coded = adapter.passthrough_coding == "int8" and int8_rows_apply(t)
+        coded = adapter.passthrough_coding in ("int8", "matched") and int8_rows_apply(t)
+        bits = head_bits if coded and adapter.passthrough_coding == "matched" and head_bits < 8 else 8
         if coded:
-            raw = _int8_rows(t)
+            raw = _int8_rows(t) if bits == 8 else _int_rows(t, bits)
         else:
             raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
         pt_desc.append({"key": k, "dtype": _DTYPES[t.dtype], "shape": list(t.shape), "blob": len(raw),
-                        **({"coding": "int8"} if coded else {})})
+                        **({"coding": f"int{bits}"} if coded else {})})
         pt_bytes += raw
     header = json.dumps({"method": method, "params": params, "peft_config": json.loads(adapter.config_text),
                          "key_prefix": adapter.key_prefix, "file_metadata": adapter.file_metadata,
@@ -104,6 +124,9 @@ def _restore(adapter: Adapter, header: dict, payload: memoryview, factors: dict,
         off += d["blob"]
         if d.get("coding") == "int8":
             sd[d["key"]] = _from_int8_rows(raw, _TORCH[d["dtype"]], d["shape"])
+            continue
+        if d.get("coding"):  # "int<b>", b < 8
+            sd[d["key"]] = _from_int_rows(raw, int(d["coding"][3:]), _TORCH[d["dtype"]], d["shape"])
             continue
         t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(_TORCH[d["dtype"]]).reshape(d["shape"])
         sd[d["key"]] = t.clone()
@@ -207,7 +230,7 @@ def _encode_factor_sets(adapter: Adapter, path: Path, method: str, params: dict,
                 p, _ = _quantize_factors(a, b, bits, layout)
                 payload += p
         tmp = Path(str(path) + f".{layout}")
-        info = _write(adapter, tmp, method, {**params, "layout": layout}, layers, payload)
+        info = _write(adapter, tmp, method, {**params, "layout": layout}, layers, payload, head_bits=bits or 8)
         size = tmp.stat().st_size
         if best is None or size < best[0]:
             if best is not None:

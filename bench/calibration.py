@@ -21,7 +21,9 @@ CACHE = Path(__file__).resolve().parent / "results" / "cache"
 
 
 def stats_path(model: str) -> Path:
-    return CACHE / f"{model}_kfac.safetensors"
+    # MiniLM's file also holds its classifier head's statistics (solar.calibrate records
+    # modules_to_save heads since format v6), so it is cached under a new name.
+    return CACHE / (f"{model}_kfac_heads.safetensors" if model == "minilm_sst2" else f"{model}_kfac.safetensors")
 
 
 def _stories(out: Path) -> None:

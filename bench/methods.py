@@ -49,7 +49,8 @@ FAMILY_ORDER = ["peft", "int-quant", "svd-fp16", "svd+int8", "svd+int4", "svd+in
 
 # Calibrated spectral: K-FAC statistics from bench/calibration.py (computed once, cached).
 # Finer steps where the retention levels of the headline (90 / 95 / 99 %) are crossed.
-SPECTRAL_CAL_TARGETS = [0.45, 0.4, 0.375, 0.35, 0.325, 0.3, 0.275, 0.27, 0.26, 0.25, 0.2, 0.15, 0.12, 0.1, 0.07, 0.06, 0.05, 0.04, 0.03]
+SPECTRAL_CAL_TARGETS = [0.45, 0.4, 0.375, 0.35, 0.325, 0.3, 0.275, 0.27, 0.26, 0.25, 0.2, 0.15, 0.12, 0.1, 0.09, 0.08, 0.07, 0.06, 0.05,
+                        0.04, 0.03]
 
 # Data-free spectral, default balance (1: every layer's relative error counts the same), so the
 # target is the root mean square of the layers' relative errors.

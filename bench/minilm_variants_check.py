@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -48,9 +47,9 @@ def rank_cut(src: Path, dst: Path, rank: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import load_file, save_file
 
-    from bench.balance_check import references, tuning_task
+    from bench.balance_check import references, split_cells, tuning_task
     from bench.calibration import ensure
-    from bench.evaluate import MiniLMTask, retention
+    from bench.evaluate import MiniLMTask
     from bench.run import find_cli
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -81,18 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         for name in args.rows:
             src, flags = rows[name]
-            cells = []
-            for budget in args.budgets:
-                subprocess.run([cli, "compress", "--adapter", str(src), "--out", str(work / "a.solar"), "-q", "--no-verify",
-                                "--target-bytes", str(budget), "--passthrough", "int8", *flags], check=True)
-                subprocess.run([cli, "decompress", str(work / "a.solar"), "--out", str(work / "r"), "-q"], check=True,
-                               stdout=subprocess.DEVNULL)
-                restored = load_file(str(work / "r" / "adapter_model.safetensors"))
-                parts = []
-                for split, task in tasks.items():
-                    ret = retention(*refs[split], task.evaluate(restored))
-                    parts.append("/".join(f"{100 * ret[m]:.1f}" for m in task.metrics))
-                cells.append(", ".join(parts))
+            cells = split_cells(cli, src, args.budgets, ["--passthrough", "int8", *flags], tasks, refs, work)
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -32,15 +32,22 @@ def file_bytes(p: dict) -> int:
     return p["bytes"]
 
 
-def passthrough_cost(res: dict) -> int:
+def passthrough_cost(res: dict) -> int | None:
     """Bytes of the passthrough tensors every file of the run carries alike (MiniLM's classifier
-    head): raw, or as the run's `--passthrough` coding stores them (before zstd)."""
+    head): raw, or as the run's `--passthrough` coding stores them (before zstd); None when each
+    method codes them its own way ("matched"), and the file is the only like-for-like size."""
     a = res["adapter"]
+    if a.get("passthrough_coding") == "matched":
+        return None
     return a.get("passthrough_stored_bytes", a["passthrough_bytes"])
 
 
 def passthrough_words(res: dict) -> str:
     a = res["adapter"]
+    if a.get("passthrough_coding") == "matched":
+        return (f"raw {_fmt_bytes(a['passthrough_bytes'])} B; each method's file codes the 2-D ones its own way: "
+                "solar's spectral points as a layer of their stream (`--passthrough spectral`), the int-b and "
+                "SVD + int-b baselines as b-bit rows, every other method as int8 rows")
     if a.get("passthrough_coding", "exact") == "int8":
         return (f"{_fmt_bytes(passthrough_cost(res))} B as int8 rows (raw {_fmt_bytes(a['passthrough_bytes'])} B), "
                 "which every method's file stores the same way")
@@ -148,7 +155,7 @@ def goals_section(results: list[dict]) -> str:
 
 def points_table(res: dict) -> str:
     metrics = res["metrics"]
-    has_pt = res["adapter"]["passthrough_bytes"] > 0
+    has_pt = res["adapter"]["passthrough_bytes"] > 0 and passthrough_cost(res) is not None
     head = ["method", "family", "bytes"] + (["bytes − passthrough"] if has_pt else []) + [
         "% fp16 tensors", "% fp16 file", "rel. err ΔW"] + [f"{m}" for m in metrics] + [
         f"ret. {m}" for m in metrics] + ["compress s", "decompress s"]
@@ -318,7 +325,7 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
           "adapted model's own sampled text, `solar.self_calibrate`, bench/self_calibration.py: no data; balance 0). "
           "All spectral points use the CLI's default `--quantiser auto` (format v3): the uniform quantiser without "
           "statistics; with statistics, per layer the uniform or the dependent (trellis-coded) quantiser. `.solar` "
-          "files are written in the format of the CLI that ran the point (v5 for every point of this report).",
+          "files are written in the format of the CLI that ran the point (v6 for MiniLM's points; stories260K's and SmolLM2's were written in v5, which for adapters without heads gives the same bytes but for the version byte and checksum).",
           "", "## Headline", "", headline, "", goals_section(results), ""]
     for res in results:
         a = res["adapter"]
@@ -331,7 +338,9 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
                f"passthrough tensors {_fmt_bytes(a['passthrough_bytes'])} B raw"
                + (f" ({', '.join(a['passthrough_keys'])}"
                   + ("; every method's file stores the 2-D ones as int8 rows, as `solar compress --passthrough int8` "
-                     "does" if a.get("passthrough_coding") == "int8" else "") + ")" if a["passthrough_keys"] else "") + ".",
+                     "does" if a.get("passthrough_coding") == "int8" else "")
+                  + ("; " + passthrough_words(res).split("; ", 1)[1] if a.get("passthrough_coding") == "matched" else "")
+                  + ")" if a["passthrough_keys"] else "") + ".",
                f"* LoRA training time: {res.get('train_seconds')} s; this model's benchmark run: "
                f"{res['run']['seconds']:.0f} s.", "",
                f"![rate-distortion {res['model']}]({rel(Path(out_dir) / ('rd_' + res['model'] + '.png'))})", ""]
@@ -339,7 +348,7 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
             for m in res["metrics"]:
                 md += [f"Headline by {m} retention alone:", "",
                        headline_table(res, key=lambda p, m=m: p["retention"][m]), ""]
-        if a["passthrough_bytes"]:
+        if a["passthrough_bytes"] and passthrough_cost(res) is not None:
             md += [f"Headline by LoRA bytes (file bytes minus the passthrough tensors' {passthrough_words(res)}), "
                    "ranked as the main headline:", "", headline_table(res, size=lora_bytes(res)), "",
                    winners_sentence(res, size=lora_bytes(res)), ""]

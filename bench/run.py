@@ -95,8 +95,11 @@ def run_point(method: Method, task: Task, adapter: Adapter, cli: str, workdir: P
         f = workdir / "out.solar"
         args = _sub(method.cli, ctx)
         rec["cli_args"] = args
+        coding = adapter.passthrough_coding
+        if coding == "matched":  # the spectral stream codes the head with the layers; other modes as int8 rows
+            coding = "spectral" if args[args.index("--mode") + 1] == "spectral" else "int8"
         cmd = [cli, "compress", "--base", ctx["base"], "--adapter", ctx["adapter"], "--out", str(f), "-q", "--no-verify",
-               "--passthrough", adapter.passthrough_coding, *args]
+               "--passthrough", coding, *args]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True)
         rec["compress_s"] = time.perf_counter() - t0
@@ -151,7 +154,7 @@ def run_model(model: str, args, cli: str, cli_src: str) -> dict:
           {"eval_examples": args.e2e_examples} if model == "smollm2_e2e" else {"dev_limit": args.dev_limit})
     task: Task = TASKS[model](**kw)
     adapter = load_adapter(task.adapter_dir)
-    adapter.passthrough_coding = args.passthrough or "int8"
+    adapter.passthrough_coding = args.passthrough or "matched"
     print(f"== {model}: {task.describe()} (loaded in {time.time() - t_start:.1f} s)", flush=True)
     ref = {"base": task.evaluate(adapter.state_dict(zero=True)), "lora": task.evaluate(adapter.state_dict())}
     print(f"   base {ref['base']}  lora {ref['lora']}", flush=True)
@@ -252,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed", dest="speed", action="store_true", default=None, help="run the C++ speed section")
     ap.add_argument("--no-speed", dest="speed", action="store_false")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for evaluation")
-    ap.add_argument("--passthrough", choices=["exact", "int8"], default=None,
-                    help="how every method's file stores the passthrough tensors (MiniLM's classifier head), the "
-                         "same for all methods; default int8")
+    ap.add_argument("--passthrough", choices=["exact", "int8", "matched"], default=None,
+                    help="how the methods' files store the passthrough tensors (MiniLM's classifier head): exact or "
+                         "int8 rows for all, or matched (the default): solar's spectral points code it in their "
+                         "stream, b-bit baselines store it as b-bit rows, the others as int8 rows")
     ap.add_argument("--keep-files", action="store_true", help="keep every compressed file under <out-dir>/files/")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)

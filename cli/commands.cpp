@@ -86,11 +86,12 @@ int run_compress(const CompressArgs& a) {
   }
   write_file_atomic(a.out, bytes);
   const SizeReport r = size_report(c, bytes);
-  std::printf("wrote %s: %s (%zu bytes) for %zu layers; fp16 PEFT file %zu bytes -> %.2f%% of it (%.1fx smaller)\n",
-              a.out.c_str(), human(bytes.size()).c_str(), bytes.size(), c.layers.size(), r.peft_fp16_bytes,
+  const std::string heads = c.passthrough_layers.empty() ? "" : " (and " + std::to_string(c.passthrough_layers.size()) + " head coded with them)";
+  std::printf("wrote %s: %s (%zu bytes) for %zu layers%s; fp16 PEFT file %zu bytes -> %.2f%% of it (%.1fx smaller)\n",
+              a.out.c_str(), human(bytes.size()).c_str(), bytes.size(), adapter.modules.size(), heads.c_str(), r.peft_fp16_bytes,
               100.0 * bytes.size() / std::max<size_t>(1, r.peft_fp16_bytes), r.peft_fp16_bytes / std::max(1.0, double(bytes.size())));
-  if (a.verify && !c.layers.empty())
-    std::printf("relative error of B A: mean %.4g, worst %.4g  (compress %.2f s)\n", sum / c.layers.size(), worst, encode_s);
+  if (a.verify && !adapter.modules.empty())
+    std::printf("relative error of B A: mean %.4g, worst %.4g  (compress %.2f s)\n", sum / adapter.modules.size(), worst, encode_s);
   return 0;
 }
 
@@ -136,6 +137,7 @@ int run_inspect(const InspectArgs& a) {
   if (streamed) std::printf("* the layer's share of its mode's one range-coded stream (bits it cost as coded / 8)\n");
   std::printf("passthrough tensors: %zu (%zu bytes restored)", c.passthrough.size(), r.passthrough_raw_bytes);
   if (r.passthrough_int8_tensors) std::printf(", %zu stored as int8 rows", r.passthrough_int8_tensors);
+  if (r.passthrough_layer_tensors) std::printf(", %zu coded as layers of the stream", r.passthrough_layer_tensors);
   std::printf("\n");
   std::printf("header+checksum %zu B, metadata %zu B (raw %zu), payload %zu B (raw %zu)\n", r.header_bytes, r.metadata_bytes,
               r.metadata_raw_bytes, r.payload_bytes, r.payload_raw_bytes);

@@ -38,9 +38,11 @@ int main(int argc, char** argv) {
                 "dependent with --calib, uniform without)")
       ->check(CLI::IsMember({"auto", "uniform", "dependent"}));
   c->add_option("--passthrough", ca.passthrough,
-                "tensors besides the LoRA factors (modules_to_save heads, ...): exact (the default) or int8 (int8 with a "
-                "scale per row for every float tensor of 2+ dimensions; vectors stay exact)")
-      ->check(CLI::IsMember({"exact", "int8"}));
+                "tensors besides the LoRA factors (modules_to_save heads, ...): exact (the default); int8 (int8 with a "
+                "scale per row for every float tensor of 2+ dimensions; vectors stay exact); or spectral (mode spectral: "
+                "heads whose smaller side is at most 64 coded as layers of the stream, their bytes planned with the LoRA "
+                "layers; other tensors as with int8)")
+      ->check(CLI::IsMember({"exact", "int8", "spectral"}));
   c->add_option("--proxy", ca.proxy, "spectral modes without --calib: base-gram weighs errors by W^T W (data-free)")
       ->check(CLI::IsMember({"", "base-gram"}));
   c->add_option("--pool", ca.pool, "pool size N per factor (N_A = N_B)")->check(CLI::Range(int64_t{1}, int64_t{1} << 24));

@@ -3,6 +3,7 @@
 
 #include <bit>
 #include <cstring>
+#include <set>
 
 #include <xxhash.h>
 #include <zstd.h>
@@ -136,6 +137,15 @@ std::vector<uint8_t> from_byte_planes(const std::vector<uint8_t>& v, size_t widt
 
 }  // namespace
 
+uint64_t passthrough_numel(const std::vector<int64_t>& shape, const std::string& where) {
+  uint64_t numel = 1;
+  for (int64_t d : shape) {
+    if (d < 0 || (d > 0 && numel > (1ull << 40) / static_cast<uint64_t>(d))) throw Error(ErrorKind::Format, where, "bad shape");
+    numel *= static_cast<uint64_t>(d);
+  }
+  return numel;
+}
+
 uint32_t fingerprint_f32(const std::vector<float>& values) {
   return XXH32(values.data(), values.size() * sizeof(float), 0);
 }
@@ -162,6 +172,11 @@ std::vector<uint8_t> serialize_container(const Container& c) {
   }
   nlohmann::json pass = nlohmann::json::array();
   for (const auto& [key, t] : c.passthrough) {
+    if (const auto layer = c.passthrough_layers.find(key); layer != c.passthrough_layers.end()) {
+      if (c.version < 6) throw Error(ErrorKind::InvalidInput, "container", "passthrough tensors coded as layers need format version 6");
+      pass.push_back({{"key", key}, {"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"coding", "layer"}, {"layer", layer->second}});
+      continue;
+    }
     const auto coded = c.passthrough_int8.find(key);
     if (coded != c.passthrough_int8.end()) {
       if (c.version < 4) throw Error(ErrorKind::InvalidInput, "container", "int8-coded passthrough tensors need format version 4");
@@ -324,26 +339,40 @@ Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& 
   }
   const auto& pass = meta.at("passthrough");
   if (!pass.is_array()) throw Error(ErrorKind::Format, where, "passthrough must be an array");
+  std::set<std::string> keys;
   for (const auto& j : pass) {
     Tensor t;
     const std::string key = field<std::string>(j, "key", where);
     const std::string pw = where + " (tensor " + key + ")";
+    if (!keys.insert(key).second) throw Error(ErrorKind::Format, pw, "tensor listed twice");
     t.dtype = parse_dtype(field<std::string>(j, "dtype", pw), pw);
     t.shape = field<std::vector<int64_t>>(j, "shape", pw);
-    t.data = blobs_in.take(j.at("blob"), pw);
-    uint64_t numel = 1;
-    for (int64_t d : t.shape) {
-      if (d < 0 || (d > 0 && numel > (1ull << 40) / static_cast<uint64_t>(d))) throw Error(ErrorKind::Format, pw, "bad shape");
-      numel *= static_cast<uint64_t>(d);
+    const uint64_t numel = passthrough_numel(t.shape, pw);
+    const std::string coding = j.contains("coding") ? field<std::string>(j, "coding", pw) : "";
+    if (coding == "layer") {  // v6: the tensor is B~ A~ of a layer of the spectral stream
+      if (version < 6) throw Error(ErrorKind::Format, pw, "passthrough coding 'layer' needs format version 6");
+      if (j.contains("blob")) throw Error(ErrorKind::Format, pw, "a tensor coded as a layer has no blob");
+      const uint64_t index = field<uint64_t>(j, "layer", pw);
+      if (index >= c.layers.size()) throw Error(ErrorKind::Format, pw, "layer " + std::to_string(index) + " does not exist");
+      const LayerRecord& l = c.layers[index];
+      if (l.mode != "spectral") throw Error(ErrorKind::Format, pw, "the layer coding it must be of mode spectral");
+      if (!is_float(t.dtype) || t.shape.size() < 2 || t.shape[0] != l.shape.m || numel != static_cast<uint64_t>(l.shape.m * l.shape.n))
+        throw Error(ErrorKind::Format, pw, "tensor does not match its layer's shape (rows = out, numel = out x in)");
+      if (numel * dtype_size(t.dtype) > kMaxPayload) throw Error(ErrorKind::Format, pw, "tensor too large");
+      for (const auto& [other, i] : c.passthrough_layers)
+        if (i == index) throw Error(ErrorKind::Format, pw, "layer " + std::to_string(index) + " already codes tensor " + other);
+      c.passthrough_layers.emplace(key, static_cast<size_t>(index));
+      c.passthrough.emplace_back(key, std::move(t));  // no data until decompress_container restores it
+      continue;
     }
+    t.data = blobs_in.take(j.at("blob"), pw);
     if (j.contains("coding")) {  // v4
-      const std::string coding = field<std::string>(j, "coding", pw);
       if (version < 4) throw Error(ErrorKind::Format, pw, "passthrough coding needs format version 4");
       if (coding != "int8") throw Error(ErrorKind::Format, pw, "unknown passthrough coding '" + coding + "'");
       if (!is_float(t.dtype)) throw Error(ErrorKind::Format, pw, "int8 coding of a tensor that is not floating point");
       Int8Rows q = int8_rows_from_blob(t.data, t.shape, pw);
       t = dequantize_int8_rows(q, t.dtype, t.shape);
-      if (!c.passthrough_int8.emplace(key, std::move(q)).second) throw Error(ErrorKind::Format, pw, "tensor listed twice");
+      c.passthrough_int8.emplace(key, std::move(q));
       c.passthrough.emplace_back(key, std::move(t));
       continue;
     }

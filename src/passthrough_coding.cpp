@@ -67,4 +67,45 @@ Int8Rows int8_rows_from_blob(const std::vector<uint8_t>& blob, const std::vector
   return q;
 }
 
+bool layer_codable(const Tensor& t) {
+  if (!is_float(t.dtype) || t.shape.size() < 2 || t.numel() == 0) return false;
+  const size_t rows = row_count(t.shape), cols = static_cast<size_t>(t.numel()) / rows;
+  if (static_cast<int64_t>(std::min(rows, cols)) > kMaxLayerCodedRank) return false;
+  const std::vector<float> v = t.to_f32();
+  return std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); });
+}
+
+LoraModule passthrough_as_layer(const std::string& key, const Tensor& t, const std::string& key_prefix) {
+  const int64_t rows = static_cast<int64_t>(row_count(t.shape)), cols = static_cast<int64_t>(t.numel()) / rows;
+  LoraModule mod;
+  mod.path = key.starts_with(key_prefix) ? key.substr(key_prefix.size()) : key;
+  if (mod.path.ends_with(".weight")) mod.path.resize(mod.path.size() - 7);
+  mod.rank = std::min(rows, cols);
+  mod.alpha = static_cast<double>(mod.rank);
+  mod.scaling = 1.0;
+  const Tensor whole = Tensor::from_f32(t.to_f32(), {rows, cols}, DType::F32);
+  std::vector<float> eye(static_cast<size_t>(mod.rank * mod.rank), 0.0f);
+  for (int64_t i = 0; i < mod.rank; ++i) eye[static_cast<size_t>(i * mod.rank + i)] = 1.0f;
+  const Tensor identity = Tensor::from_f32(eye, {mod.rank, mod.rank}, DType::F32);
+  mod.A = rows <= cols ? whole : identity;
+  mod.B = rows <= cols ? identity : whole;
+  return mod;
+}
+
+Tensor layer_product(const Matrix& b, const Matrix& a, DType dtype, const std::vector<int64_t>& shape) {
+  const std::vector<float> bf = b.to_f32(), af = a.to_f32();
+  const int64_t m = b.rows, k = b.cols, n = a.cols;
+  std::vector<double> acc(static_cast<size_t>(m * n), 0.0);
+  for (int64_t j = 0; j < k; ++j)  // j outermost: every element sums its products in increasing j
+    for (int64_t i = 0; i < m; ++i) {
+      const double bij = bf[static_cast<size_t>(i * k + j)];
+      double* row = acc.data() + i * n;
+      const float* arow = af.data() + j * n;
+      for (int64_t c = 0; c < n; ++c) row[c] += bij * static_cast<double>(arow[c]);
+    }
+  std::vector<float> out(acc.size());
+  for (size_t i = 0; i < acc.size(); ++i) out[i] = static_cast<float>(acc[i]);
+  return Tensor::from_f32(out, shape, dtype);
+}
+
 }  // namespace solar

@@ -271,29 +271,50 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
   c.key_prefix = adapter.key_prefix;
   c.file_metadata = adapter.file_metadata;
   c.passthrough = adapter.passthrough;
-  if (options.passthrough == "int8") {
+  // The layers to code: the LoRA modules, then (format v6) the heads coded as layers.
+  std::vector<LoraModule> modules = adapter.modules;
+  const size_t lora_count = modules.size();
+  if (options.passthrough == "int8" || options.passthrough == "spectral") {
+    if (options.passthrough == "spectral" && options.mode != "spectral")
+      throw Error(ErrorKind::InvalidInput, "compress", "--passthrough spectral needs mode spectral (not " + options.mode + ")");
     for (auto& [key, t] : c.passthrough) {
+      if (options.passthrough == "spectral" && layer_codable(t)) {
+        LoraModule head = passthrough_as_layer(key, t, adapter.key_prefix);
+        // Statistics are per module: without them for this tensor its errors could not be
+        // weighed against the LoRA layers', so it falls back to int8 rows (so with the base-gram
+        // proxy, which has no W for a head).
+        if (options.calibration ? options.calibration->contains(head.path + ".input_moment") : options.proxy.empty()) {
+          c.passthrough_layers.emplace(key, modules.size());
+          modules.push_back(std::move(head));
+          t.data.clear();  // restored from the stream (Container::passthrough_layers)
+          continue;
+        }
+        if (options.warn)
+          options.warn("no " + std::string(options.calibration ? "calibration statistics" : "base weight") + " for '" + head.path +
+                       "' (" + key + "): stored as int8 rows instead of coded with the layers");
+      }
       std::optional<Int8Rows> q = quantize_int8_rows(t);
       if (!q) continue;
       t = dequantize_int8_rows(*q, t.dtype, t.shape);  // what the receiver restores
       c.passthrough_int8.emplace(key, std::move(*q));
     }
   } else if (options.passthrough != "exact") {
-    throw Error(ErrorKind::InvalidInput, "compress", "unknown passthrough coding '" + options.passthrough + "' (available: exact, int8)");
+    throw Error(ErrorKind::InvalidInput, "compress",
+                "unknown passthrough coding '" + options.passthrough + "' (available: exact, int8, spectral)");
   }
-  c.layers.resize(adapter.modules.size());
+  c.layers.resize(modules.size());
 
   // Resolve and check every module against the base before any heavy work.
-  for (size_t i = 0; i < adapter.modules.size(); ++i) {
-    const LoraModule& mod = adapter.modules[i];
+  for (size_t i = 0; i < modules.size(); ++i) {
+    const LoraModule& mod = modules[i];
     LayerRecord& l = c.layers[i];
     l.module = mod.path;
     l.shape = {mod.B.shape[0], mod.A.shape[1], mod.rank};
     l.a_dtype = mod.A.dtype;
     l.b_dtype = mod.B.dtype;
     l.mode = codec->mode();
-    l.transpose_base = transpose;
-    if (!codec->needs_base()) continue;
+    l.transpose_base = transpose && i < lora_count;
+    if (!codec->needs_base() || i >= lora_count) continue;
     l.base_key = resolve_base_key(base, mod.path);
     const TensorView v = base.get(l.base_key);
     if (v.shape.size() != 2)
@@ -312,7 +333,7 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
   // layer's W, statistics and factorisations between the passes would cost O(m² + n²) memory per
   // layer, which large adapters cannot afford.
   auto context = [&](size_t i) {
-    const LoraModule& mod = adapter.modules[i];
+    const LoraModule& mod = modules[i];
     LayerRecord& l = c.layers[i];
     std::function<Matrix()> load;
     if (codec->needs_base()) {
@@ -325,12 +346,12 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
     ctx.weight = mod.scaling * mod.scaling;
     if (options.warn) ctx.warn = [&](const std::string& m) { warn_once(m); };
     if (codec->plans_budget()) {
-      ctx.input_moment = input_weighting(options, base, mod.path, l, transpose);
+      ctx.input_moment = input_weighting(options, base, mod.path, l, l.transpose_base);
       ctx.output_moment = output_weighting(options, mod.path, l);
     }
     return ctx;
   };
-  auto factors = [&](size_t i) { return Factors{to_matrix(adapter.modules[i].A), to_matrix(adapter.modules[i].B)}; };
+  auto factors = [&](size_t i) { return Factors{to_matrix(modules[i].A), to_matrix(modules[i].B)}; };
 
   std::atomic<size_t> done{0};
   std::vector<std::vector<Candidate>> candidates(c.layers.size());
@@ -366,7 +387,11 @@ PeftAdapter decompress_container(const Container& c, const WeightSource& base, c
   out.key_prefix = c.key_prefix;
   out.file_metadata = c.file_metadata;
   out.passthrough = c.passthrough;
-  out.modules.resize(c.layers.size());
+  // Format v6: layers that restore a passthrough tensor (by position in out.passthrough).
+  std::vector<std::optional<size_t>> restores(c.layers.size());
+  for (size_t p = 0; p < c.passthrough.size(); ++p)
+    if (const auto it = c.passthrough_layers.find(c.passthrough[p].first); it != c.passthrough_layers.end()) restores.at(it->second) = p;
+  std::vector<LoraModule> modules(c.layers.size());
   Reporter report(options.progress);
   // Format v2: the layers of a planned mode share one stream, stored as the blob of the mode's
   // first layer. Read it (sequentially: the models carry over) before the per-layer work.
@@ -404,13 +429,20 @@ PeftAdapter decompress_container(const Container& c, const WeightSource& base, c
     Factors f = streamed[i] ? codec->decode_symbols(ctx, *streamed[i]) : codec->decode(ctx, l.encoded);
     if (f.A.rows != l.shape.r || f.A.cols != l.shape.n || f.B.rows != l.shape.m || f.B.cols != l.shape.r)
       throw Error(ErrorKind::Format, "layer " + l.module, "decoded factors have the wrong shape");
-    LoraModule& mod = out.modules[i];
-    mod.path = l.module;
-    mod.rank = l.shape.r;
-    mod.A = to_tensor(f.A, l.a_dtype);
-    mod.B = to_tensor(f.B, l.b_dtype);
+    if (restores[i]) {
+      Tensor& t = out.passthrough[*restores[i]].second;
+      t = layer_product(f.B, f.A, t.dtype, t.shape);
+    } else {
+      LoraModule& mod = modules[i];
+      mod.path = l.module;
+      mod.rank = l.shape.r;
+      mod.A = to_tensor(f.A, l.a_dtype);
+      mod.B = to_tensor(f.B, l.b_dtype);
+    }
     report("[" + std::to_string(++done) + "/" + std::to_string(c.layers.size()) + "] " + l.module + " restored");
   });
+  for (size_t i = 0; i < modules.size(); ++i)
+    if (!restores[i]) out.modules.push_back(std::move(modules[i]));
   return out;
 }
 

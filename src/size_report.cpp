@@ -6,15 +6,29 @@ namespace solar {
 namespace {
 
 // Size of adapter_model.safetensors holding this adapter with LoRA factors in `dtype`.
+bool codes_passthrough(const Container& c, size_t layer) {
+  for (const auto& entry : c.passthrough_layers)
+    if (entry.second == layer) return true;
+  return false;
+}
+
+// A passthrough tensor with its data (layer-coded ones have none until restored: zeros stand in).
+Tensor sized(const Tensor& t) {
+  if (!t.data.empty()) return t;
+  return Tensor{t.dtype, t.shape, std::vector<uint8_t>(passthrough_numel(t.shape, "size report") * dtype_size(t.dtype))};
+}
+
 size_t peft_file_bytes(const Container& c, DType dtype) {
   std::vector<std::pair<std::string, Tensor>> tensors;
-  for (const LayerRecord& l : c.layers) {
+  for (size_t i = 0; i < c.layers.size(); ++i) {
+    const LayerRecord& l = c.layers[i];
+    if (codes_passthrough(c, i)) continue;
     Tensor a{dtype, {l.shape.r, l.shape.n}, std::vector<uint8_t>(static_cast<size_t>(l.shape.r * l.shape.n) * dtype_size(dtype))};
     Tensor b{dtype, {l.shape.m, l.shape.r}, std::vector<uint8_t>(static_cast<size_t>(l.shape.m * l.shape.r) * dtype_size(dtype))};
     tensors.emplace_back(c.key_prefix + l.module + ".lora_A.weight", std::move(a));
     tensors.emplace_back(c.key_prefix + l.module + ".lora_B.weight", std::move(b));
   }
-  for (const auto& p : c.passthrough) tensors.push_back(p);
+  for (const auto& [key, t] : c.passthrough) tensors.emplace_back(key, sized(t));
   return safetensors_bytes(tensors, c.file_metadata).size();
 }
 
@@ -30,18 +44,20 @@ SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes) {
   r.metadata_raw_bytes = h.metadata_raw;
   r.payload_bytes = h.payload_stored;
   r.payload_raw_bytes = h.payload_raw;
-  for (const LayerRecord& l : c.layers) {
-    SizeReport::Layer L{l.module, l.mode, l.shape, l.encoded.params, 0};
+  for (size_t i = 0; i < c.layers.size(); ++i) {
+    const LayerRecord& l = c.layers[i];
+    SizeReport::Layer L{l.module, l.mode, l.shape, l.encoded.params, 0, nullptr};
     for (const auto& b : l.encoded.blobs) L.payload_bytes += b.size();
-    r.lora_params += static_cast<size_t>(l.shape.r * (l.shape.m + l.shape.n));
+    if (!codes_passthrough(c, i)) r.lora_params += static_cast<size_t>(l.shape.r * (l.shape.m + l.shape.n));
     r.layers.push_back(std::move(L));
   }
   for (const ModeStream& s : read_streams(c)) {
     const std::vector<nlohmann::json> summary = s.codec->stream_summary(s.stream_layers, s.symbols, c.version);
     for (size_t k = 0; k < s.layers.size(); ++k) r.layers[s.layers[k]].stream = summary[k];
   }
-  for (const auto& p : c.passthrough) r.passthrough_raw_bytes += p.second.data.size();
+  for (const auto& [key, t] : c.passthrough) r.passthrough_raw_bytes += passthrough_numel(t.shape, key) * dtype_size(t.dtype);
   r.passthrough_int8_tensors = c.passthrough_int8.size();
+  r.passthrough_layer_tensors = c.passthrough_layers.size();
   r.peft_fp32_bytes = peft_file_bytes(c, DType::F32);
   r.peft_fp16_bytes = peft_file_bytes(c, DType::F16);
   return r;
@@ -61,6 +77,7 @@ nlohmann::json SizeReport::to_json() const {
           {"payload_raw_bytes", payload_raw_bytes},
           {"passthrough_raw_bytes", passthrough_raw_bytes},
           {"passthrough_int8_tensors", passthrough_int8_tensors},
+          {"passthrough_layer_tensors", passthrough_layer_tensors},
           {"lora_params", lora_params},
           {"peft_fp32_bytes", peft_fp32_bytes},
           {"peft_fp16_bytes", peft_fp16_bytes},

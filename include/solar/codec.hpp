@@ -93,7 +93,7 @@ class LayerCodec {
   virtual std::vector<Candidate> candidates(const LayerContext&, const Factors&) const { return {}; }
   // The symbols of one of candidates()'s points (given the same context and factors).
   virtual std::vector<int32_t> candidate_symbols(const LayerContext& ctx, const Factors& f, const Candidate& c) const;
-  // Writes the current syntax (format v5).
+  // Writes the current syntax (format v5's, which v6 keeps).
   virtual std::vector<uint8_t> write_stream(const std::vector<StreamLayer>& layers,
                                             const std::vector<std::vector<int32_t>>& symbols) const;
   // `version`: the container's format version (a stream's syntax may differ between versions).

@@ -1,6 +1,6 @@
-// The .solar container (format v5, specified in docs/FORMAT.md; v1 to v4 files are still read).
+// The .solar container (format v6, specified in docs/FORMAT.md; v1 to v5 files are still read).
 //
-//   magic "\x89SLR" | u8 version (5) | u8 flags | LEB128 sizes: metadata stored, metadata raw,
+//   magic "\x89SLR" | u8 version (6) | u8 flags | LEB128 sizes: metadata stored, metadata raw,
 //   payload stored, payload raw | metadata (JSON, UTF-8; zstd with a built-in dictionary when
 //   that is smaller) | payload (the blobs, concatenated; zstd when smaller) | u32 XXH32 of every
 //   byte before it. Since v5 zstd frames are stored without their 4-byte magic number.
@@ -22,7 +22,7 @@
 
 namespace solar {
 
-inline constexpr uint32_t kFormatVersion = 5;       // what this build writes
+inline constexpr uint32_t kFormatVersion = 6;       // what this build writes
 inline constexpr uint32_t kOldestReadableVersion = 1;
 inline constexpr size_t kTrailerSize = 4;
 
@@ -38,7 +38,7 @@ struct LayerRecord {
 };
 
 struct Container {
-  uint32_t version = kFormatVersion;  // as read; serialised as is (1 to 5)
+  uint32_t version = kFormatVersion;  // as read; serialised as is (1 to 6)
   uint64_t seed = 0;
   std::string producer;  // "solar <version>"
   nlohmann::json peft_config;
@@ -49,7 +49,14 @@ struct Container {
   // v4: passthrough tensors stored as int8 rows, by key, with their codes (so that a file read
   // and written again keeps its bytes).
   std::map<std::string, Int8Rows> passthrough_int8;
+  // v6: passthrough tensors coded as a layer of the spectral stream (a classifier head, say),
+  // by key, with the index of that layer. Their entries in `passthrough` carry dtype and shape
+  // but no data until decompress_container restores them; the layer restores no LoRA module.
+  std::map<std::string, size_t> passthrough_layers;
 };
+
+// The number of elements of a passthrough tensor's shape (throws Format past 2^40).
+uint64_t passthrough_numel(const std::vector<int64_t>& shape, const std::string& where);
 
 std::vector<uint8_t> serialize_container(const Container& c);
 // `where` names the source in errors (a path, or "<bytes>").
@@ -75,7 +82,8 @@ struct SizeReport {
   size_t payload_bytes = 0;       // as stored
   size_t payload_raw_bytes = 0;
   size_t passthrough_raw_bytes = 0;    // as restored
-  size_t passthrough_int8_tensors = 0;  // of them, stored as int8 rows (v4)
+  size_t passthrough_int8_tensors = 0;   // of them, stored as int8 rows (v4)
+  size_t passthrough_layer_tensors = 0;  // of them, coded as layers of the spectral stream (v6)
   size_t lora_params = 0;         // numbers in the original A and B factors
   size_t peft_fp32_bytes = 0;     // adapter_model.safetensors with LoRA factors in F32
   size_t peft_fp16_bytes = 0;     // ... in F16 (passthrough tensors as they are)

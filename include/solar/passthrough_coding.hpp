@@ -9,6 +9,8 @@
 #include <vector>
 
 #include "solar/dtype.hpp"
+#include "solar/linalg.hpp"
+#include "solar/peft_adapter.hpp"
 
 namespace solar {
 
@@ -27,5 +29,22 @@ Tensor dequantize_int8_rows(const Int8Rows& q, DType dtype, const std::vector<in
 // The blob: rows x float32 scale (little-endian), then the int8 values. `where` names the tensor.
 std::vector<uint8_t> int8_rows_blob(const Int8Rows& q);
 Int8Rows int8_rows_from_blob(const std::vector<uint8_t>& blob, const std::vector<int64_t>& shape, const std::string& where);
+
+// Format v6, `--passthrough spectral`: a 2-D (or higher) head is coded as one more layer of the
+// spectral stream, so the plan gives it bytes by the same error-per-byte rule as the LoRA layers
+// (MiniLM's classifier head kept its whole effect at 2 bits a value, where int8 rows spend 8).
+// Applies to finite floating-point tensors whose rows R = shape[0] and columns C = numel / R
+// have min(R, C) <= kMaxLayerCodedRank: the layer's rank is min(R, C), and larger ones (embedding
+// copies) are not low-rank updates.
+inline constexpr int64_t kMaxLayerCodedRank = 64;
+bool layer_codable(const Tensor& t);
+// The tensor as a LoRA module whose update B A is the tensor itself (R x C): A = the tensor and
+// B = I when R <= C, else B = the tensor and A = I; scaling 1. Its path is the key without
+// `key_prefix` and without a trailing ".weight" (`classifier` for a sequence classifier's head),
+// which is where calibration statistics for it are looked up.
+LoraModule passthrough_as_layer(const std::string& key, const Tensor& t, const std::string& key_prefix);
+// The restored tensor: B~ and A~ rounded to binary32, each element the sum over j in increasing
+// order of their products in binary64, rounded to binary32, then converted to `dtype`.
+Tensor layer_product(const Matrix& b, const Matrix& a, DType dtype, const std::vector<int64_t>& shape);
 
 }  // namespace solar

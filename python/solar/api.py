@@ -66,7 +66,8 @@ class CompressedAdapter:
 
     @property
     def layers(self) -> list:
-        """One dict per compressed LoRA module: module, base_key, transpose_base, shape
+        """One dict per coded layer (each LoRA module, then each head coded as a layer with
+        ``passthrough="spectral"``): module, base_key, transpose_base, shape
         [out, in, r], a_dtype, b_dtype, base_fingerprint, mode, params, payload_bytes."""
         return json.loads(self._c.layers_json())
 
@@ -234,7 +235,12 @@ def compress(
             (the default: dependent with ``calibration``, uniform without).
         passthrough: tensors besides the LoRA factors (``modules_to_save`` heads, ...):
             ``"exact"`` (the default) stores them verbatim; ``"int8"`` stores every floating-point
-            one of 2 or more dimensions as int8 with a float32 scale per row (vectors stay exact).
+            one of 2 or more dimensions as int8 with a float32 scale per row (vectors stay exact);
+            ``"spectral"`` (mode ``"spectral"``) codes each head whose smaller side is at most 64
+            (a classifier's ``num_labels x hidden``) as one more layer of the stream, its bytes
+            planned with the LoRA layers' (with ``calibration``, statistics for the head too, as
+            :func:`solar.calibrate` records them; a head without them falls back to int8 rows),
+            and the others as ``"int8"`` does.
         pool, pool_a, pool_b: pool sizes N_A, N_B (``pool`` for both unless overridden).
         keep: coefficients kept per factor (k_A = k_B); overrides ``keep_fraction``.
         keep_fraction: fraction of each pool kept when ``keep`` is not given.

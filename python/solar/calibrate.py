@@ -1,6 +1,7 @@
 """Calibration statistics for output-aware coding (the ``spectral`` modes' ``calibration=``).
 
-For every LoRA-adapted module, the second moment of its inputs, E[x x^T] (n x n), and, when the
+For every LoRA-adapted module (and every linear ``modules_to_save`` head, which
+``passthrough="spectral"`` codes as one more layer), the second moment of its inputs, E[x x^T] (n x n), and, when the
 batches give a loss, of the loss gradient at its outputs, E[g g^T] (m x m). Together they are a
 Kronecker-factored Fisher approximation (K-FAC): an update error E then costs about
 tr(G E S E^T) / 2 in loss per token when the loss is summed over tokens (with a mean loss, as
@@ -16,11 +17,21 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 PREFIX = "base_model.model."
 
 
-def _lora_modules(model) -> dict:
-    """Module path (as in the adapter's keys, without PEFT's prefix) -> module, for LoRA layers."""
+def _coded_modules(model) -> dict:
+    """Module path (as in the adapter's keys, without PEFT's prefix) -> module, for LoRA layers
+    and for ``modules_to_save`` copies of linear layers (a classifier head: the codec's
+    ``passthrough="spectral"`` looks its statistics up by the same path)."""
+    import torch
+
+    try:
+        from peft.utils.other import ModulesToSaveWrapper
+    except ImportError:  # a PEFT without it has no heads to find
+        ModulesToSaveWrapper = ()
     found = {}
     for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+        lora = hasattr(module, "lora_A") and hasattr(module, "base_layer")
+        head = isinstance(module, ModulesToSaveWrapper) and isinstance(module.original_module, torch.nn.Linear)
+        if lora or head:
             found[name[len(PREFIX):] if name.startswith(PREFIX) else name] = module
     return found
 
@@ -49,11 +60,12 @@ def calibrate(
     """
     import torch
 
-    modules = _lora_modules(model)
+    modules = _coded_modules(model)
     if not modules:
         raise ValueError("calibrate: the model has no LoRA layers (pass the PeftModel)")
     sums_x = {k: None for k in modules}
     sums_g = {k: None for k in modules}
+    rows_x = {k: 0 for k in modules}
     state = {"mask": None, "tokens": 0}
     first = next(iter(modules))
 
@@ -68,6 +80,7 @@ def calibrate(
             x = rows(inputs[0])
             if name == first:
                 state["tokens"] += x.shape[0]
+            rows_x[name] += x.shape[0]
             sums_x[name] = x.T @ x if sums_x[name] is None else sums_x[name] + x.T @ x
         return hook
 
@@ -116,8 +129,11 @@ def calibrate(
     for name in modules:
         if sums_x[name] is None:
             continue
+        # Inputs are averaged over the module's own rows (a head sees one per sequence, a LoRA
+        # layer one per token); gradient moments share one divisor, the first layer's tokens, so
+        # that every module's metric keeps the same scale (E[x x^T] (x) sum g g^T, up to it).
         count = max(1.0, float(state["tokens"]))
-        stats[f"{name}.input_moment"] = (sums_x[name] / count).float().contiguous()
+        stats[f"{name}.input_moment"] = (sums_x[name] / max(1.0, float(rows_x[name]))).float().contiguous()
         if sums_g[name] is not None:
             stats[f"{name}.output_grad_moment"] = (sums_g[name] / count).float().contiguous()
     if out is not None:

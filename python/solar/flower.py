@@ -213,13 +213,14 @@ def encode_arrays(
     first LoRA array and every other array unchanged; the CompressedAdapter or None when
     there were no LoRA pairs). ``codec`` goes to :func:`solar.compress` (mode, target_error, ...).
     With ``passthrough="int8"`` the float16/float32 arrays of 2 or more dimensions besides the
-    factors (a ``modules_to_save`` head) go into the payload too, as int8 rows."""
+    factors (a ``modules_to_save`` head) go into the payload too, as int8 rows; with
+    ``passthrough="spectral"`` they go into it coded with the layers (format v6)."""
     keys = list(arrays)
     pairs, others = _split_lora(keys)
     if not pairs:
         return dict(arrays), None
     heads: dict = {}
-    if codec.get("passthrough") == "int8":
+    if codec.get("passthrough") in ("int8", "spectral"):
         candidates = {k: _np(arrays[k]) for k in others}
         heads = {k: v for k, v in candidates.items() if v.dtype in (np.float16, np.float32) and v.ndim >= 2}
         others = [k for k in others if k not in heads]
@@ -247,7 +248,7 @@ def encode_arrays(
 def decode_arrays(payload: Any, base: Any = None, *, threads: int = 0) -> dict:
     """The LoRA arrays of a payload (bytes or CompressedAdapter) under the client's record
     keys, as float32/float16/... NumPy arrays in the order they were sent, then the other
-    arrays it carries (``passthrough="int8"`` heads) under their own keys. Raises
+    arrays it carries (``passthrough="int8"`` or ``"spectral"`` heads) under their own keys. Raises
     solar.CorruptError / FormatError for damaged bytes and solar.MismatchError for a payload
     built against another base."""
     packed = api.load(payload) if not isinstance(payload, api.CompressedAdapter) else payload
@@ -298,7 +299,8 @@ def solar_mod(
             metrics show them.
         codec: further :func:`solar.compress` options (pool, keep_fraction, bits, seed, calibration, ...);
             ``passthrough="int8"`` also sends the reply's other float arrays of 2 or more
-            dimensions (a ``modules_to_save`` head) inside the payload, as int8 rows.
+            dimensions (a ``modules_to_save`` head) inside the payload, as int8 rows
+            (``"spectral"``: coded with the layers).
 
     List it first in ``ClientApp(mods=[...])``: the first mod is the outermost, so it then
     compresses the reply after every other mod (e.g. ``fixedclipping_mod``) has worked on the

@@ -113,8 +113,19 @@ TEST_F(Cli, PassthroughInt8CodesHeadsAndInspectSaysSo) {
   EXPECT_LT(std::filesystem::file_size(dir_.file("q.solar")) + 500, std::filesystem::file_size(dir_.file("e.solar")));
   const CliResult i = run("inspect " + dir_.file("q.solar"), dir_);
   ASSERT_EQ(i.code, 0) << i.err;
-  EXPECT_NE(i.out.find("solar format v5"), std::string::npos) << i.out;
+  EXPECT_NE(i.out.find("solar format v6"), std::string::npos) << i.out;
   EXPECT_NE(i.out.find("1 stored as int8 rows"), std::string::npos) << i.out;
+  // --passthrough spectral: the head becomes a layer of the stream, and comes back in its place.
+  const CliResult s = run(common + dir_.file("s.solar") + " --passthrough spectral", dir_);
+  ASSERT_EQ(s.code, 0) << s.err;
+  EXPECT_NE(s.out.find("for 4 layers (and 1 head coded with them)"), std::string::npos) << s.out;
+  EXPECT_NE(run("inspect " + dir_.file("s.solar"), dir_).out.find("1 coded as layers of the stream"), std::string::npos);
+  ASSERT_EQ(run("decompress " + dir_.file("s.solar") + " --out " + dir_.file("sr") + " -q", dir_).code, 0);
+  const PeftAdapter back = read_peft_adapter(dir_.file("sr"));
+  ASSERT_EQ(back.modules.size(), a.modules.size());
+  ASSERT_EQ(back.passthrough.size(), 1u);
+  EXPECT_EQ(back.passthrough[0].first, "base_model.model.score.weight");
+  EXPECT_EQ(back.passthrough[0].second.shape, a.passthrough[0].second.shape);
   const CliResult bad = run(common + dir_.file("x.solar") + " --passthrough int4", dir_);
   EXPECT_NE(bad.code, 0);
   EXPECT_FALSE(std::filesystem::exists(dir_.file("x.solar")));

@@ -391,3 +391,18 @@ def test_int8_passthrough_sends_the_head_inside_the_payload():
     out, _ = strat.aggregate_train(1, [coded])
     assert set(out.keys()) == set(state.keys())
     np.testing.assert_array_equal(out[HEAD[0]].numpy(), back[HEAD[0]])
+
+
+def test_spectral_passthrough_codes_the_head_with_the_layers():
+    """`passthrough="spectral"`: the head rides in the payload as one more layer of the stream,
+    planned with the LoRA layers; the server restores it under its key, near the sent one."""
+    state = lora_state(seed=5)
+    coded = run_mod(solar_mod("spectral", target_error=0.05, threads=1, passthrough="spectral"), record(state))
+    arrays = coded.content["arrays"]
+    assert list(arrays.keys()) == [PAYLOAD_KEY, HEAD[1]]
+    payload = bytes(arrays[PAYLOAD_KEY].data)
+    assert solar.load(payload).report()["passthrough_layer_tensors"] == 1
+    back = decode_arrays(payload)
+    assert list(back)[-1] == HEAD[0] and back[HEAD[0]].shape == state[HEAD[0]].shape
+    err = np.linalg.norm(back[HEAD[0]] - state[HEAD[0]]) / np.linalg.norm(state[HEAD[0]])
+    assert 0 < err < 0.2  # every layer's relative error, the head's too, within the plan's 0.05 rms

@@ -1,7 +1,7 @@
 """docs/FORMAT.md is complete for the spectral mode: a decoder written from the document alone, in
 plain Python (container, metadata, range coder, adaptive integer model, uniform and dependent
-quantisation, passthrough tensors exact and int8-coded, the v5 stream syntax), must restore the
-golden v2 to v5 files to exactly the tensors the C++ core does.
+quantisation, passthrough tensors exact, int8-coded and coded as layers, the v5 stream syntax),
+must restore the golden v2 to v6 files to exactly the tensors the C++ core does.
 """
 from __future__ import annotations
 
@@ -210,14 +210,22 @@ def decode_spectral(version: int, meta: dict, payload: bytes) -> list[tuple[np.n
 DTYPES = {"F32": np.float32, "F16": np.float16}
 
 
-def decode_passthrough(version: int, meta: dict, payload: bytes) -> dict[str, np.ndarray]:
-    """Every passthrough tensor, by key, in its own dtype."""
+def decode_passthrough(version: int, meta: dict, payload: bytes, layers: list) -> dict[str, np.ndarray]:
+    """Every passthrough tensor, by key, in its own dtype (`layers`: decode_spectral's output)."""
     pos = sum(sum(layer.get("blobs", [])) for layer in meta["layers"])
     out = {}
     for entry in meta["passthrough"]:
+        dtype, shape = np.dtype(DTYPES[entry["dtype"]]), entry["shape"]
+        if entry.get("coding") == "layer":  # v6: the product of the layer's restored factors
+            assert version >= 6 and "blob" not in entry
+            a, b, _ = layers[entry["layer"]]
+            acc = np.zeros((b.shape[0], a.shape[1]), np.float64)
+            for j in range(b.shape[1]):  # binary64, in increasing j
+                acc += b[:, j, None].astype(np.float64) * a[None, j, :].astype(np.float64)
+            out[entry["key"]] = acc.astype(np.float32).astype(dtype).reshape(shape)
+            continue
         blob = payload[pos:pos + entry["blob"]]
         pos += entry["blob"]
-        dtype, shape = np.dtype(DTYPES[entry["dtype"]]), entry["shape"]
         numel = int(np.prod(shape))
         if entry.get("coding") == "int8":
             assert version >= 4 and len(shape) >= 2
@@ -236,21 +244,27 @@ def decode_passthrough(version: int, meta: dict, payload: bytes) -> dict[str, np
     return out
 
 
-@pytest.mark.parametrize("name", ["golden_v2_spectral", "golden_v3_spectral", "golden_v4_spectral", "golden_v5_spectral"])
+@pytest.mark.parametrize("name", ["golden_v2_spectral", "golden_v3_spectral", "golden_v4_spectral", "golden_v5_spectral",
+                                  "golden_v6_spectral"])
 def test_independent_decoder_restores_the_golden_files(name):
     version, meta, payload = parse((FIXTURES / f"{name}.solar").read_bytes())
     assert version == int(name[8])
     restored = decode_spectral(version, meta, payload)
     expected = load_file(str(FIXTURES / f"{name}_expected.safetensors"))
-    for i, (a, b, _) in enumerate(restored):
+    lora = restored[:4] if version >= 6 else restored  # v6: the fifth layer is the head
+    for i, (a, b, _) in enumerate(lora):
         np.testing.assert_array_equal(a, expected[f"A{i}"])
         np.testing.assert_array_equal(b, expected[f"B{i}"])
     assert any(dq for _, _, dq in restored) == (version >= 3)  # the v3 and v4 files exercise the trellis
-    passthrough = decode_passthrough(version, meta, payload)
+    passthrough = decode_passthrough(version, meta, payload, restored)
     if version >= 5:  # four layers in two groups, the last one dropped
-        assert [layer["module"] for layer in meta["layers"]] == ["layers.0.attn.q", "layers.0.attn.v", "layers.1.attn.q", "layers.1.attn.v"]
+        assert [layer["module"] for layer in meta["layers"]][:4] == ["layers.0.attn.q", "layers.0.attn.v", "layers.1.attn.q", "layers.1.attn.v"]
         assert not restored[3][0].any() and not restored[3][1].any()
-    if version >= 4:  # an int8-coded head and an exact F16 vector
+    if version >= 6:  # the head coded as a fifth layer of the stream, the vector exact
+        assert [e.get("coding") for e in meta["passthrough"]] == ["layer", None] and meta["passthrough"][0]["layer"] == 4
+        assert restored[4][0].any()
+        np.testing.assert_array_equal(passthrough["base_model.model.head.weight"], expected["P0"])
+    elif version >= 4:  # an int8-coded head and an exact F16 vector
         assert [e.get("coding") for e in meta["passthrough"]] == ["int8", None]
         np.testing.assert_array_equal(passthrough["base_model.model.head.weight"], expected["P0"])
     else:
@@ -259,13 +273,13 @@ def test_independent_decoder_restores_the_golden_files(name):
 
 
 def test_independent_decoder_matches_the_core_on_a_real_adapter(stories_adapter, tmp_path):
-    """A file of the real stories260K adapter as this build writes it (v5), the trellis quantiser
+    """A file of the real stories260K adapter as this build writes it (v6), the trellis quantiser
     offered without statistics."""
     import solar
 
     packed = solar.compress(stories_adapter, None, mode="spectral", target_error=0.3, quantiser="dependent")
     version, meta, payload = parse(packed.to_bytes())
-    assert version == 5
+    assert version == 6
     restored = decode_spectral(version, meta, payload)
     used = [dq for _, _, dq in restored]
     assert any(used) and [layer["stream"]["quantiser"] == "dependent" for layer in packed.report()["layers"]] == used

@@ -170,3 +170,55 @@ def test_int8_head_is_smaller_and_keeps_the_logits(trained, model_dir, tmp_path)
     assert rel(got["exact"], got["int8"]) < 1e-2
     with pytest.raises(solar.SolarError, match="passthrough"):
         solar.compress(adapter_dir, model_dir, passthrough="int4", **lossless)
+
+
+def test_spectral_head_is_planned_with_the_layers(model_dir):
+    """`passthrough="spectral"` on the real SST-2 adapter (tests/fixtures/minilm_sst2_lora_r8, a
+    trained classifier head in modules_to_save): `solar.calibrate` records the head's statistics,
+    the plan codes the head as a layer of its stream, and at equal file size the restored model
+    keeps more of the adapter's gain on real dev sentences than with the head as int8 rows."""
+    from conftest import FIXTURES
+
+    adapter_dir = FIXTURES / "minilm_sst2_lora_r8"
+    d = data_dir()
+    if d is None or not (d / "text" / "sst2" / "dev.tsv").is_file():
+        pytest.skip("../shared/data (SST-2) is absent")
+    rows = [line.split("\t") for line in (d / "text" / "sst2" / "train.tsv").read_text().splitlines()[1:]]
+    dev = [line.split("\t") for line in (d / "text" / "sst2" / "dev.tsv").read_text().splitlines()[1:]][:160]
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    model = peft.PeftModel.from_pretrained(base_model(model_dir), str(adapter_dir)).eval()
+
+    def batch(pairs):
+        enc = tok([s for _, s in pairs], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        enc["labels"] = torch.tensor([int(l) for l, _ in pairs])
+        return dict(enc)
+
+    stats = solar.calibrate(model, [batch(rows[-128:][i:i + 32]) for i in range(0, 128, 32)])
+    assert stats["classifier.input_moment"].shape == (384, 384) and stats["classifier.output_grad_moment"].shape == (2, 2)
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    dev_batch = batch(dev)
+
+    def loss(sd):
+        set_peft_model_state_dict(model, sd)
+        with torch.no_grad():
+            return model(**dev_batch).loss.item()
+
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    full = loss(saved)
+    none = loss({k: torch.zeros_like(v) if "lora_" in k else v for k, v in saved.items()})
+    kept = {}
+    for coding in ("spectral", "int8"):
+        packed = solar.compress(adapter_dir, None, calibration=stats, target_bytes=1800, passthrough=coding)
+        assert len(packed.to_bytes()) <= 1800
+        assert packed.report()["passthrough_layer_tensors"] == (coding == "spectral")
+        restored = solar.restore(packed, None)
+        assert set(restored) == set(saved) and all(restored[k].shape == saved[k].shape for k in saved)
+        kept[coding] = (none - loss(restored)) / (none - full)
+    # At this size the int8 head alone takes ~45% of the file; coded with the layers it costs a
+    # fraction of that, and the bytes go to the LoRA layers (benchmark: 92.6% against 68.8% kept).
+    assert kept["spectral"] > kept["int8"] + 0.05, kept
+    assert kept["spectral"] > 0.8, kept
