@@ -89,6 +89,14 @@ def retention_cells(task, cli: str, budgets: list[int], extra: list[str], refs: 
     return cells
 
 
+def minilm_splits() -> tuple[dict, dict]:
+    """MiniLM's tuning split and the dev set the benchmark scores, with their reference metrics."""
+    from bench.evaluate import MiniLMTask
+
+    tasks = {"tune": tuning_task("minilm_sst2"), "dev": MiniLMTask()}
+    return tasks, {name: references(task) for name, task in tasks.items()}
+
+
 def split_cells(cli: str, adapter_dir, budgets: list[int], flags: list[str], tasks: dict, refs: dict, workdir) -> list[str]:
     """One cell per budget for `solar compress --adapter adapter_dir --target-bytes B *flags` (a
     mode that needs no base), scored on several splits of one task: each split's retention per

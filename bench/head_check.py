@@ -22,9 +22,9 @@ import torch  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import load_file
 
-    from bench.balance_check import references, split_cells, tuning_task
+    from bench.balance_check import minilm_splits, split_cells
     from bench.calibration import ensure
-    from bench.evaluate import MiniLMTask, retention
+    from bench.evaluate import retention
     from bench.run import find_cli
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     cli = find_cli()
-    tasks = {"tune": tuning_task("minilm_sst2"), "dev": MiniLMTask()}
-    refs = {name: references(task) for name, task in tasks.items()}
+    tasks, refs = minilm_splits()
     adapter = tasks["dev"].adapter_dir
     kfac = str(ensure("minilm_sst2"))
     rows = {

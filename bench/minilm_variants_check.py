@@ -47,9 +47,8 @@ def rank_cut(src: Path, dst: Path, rank: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import load_file, save_file
 
-    from bench.balance_check import references, split_cells, tuning_task
+    from bench.balance_check import minilm_splits, split_cells
     from bench.calibration import ensure
-    from bench.evaluate import MiniLMTask
     from bench.run import find_cli
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -58,8 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     cli = find_cli()
-    tasks = {"tune": tuning_task("minilm_sst2"), "dev": MiniLMTask()}
-    refs = {name: references(task) for name, task in tasks.items()}
+    tasks, refs = minilm_splits()
     adapter = tasks["dev"].adapter_dir
     kfac = ensure("minilm_sst2")
     print("| MiniLM | " + " | ".join(f"{b:,} B" for b in args.budgets) + " |")

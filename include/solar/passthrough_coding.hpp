@@ -36,7 +36,7 @@ Int8Rows int8_rows_from_blob(const std::vector<uint8_t>& blob, const std::vector
 // Applies to finite floating-point tensors whose rows R = shape[0] and columns C = numel / R
 // have min(R, C) <= kMaxLayerCodedRank: the layer's rank is min(R, C), and larger ones (embedding
 // copies) are not low-rank updates.
-inline constexpr int64_t kMaxLayerCodedRank = 64;
+inline constexpr int64_t kMaxLayerCodedRank = 64;  // python/solar/calibrate.py: MAX_HEAD_RANK
 bool layer_codable(const Tensor& t);
 // The tensor as a LoRA module whose update B A is the tensor itself (R x C): A = the tensor and
 // B = I when R <= C, else B = the tensor and A = I; scaling 1. Its path is the key without

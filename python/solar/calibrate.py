@@ -15,6 +15,10 @@ import os
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 PREFIX = "base_model.model."
+# Heads the codec codes as layers (`passthrough="spectral"`): min(out, in) at most this, as
+# kMaxLayerCodedRank in include/solar/passthrough_coding.hpp. Larger copies (an lm_head) are
+# stored as int8 rows and need no statistics; an m x m gradient moment of a vocabulary would not fit.
+MAX_HEAD_RANK = 64
 
 
 def _coded_modules(model) -> dict:
@@ -30,7 +34,8 @@ def _coded_modules(model) -> dict:
     found = {}
     for name, module in model.named_modules():
         lora = hasattr(module, "lora_A") and hasattr(module, "base_layer")
-        head = isinstance(module, ModulesToSaveWrapper) and isinstance(module.original_module, torch.nn.Linear)
+        head = (isinstance(module, ModulesToSaveWrapper) and isinstance(module.original_module, torch.nn.Linear)
+                and min(module.original_module.in_features, module.original_module.out_features) <= MAX_HEAD_RANK)
         if lora or head:
             found[name[len(PREFIX):] if name.startswith(PREFIX) else name] = module
     return found

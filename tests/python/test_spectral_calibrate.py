@@ -125,3 +125,36 @@ def test_calibrate_collects_kfac_statistics_and_they_steer_the_codec(stories_ckp
     assert quantisers(uniform) == {"uniform"} and auto.nbytes < uniform.nbytes
     with pytest.raises(solar.InvalidInputError, match="quantiser"):
         solar.compress(stories_adapter, None, mode="spectral", quantiser="lattice")
+
+
+def test_calibrate_records_small_heads_and_not_large_ones():
+    """`solar.calibrate` records `modules_to_save` linear heads the codec can code as layers
+    (min(out, in) <= 64), with input moments over the head's own rows (one per sequence here,
+    after pooling) and the same gradient divisor as the LoRA layers; a larger copy (an lm_head's
+    shape) gets none: it is stored as int8 rows, and its m x m gradient moment would not fit."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(16, 72)
+            self.head = torch.nn.Linear(72, 3)
+            self.big = torch.nn.Linear(72, 96)  # min(out, in) = 72 > 64
+
+        def forward(self, x, labels=None):
+            h = self.body(x)                       # (batch, tokens, 72)
+            logits = self.head(h.mean(1))          # pooled: one row per sequence
+            loss = torch.nn.functional.cross_entropy(logits, labels) + 1e-3 * self.big(h).pow(2).mean()
+            return type("Out", (), {"loss": loss, "logits": logits})()
+
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, target_modules=["body"], modules_to_save=["head", "big"], init_lora_weights=False)
+    model = peft.get_peft_model(Net(), config)
+    batches = [{"x": torch.randn(4, 5, 16), "labels": torch.randint(0, 3, (4,))} for _ in range(3)]
+    stats = solar.calibrate(model, batches)
+    assert set(stats) == {"body.input_moment", "body.output_grad_moment", "head.input_moment", "head.output_grad_moment"}
+    pooled = torch.cat([model.base_model.model.body(b["x"]).mean(1) for b in batches]).double()
+    expected = (pooled.T @ pooled / pooled.shape[0]).float()  # 12 sequences, not 60 tokens
+    torch.testing.assert_close(stats["head.input_moment"], expected, rtol=1e-4, atol=1e-6)
+    assert stats["head.output_grad_moment"].shape == (3, 3)
