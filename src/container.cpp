@@ -352,7 +352,9 @@ Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& 
     if (coding == "layer") {  // v6: the tensor is B~ A~ of a layer of the spectral stream
       if (version < 6) throw Error(ErrorKind::Format, pw, "passthrough coding 'layer' needs format version 6");
       if (j.contains("blob")) throw Error(ErrorKind::Format, pw, "a tensor coded as a layer has no blob");
-      const uint64_t index = field<uint64_t>(j, "layer", pw);
+      if (!j.contains("layer") || !j.at("layer").is_number_unsigned())
+        throw Error(ErrorKind::Format, pw, "metadata field 'layer' is missing or not an unsigned integer");
+      const uint64_t index = j.at("layer").get<uint64_t>();
       if (index >= c.layers.size()) throw Error(ErrorKind::Format, pw, "layer " + std::to_string(index) + " does not exist");
       const LayerRecord& l = c.layers[index];
       if (l.mode != "spectral") throw Error(ErrorKind::Format, pw, "the layer coding it must be of mode spectral");

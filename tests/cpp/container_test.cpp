@@ -624,6 +624,44 @@ TEST(Container, BadHeadLayerReferencesAreRejected) {
   EXPECT_SOLAR_ERROR(parse_container(bytes.data(), bytes.size(), "v5.solar"), ErrorKind::Format, "version 6");
 }
 
+// A v6 file written by hand: uncompressed metadata `meta` and payload, valid sizes and checksum.
+std::vector<uint8_t> handmade_v6(const nlohmann::json& meta, const std::vector<uint8_t>& payload) {
+  const std::string text = meta.dump();
+  std::vector<uint8_t> out{0x89, 'S', 'L', 'R', 6, 0};
+  for (uint64_t v : {uint64_t{text.size()}, uint64_t{text.size()}, uint64_t{payload.size()}, uint64_t{payload.size()}}) {
+    for (; v >= 0x80; v >>= 7) out.push_back(static_cast<uint8_t>(v | 0x80));
+    out.push_back(static_cast<uint8_t>(v));
+  }
+  out.insert(out.end(), text.begin(), text.end());
+  out.insert(out.end(), payload.begin(), payload.end());
+  const uint32_t sum = XXH32(out.data(), out.size(), 0);
+  for (int i = 0; i < 4; ++i) out.push_back(static_cast<uint8_t>(sum >> (8 * i)));
+  return out;
+}
+
+// What only a hand-written file can say: a layer-coded entry with a blob, or without its layer.
+TEST(Container, HandmadeHeadEntriesAreChecked) {
+  nlohmann::json meta = {{"producer", "test"}, {"seed", "0"}, {"peft_config", nlohmann::json::object()},
+                         {"key_prefix", "base_model.model."}, {"file_metadata", nlohmann::json::object()},
+                         {"layers", {{{"module", "head"}, {"shape", {2, 3, 2}}, {"mode", "spectral"}, {"blobs", {1}}}}}};
+  const nlohmann::json entry = {{"key", "base_model.model.head.weight"}, {"dtype", "F32"}, {"shape", {2, 3}}, {"coding", "layer"}};
+  auto parse = [&](const nlohmann::json& e) {
+    meta["passthrough"] = {e};
+    const auto bytes = handmade_v6(meta, {0});
+    return parse_container(bytes.data(), bytes.size(), "hand.solar");
+  };
+  nlohmann::json ok = entry;
+  ok["layer"] = 0;
+  EXPECT_EQ(parse(ok).passthrough_layers.at("base_model.model.head.weight"), 0u);  // the helper makes valid files
+  nlohmann::json with_blob = ok;
+  with_blob["blob"] = 0;
+  EXPECT_SOLAR_ERROR(parse(with_blob), ErrorKind::Format, "has no blob");
+  EXPECT_SOLAR_ERROR(parse(entry), ErrorKind::Format, "'layer'");
+  nlohmann::json negative = entry;
+  negative["layer"] = -1;
+  EXPECT_SOLAR_ERROR(parse(negative), ErrorKind::Format, "'layer'");
+}
+
 // A junk stream whose last layer restores a head: the head comes back whole and finite, or the
 // file fails with a Format error.
 TEST(Container, GarbageStreamWithAHeadLayerFailsCleanly) {
@@ -638,11 +676,32 @@ TEST(Container, SpectralPassthroughChoosesWhatItCodes) {
   o.mode = "spectral";
   o.passthrough = "spectral";
   o.threads = 1;
+  // A tall F16 tensor of 3 dimensions (R = 70 > C = 3 x 2: B is the tensor, A = I).
+  Tensor tall = philox_tensor(2029, 0, 1, 70, 6, DType::F16);
+  tall.shape = {70, 3, 2};
+  a.passthrough.emplace_back("base_model.model.tall.weight", tall);
+  o.target_error = 0.02;
   const Container c = compress_adapter(a, InMemoryWeights("<none>"), o);
-  EXPECT_EQ(c.passthrough_layers.size(), 1u);
+  EXPECT_EQ(c.passthrough_layers.size(), 2u);
   EXPECT_TRUE(c.passthrough_layers.contains("base_model.model.head.weight"));
   EXPECT_TRUE(c.passthrough_int8.contains("base_model.model.wide.weight"));
-  EXPECT_EQ(c.layers.size(), 5u);
+  ASSERT_EQ(c.layers.size(), 6u);
+  EXPECT_EQ(c.layers[5].module, "tall");
+  EXPECT_EQ(c.layers[5].shape.m, 70);
+  EXPECT_EQ(c.layers[5].shape.n, 6);
+  EXPECT_EQ(c.layers[5].shape.r, 6);
+  const auto bytes = serialize_container(c);
+  const PeftAdapter back = decompress_container(parse_container(bytes.data(), bytes.size(), "t.solar"), InMemoryWeights("<none>"));
+  const Tensor& got = back.passthrough.back().second;
+  EXPECT_EQ(got.dtype, DType::F16);
+  EXPECT_EQ(got.shape, tall.shape);
+  const std::vector<float> x = tall.to_f32(), y = got.to_f32();
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    err += std::pow(x[i] - y[i], 2);
+    norm += std::pow(x[i], 2);
+  }
+  EXPECT_LT(std::sqrt(err / norm), 0.1);  // planned at a relative error of 0.02 overall
   // Calibration statistics without the head's: it falls back to int8 rows, with a warning.
   InMemoryWeights stats("stats.safetensors");
   std::vector<Tensor> keep;
