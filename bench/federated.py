@@ -63,7 +63,8 @@ class Settings:
     dev_limit: int | None = None  # None: the whole SST-2 dev set (872)
     mode: str = "spectral"
     target_error: float = 0.1
-    passthrough: str = "int8"  # the head rides in the payload as int8 rows ("exact": sent as it is)
+    # The head rides in the payload coded with the layers ("int8": as int8 rows; "exact": sent as it is).
+    passthrough: str = "spectral"
     aggregation: str = "delta"
     client_threads: int = 1
     server_threads: int = 2
@@ -402,9 +403,11 @@ def report(results: dict, plot_name: str) -> str:
         f"lr {st['lr']}) from the global adapter and replies with `get_peft_model_state_dict(model)`, as "
         "FlowerTune does. **plain**: the reply as it is (fp32 arrays). **solar**: the same reply through "
         f"`solar.flower.solar_mod(mode=\"{st['mode']}\", target_error={st['target_error']}"
-        + (f", passthrough=\"int8\")`, which replaces the 24 LoRA arrays and the 3 kB head's weight by one `.solar` "
-           "payload (the head's weight as int8 rows; its 2-value bias passes through as it is). "
-           if st.get("passthrough", "exact") == "int8" else
+        + (f", passthrough=\"{st['passthrough']}\")`, which replaces the 24 LoRA arrays and the 3 kB head's weight by "
+           "one `.solar` payload (the head's weight " + ("coded as one more layer of the stream, planned with the "
+           "LoRA layers" if st["passthrough"] == "spectral" else "as int8 rows") + "; its 2-value bias passes "
+           "through as it is). "
+           if st.get("passthrough", "exact") in ("int8", "spectral") else
            ")`, which replaces the 24 LoRA arrays by one `.solar` payload; the 3 kB head passes through unchanged. ") +
         f"The server is `SolarStrategy(FedAvg(), aggregation=\"{st['aggregation']}\")` in both runs (weighted by "
         "client examples), so the runs differ only in what the clients upload. Accuracy: the global model on the "
@@ -463,7 +466,7 @@ def report(results: dict, plot_name: str) -> str:
              f"({st['rounds']} rounds)\npython -m bench.federated --split dirichlet --rounds 10\n"
              "python -m bench.federated --quick         # smoke run, writes bench/results/federated_quick_*\n```\n")
     L.append("Options: `--clients`, `--rounds`, `--split iid|dirichlet|both`, `--alpha`, `--local-steps`, "
-             "`--target-error`, `--mode`, `--passthrough int8|exact`, `--aggregation delta|factors`, `--dev-limit`. The test "
+             "`--target-error`, `--mode`, `--passthrough spectral|int8|exact`, `--aggregation delta|factors`, `--dev-limit`. The test "
              "`tests/python/test_flower.py` runs a two-client, one-round version on the same engine, and the "
              "rejection of corrupt payloads.\n")
     return "\n".join(L)
@@ -487,7 +490,7 @@ def reading_notes(results: dict) -> str:
                  f"{p['total_upload_bytes'] / q['total_upload_bytes']:.1f}x fewer uploaded bytes. Plain's accuracy by "
                  f"round was {accs}: one seed per setting, so differences of this size between the two runs "
                  "are within run-to-run noise, not an effect of the codec. A solar reply is the payload plus "
-                 f"{head:,.0f} B of " + ("" if st.get("passthrough", "exact") == "int8" else "uncompressed head, ")
+                 f"{head:,.0f} B of " + ("" if st.get("passthrough", "exact") in ("int8", "spectral") else "uncompressed head, ")
                  + "metrics and message metadata. Encoding took "
                  f"{enc:.1f} s per client per round (one thread, two simulated clients per two cores), "
                  f"{100 * enc / train:.0f}% of the {train:.1f} s of local training.")
@@ -550,8 +553,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--local-steps", type=int, default=20)
     ap.add_argument("--target-error", type=float, default=0.1)
-    ap.add_argument("--passthrough", choices=["int8", "exact"], default="int8",
-                    help="int8: the head's weight rides in the payload as int8 rows; exact: sent as it is")
+    ap.add_argument("--passthrough", choices=["spectral", "int8", "exact"], default="spectral",
+                    help="spectral: the head's weight rides in the payload coded with the layers; int8: as int8 "
+                         "rows; exact: sent as it is")
     ap.add_argument("--mode", default="spectral")
     ap.add_argument("--aggregation", choices=["delta", "factors"], default="delta")
     ap.add_argument("--dev-limit", type=int, default=None)
