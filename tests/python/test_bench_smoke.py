@@ -93,3 +93,32 @@ def test_baselines_store_the_head_as_solar_does(tmp_path):
     core = solar.restore(packed, None)
     for key in adapter.passthrough:
         assert torch.equal(sd[key], core[key]), key
+
+
+def test_matched_baselines_store_the_head_at_their_own_bits(tmp_path):
+    """`--passthrough matched` (the benchmark's default): a b-bit baseline stores the head as b-bit
+    rows (b < 8), within half a step of every value, and an 8-bit one as solar's int8 rows."""
+    import torch
+
+    from bench.adapters import load_adapter
+    from bench.baselines import _read, decode_quant, encode_quant
+
+    adapter_dir = REPO / "tests" / "fixtures" / "minilm_sst2_lora_r8"
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        pytest.skip("MiniLM LoRA fixture absent")
+    adapter = load_adapter(adapter_dir)
+    adapter.passthrough_coding = "matched"
+    (key,) = [k for k in adapter.passthrough if k.endswith("classifier.weight")]
+    head = adapter.passthrough[key].float()
+    sizes = {}
+    for bits in (8, 3, 2):
+        path = tmp_path / f"q{bits}.bin"
+        encode_quant(adapter, path, bits=bits)
+        header, _ = _read(path)
+        (entry,) = [e for e in header["passthrough"] if e["key"] == key]
+        assert entry["coding"] == f"int{bits}"
+        sizes[bits] = entry["blob"]
+        got = decode_quant(adapter, path)[key].float()
+        step = head.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
+        assert torch.all((got - head).abs() <= step / 2 * (1 + 1e-5)), bits
+    assert sizes[8] == 2 * 4 + 2 * 384 and sizes[3] == 2 * 4 + 2 * 384 * 3 // 8 and sizes[2] == 2 * 4 + 2 * 384 // 4
