@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import load_file
 
     from bench.balance_check import minilm_splits, split_cells
+    from bench.baselines import _from_int_rows, _int_rows
     from bench.calibration import ensure
     from bench.evaluate import retention
     from bench.run import find_cli
@@ -41,15 +42,13 @@ def main(argv: list[str] | None = None) -> None:
         "data-free, head as int8 rows": ["--passthrough", "int8"],
         "data-free, head in the stream": ["--passthrough", "spectral"],
     }
-    # How much the head itself matters: the LoRA exact, the head rounded to b bits per value with
-    # one scale per row (max |row| / (2^(b-1) - 1)).
+    # How much the head itself matters: the LoRA exact, the head stored as the b-bit baselines'
+    # "matched" coding stores it (one scale per row, max |row| / (2^(b-1) - 1)).
     saved = load_file(str(adapter / "adapter_model.safetensors"))
     (head,) = [k for k in saved if k.endswith("classifier.weight")]
+    w = saved[head]
     for bits in (8, 4, 3, 2):
-        w = saved[head].double()
-        q = 2 ** (bits - 1) - 1
-        scale = w.abs().amax(1, keepdim=True) / q
-        sd = {**saved, head: ((w / scale).round().clamp(-q, q) * scale).float()}
+        sd = {**saved, head: _from_int_rows(_int_rows(w, bits), bits, w.dtype, list(w.shape))}
         parts = ["/".join(f"{100 * v:.1f}" for v in (retention(*refs[split], task.evaluate(sd))[m] for m in task.metrics))
                  for split, task in tasks.items()]
         print(f"head alone at {bits} bits: " + ", ".join(parts), flush=True)

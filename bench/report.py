@@ -42,12 +42,14 @@ def passthrough_cost(res: dict) -> int | None:
     return a.get("passthrough_stored_bytes", a["passthrough_bytes"])
 
 
+# How a "matched" run stores the passthrough tensors (bench/adapters.py, Adapter.passthrough_coding).
+MATCHED_WORDS = ("each method's file codes the 2-D ones its own way: solar's spectral points as a layer of their "
+                 "stream (`--passthrough spectral`), the int-b and SVD + int-b baselines as b-bit rows, every other "
+                 "method as int8 rows")
+
+
 def passthrough_words(res: dict) -> str:
     a = res["adapter"]
-    if a.get("passthrough_coding") == "matched":
-        return (f"raw {_fmt_bytes(a['passthrough_bytes'])} B; each method's file codes the 2-D ones its own way: "
-                "solar's spectral points as a layer of their stream (`--passthrough spectral`), the int-b and "
-                "SVD + int-b baselines as b-bit rows, every other method as int8 rows")
     if a.get("passthrough_coding", "exact") == "int8":
         return (f"{_fmt_bytes(passthrough_cost(res))} B as int8 rows (raw {_fmt_bytes(a['passthrough_bytes'])} B), "
                 "which every method's file stores the same way")
@@ -74,7 +76,7 @@ def _fmt_bytes(b: int) -> str:
 def headline_table(res: dict, key=None, label: str | None = None, size=file_bytes) -> str:
     fams = families(res)
     t16 = res["adapter"]["fp16_tensor_bytes"]
-    lines = [f"| family | " + " | ".join(f"smallest at ≥{int(l * 100)}%" for l in LEVELS) + " |",
+    lines = ["| family | " + " | ".join(f"smallest at ≥{int(l * 100)}%" for l in LEVELS) + " |",
              "|---|" + "---|" * len(LEVELS)]
     winners = []
     for fam in fams:
@@ -125,7 +127,6 @@ def goals_section(results: list[dict]) -> str:
     for res in results:
         fams = families(res)
         t16, f16 = res["adapter"]["fp16_tensor_bytes"], res.get("fp16_file_bytes") or 0
-        lb = lora_bytes(res)
         for lv in LEVELS:
             sol = sorted((p["bytes"], p["name"]) for f in fams if f.startswith("solar") and (p := smallest_at(res, lv, f)))
             oth = sorted((p["bytes"], p["name"]) for f in fams if not f.startswith("solar") and (p := smallest_at(res, lv, f)))
@@ -331,15 +332,15 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
         a = res["adapter"]
         fp16f = res.get("fp16_file_bytes")
         md += [f"## {MODEL_TITLES.get(res['model'], res['model'])}", "", res["task"] + ".", "",
-               f"* base (LoRA zeroed): " + ", ".join(f"{k} {v:.4f}" for k, v in res["base"].items()) +
-               f"; LoRA: " + ", ".join(f"{k} {v:.4f}" for k, v in res["lora"].items()),
+               "* base (LoRA zeroed): " + ", ".join(f"{k} {v:.4f}" for k, v in res["base"].items()) +
+               "; LoRA: " + ", ".join(f"{k} {v:.4f}" for k, v in res["lora"].items()),
                f"* LoRA: {a['modules']} modules, rank {a['rank']}, {a['lora_params']:,} parameters; fp16 tensor bytes "
                f"{_fmt_bytes(a['fp16_tensor_bytes'])}; fp16 PEFT file {_fmt_bytes(fp16f) if fp16f else '?'} B; "
                f"passthrough tensors {_fmt_bytes(a['passthrough_bytes'])} B raw"
                + (f" ({', '.join(a['passthrough_keys'])}"
                   + ("; every method's file stores the 2-D ones as int8 rows, as `solar compress --passthrough int8` "
                      "does" if a.get("passthrough_coding") == "int8" else "")
-                  + ("; " + passthrough_words(res).split("; ", 1)[1] if a.get("passthrough_coding") == "matched" else "")
+                  + ("; " + MATCHED_WORDS if a.get("passthrough_coding") == "matched" else "")
                   + ")" if a["passthrough_keys"] else "") + ".",
                f"* LoRA training time: {res.get('train_seconds')} s; this model's benchmark run: "
                f"{res['run']['seconds']:.0f} s.", "",

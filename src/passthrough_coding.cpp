@@ -12,12 +12,21 @@ namespace {
 
 size_t row_count(const std::vector<int64_t>& shape) { return shape.empty() ? 1 : static_cast<size_t>(shape[0]); }
 
+// The values of a tensor either lossy passthrough coding takes: floating point, 2 or more
+// dimensions, not empty, all finite; nullopt for any other.
+std::optional<std::vector<float>> codable_values(const Tensor& t) {
+  if (!is_float(t.dtype) || t.shape.size() < 2 || t.numel() == 0) return std::nullopt;
+  std::vector<float> v = t.to_f32();
+  if (!std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); })) return std::nullopt;
+  return v;
+}
+
 }  // namespace
 
 std::optional<Int8Rows> quantize_int8_rows(const Tensor& t) {
-  if (!is_float(t.dtype) || t.shape.size() < 2 || t.numel() == 0) return std::nullopt;
-  const std::vector<float> v = t.to_f32();
-  if (!std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); })) return std::nullopt;
+  const std::optional<std::vector<float>> values = codable_values(t);
+  if (!values) return std::nullopt;
+  const std::vector<float>& v = *values;
   const size_t rows = row_count(t.shape), cols = rows ? v.size() / rows : 0;
   Int8Rows q;
   q.scales.resize(rows);
@@ -68,11 +77,9 @@ Int8Rows int8_rows_from_blob(const std::vector<uint8_t>& blob, const std::vector
 }
 
 bool layer_codable(const Tensor& t) {
-  if (!is_float(t.dtype) || t.shape.size() < 2 || t.numel() == 0) return false;
+  if (t.shape.size() < 2 || t.numel() == 0) return false;
   const size_t rows = row_count(t.shape), cols = static_cast<size_t>(t.numel()) / rows;
-  if (static_cast<int64_t>(std::min(rows, cols)) > kMaxLayerCodedRank) return false;
-  const std::vector<float> v = t.to_f32();
-  return std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); });
+  return static_cast<int64_t>(std::min(rows, cols)) <= kMaxLayerCodedRank && codable_values(t).has_value();
 }
 
 LoraModule passthrough_as_layer(const std::string& key, const Tensor& t, const std::string& key_prefix) {

@@ -2,14 +2,16 @@
 #include "solar/container.hpp"
 #include "solar/safetensors.hpp"
 
+#include <set>
+
 namespace solar {
 namespace {
 
-// Size of adapter_model.safetensors holding this adapter with LoRA factors in `dtype`.
-bool codes_passthrough(const Container& c, size_t layer) {
-  for (const auto& entry : c.passthrough_layers)
-    if (entry.second == layer) return true;
-  return false;
+// The layers that restore a passthrough tensor (format v6) instead of a LoRA module.
+std::set<size_t> head_layers(const Container& c) {
+  std::set<size_t> out;
+  for (const auto& entry : c.passthrough_layers) out.insert(entry.second);
+  return out;
 }
 
 // A passthrough tensor with its data (layer-coded ones have none until restored: zeros stand in).
@@ -18,11 +20,13 @@ Tensor sized(const Tensor& t) {
   return Tensor{t.dtype, t.shape, std::vector<uint8_t>(passthrough_numel(t.shape, "size report") * dtype_size(t.dtype))};
 }
 
+// Size of adapter_model.safetensors holding this adapter with LoRA factors in `dtype`.
 size_t peft_file_bytes(const Container& c, DType dtype) {
+  const std::set<size_t> heads = head_layers(c);
   std::vector<std::pair<std::string, Tensor>> tensors;
   for (size_t i = 0; i < c.layers.size(); ++i) {
     const LayerRecord& l = c.layers[i];
-    if (codes_passthrough(c, i)) continue;
+    if (heads.contains(i)) continue;
     Tensor a{dtype, {l.shape.r, l.shape.n}, std::vector<uint8_t>(static_cast<size_t>(l.shape.r * l.shape.n) * dtype_size(dtype))};
     Tensor b{dtype, {l.shape.m, l.shape.r}, std::vector<uint8_t>(static_cast<size_t>(l.shape.m * l.shape.r) * dtype_size(dtype))};
     tensors.emplace_back(c.key_prefix + l.module + ".lora_A.weight", std::move(a));
@@ -44,11 +48,12 @@ SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes) {
   r.metadata_raw_bytes = h.metadata_raw;
   r.payload_bytes = h.payload_stored;
   r.payload_raw_bytes = h.payload_raw;
+  const std::set<size_t> heads = head_layers(c);
   for (size_t i = 0; i < c.layers.size(); ++i) {
     const LayerRecord& l = c.layers[i];
     SizeReport::Layer L{l.module, l.mode, l.shape, l.encoded.params, 0, nullptr};
     for (const auto& b : l.encoded.blobs) L.payload_bytes += b.size();
-    if (!codes_passthrough(c, i)) r.lora_params += static_cast<size_t>(l.shape.r * (l.shape.m + l.shape.n));
+    if (!heads.contains(i)) r.lora_params += static_cast<size_t>(l.shape.r * (l.shape.m + l.shape.n));
     r.layers.push_back(std::move(L));
   }
   for (const ModeStream& s : read_streams(c)) {
