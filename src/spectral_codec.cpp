@@ -18,6 +18,7 @@
 #include <utility>
 
 #include "budget_planner.hpp"
+#include "lapack.hpp"
 #include "solar/codec.hpp"
 #include "solar/error.hpp"
 #include "solar/range_coder.hpp"
@@ -45,6 +46,10 @@ int rank_bits(int64_t r) { return std::bit_width(static_cast<uint64_t>(r)); }
 struct Coded {
   std::vector<int32_t> q;  // rows * k, column by column
   Matrix value;            // rows x k, dequantised, in original coordinates
+  // With error feedback: the weighted rounding errors e (rows x k) that the feedback spread. For
+  // the inverse Cholesky factor U of the metric H (H^-1 = U^T U), target - value = U^T e, so
+  // (target - value)^T H (target - value) = e^T e: the metric's error without an n x n product.
+  Matrix err;
 };
 
 // Quantises the first k columns of `m` (rows x >=k), after rotating by R^T when R is given.
@@ -102,7 +107,12 @@ struct DqRate {
 // corrected by the weighted errors it has made (error feedback along the trellis); the path cost
 // is then sum ((w_i - level_i) / hinv_u(i, i))^2, the error in the metric. Cost = distortion /
 // (step^2 * mean weight) + kDqLambda * estimated bits. Returns false if a value overflows.
-bool dq_column(const double* target, int64_t rows, double step, const Matrix* hinv_u, int32_t* q_out, double* value_out) {
+// With feedback, err_out receives the chosen path's weighted errors (see Coded::err).
+// Cloned for AVX2 (picked at run time): the per-state feedback loops are most of a calibrated
+// layer's time. Not FMA: the clone rounds exactly as the portable code does.
+__attribute__((target_clones("avx2", "default")))
+bool dq_column(const double* target, int64_t rows, double step, const Matrix* hinv_u, int32_t* q_out, double* value_out,
+               double* err_out) {
   double sum_sq = 0, mean_w = 0;
   for (int64_t i = 0; i < rows; ++i) {
     if (!(std::fabs(target[i] / step) < kMaxQuant / 4)) return false;
@@ -117,6 +127,7 @@ bool dq_column(const double* target, int64_t rows, double step, const Matrix* hi
   std::array<double, 4> cost{0, kInf, kInf, kInf};
   std::vector<std::array<int8_t, 4>> from(static_cast<size_t>(rows));
   std::vector<std::array<int32_t, 4>> pick(static_cast<size_t>(rows));
+  std::vector<std::array<double, 4>> errs(hinv_u ? static_cast<size_t>(rows) : 0);
   // Per-state targets (only with feedback): w[s] holds rows values; rebuilt each step.
   std::array<std::vector<double>, 4> w, w_next;
   if (hinv_u)
@@ -164,12 +175,14 @@ bool dq_column(const double* target, int64_t rows, double step, const Matrix* hi
         for (int64_t t = i + 1; t < rows; ++t) dst[t] = src[t] - e * hrow[t];
       }
       std::swap(w, w_next);
+      errs[static_cast<size_t>(i)] = next_err;
     }
     cost = next_cost;
   }
   int s = static_cast<int>(std::min_element(cost.begin(), cost.end()) - cost.begin());
   for (int64_t i = rows - 1; i >= 0; --i) {
     q_out[i] = pick[static_cast<size_t>(i)][s];
+    if (hinv_u) err_out[i] = errs[static_cast<size_t>(i)][s];
     s = from[static_cast<size_t>(i)][s];
   }
   int state = 0;
@@ -200,16 +213,19 @@ int64_t quantize_columns_dq(const Matrix& m, int64_t k, double step, const Matri
   const Matrix coords = leading_coords(m, k, rot);
   out.q.assign(static_cast<size_t>(rows * k), 0);
   Matrix deq(rows, k);
-  std::vector<double> col(static_cast<size_t>(rows)), val(static_cast<size_t>(rows));
+  if (hinv_u) out.err = Matrix(rows, k);
+  std::vector<double> col(static_cast<size_t>(rows)), val(static_cast<size_t>(rows)), err(static_cast<size_t>(rows));
   int64_t ok = k;
   for (int64_t j = 0; j < k; ++j) {
     for (int64_t i = 0; i < rows; ++i) col[static_cast<size_t>(i)] = coords(i, j);
-    if (!dq_column(col.data(), rows, step, hinv_u, out.q.data() + j * rows, val.data())) {
+    if (!dq_column(col.data(), rows, step, hinv_u, out.q.data() + j * rows, val.data(), err.data())) {
       ok = j;
       std::fill(out.q.begin() + j * rows, out.q.end(), 0);
       break;
     }
     for (int64_t i = 0; i < rows; ++i) deq(i, j) = val[static_cast<size_t>(i)];
+    if (hinv_u)
+      for (int64_t i = 0; i < rows; ++i) out.err(i, j) = err[static_cast<size_t>(i)];
   }
   out.value = rot ? matmul(*rot, deq) : deq;
   return ok;
@@ -238,6 +254,20 @@ int64_t quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* 
   return ok;
 }
 
+// H[b0:b1, b1:]^T err, read in place from the factor (one dgemm; no copy of the n^2/2 block,
+// which at k columns per call cost as much as the product).
+Matrix block_feedback(const Matrix& hinv_u, int64_t b0, int64_t b1, const Matrix& err) {
+  const int64_t rows = hinv_u.rows;
+  Matrix update(rows - b1, err.cols);
+  // Row-major update = H_blk^T err is column-major update^T = err^T H_blk (H_blk with ld = rows).
+  const int m = static_cast<int>(err.cols), n = static_cast<int>(rows - b1), kk = static_cast<int>(b1 - b0);
+  const int ld_err = m, ld_h = static_cast<int>(rows);
+  const double one = 1.0, zero = 0.0;
+  dgemm_("N", "T", &m, &n, &kk, &one, err.data.data(), &ld_err, hinv_u.data.data() + b0 * rows + b1, &ld_h, &zero,
+         update.data.data(), &m);
+  return update;
+}
+
 // Like quantize_columns (no rotation), but each column's rounding errors are fed forward to the
 // coordinates not yet quantised so as to minimise e^T H e (GPTQ, Frantar et al. 2022), where
 // `hinv_u` is inverse_cholesky_upper(H). As in GPTQ, rows go in blocks: feedback inside a block
@@ -249,6 +279,7 @@ int64_t quantize_columns_feedback(const Matrix& m, int64_t k, double step, const
   Matrix w = leading_block(m, rows, k);
   out.q.assign(static_cast<size_t>(rows * k), 0);
   out.value = Matrix(rows, k);
+  out.err = Matrix(rows, k);
   int64_t ok = k;
   for (int64_t b0 = 0; b0 < rows; b0 += kBlock) {
     const int64_t b1 = std::min(rows, b0 + kBlock);
@@ -265,14 +296,12 @@ int64_t quantize_columns_feedback(const Matrix& m, int64_t k, double step, const
         out.value(i, j) = q * step;
         const double e = (w(i, j) - q * step) / hinv_u(i, i);
         err(i - b0, j) = e;
+        out.err(i, j) = e;
         for (int64_t t = i + 1; t < b1; ++t) w(t, j) -= e * hinv_u(i, t);
       }
     }
     if (b1 < rows) {
-      Matrix h(b1 - b0, rows - b1);
-      for (int64_t i = b0; i < b1; ++i)
-        for (int64_t t = b1; t < rows; ++t) h(i - b0, t - b1) = hinv_u(i, t);
-      const Matrix update = matmul(h, err, /*trans_a=*/true);  // (rows - b1) x k
+      const Matrix update = block_feedback(hinv_u, b0, b1, err);  // (rows - b1) x k
       for (int64_t t = b1; t < rows; ++t)
         for (int64_t j = 0; j < k; ++j) w(t, j) -= update(t - b1, j);
     }
@@ -281,6 +310,7 @@ int64_t quantize_columns_feedback(const Matrix& m, int64_t k, double step, const
     for (int64_t i = 0; i < rows; ++i) {
       out.q[static_cast<size_t>(j * rows + i)] = 0;
       out.value(i, j) = 0;
+      out.err(i, j) = 0;
     }
   return ok;
 }
@@ -729,6 +759,7 @@ class SpectralCodec final : public LayerCodec {
 
   struct Refit {
     Matrix xgx, bgx, yk;  // X~^T G X~, B^T G X~, refitted Y (n x k)
+    Matrix sy;            // S Y (n x k), when Y's rounding errors are fed back in S
   };
   struct RefitBasis {     // the same products for all of X~'s r columns
     Matrix xgx, bgx;      // r x r each
@@ -794,6 +825,8 @@ class SpectralCodec final : public LayerCodec {
     fit.xgx = leading_block(basis.xgx, k, k);
     fit.bgx = leading_block(basis.bgx, basis.bgx.rows, k);
     fit.yk = solve_spd(fit.xgx, matmul(u.f->A, fit.bgx, true).transposed()).transposed();  // n x k
+    // Y = A^T M with M = B^T G X~ (X~^T G X~)^-1, so S Y = (A S)^T M: n r k instead of n^2 k.
+    if (u.sig && u.hy.rows > 0) fit.sy = matmul(u.as, solve_spd(fit.xgx, fit.bgx.transposed()), true, true);
     return fit;
   }
 
@@ -822,9 +855,24 @@ class SpectralCodec final : public LayerCodec {
     return matmul(ys, matmul(ss, ys), true);
   }
 
+  // Y~^T S Y~ from the feedback's errors (Coded::err): with D = Y - Y~ = U^T e,
+  // Y~^T S Y~ = Y~^T (S Y) - (S Y)^T D + e^T e, all n k^2.
+  static Matrix quadratic_form_fed_back(const Refit& fit, const Coded& cy) {
+    const int64_t n = cy.value.rows, k = cy.value.cols;
+    Matrix q(k, k);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t a = 0; a < k; ++a) {
+        const double va = cy.value(i, a), sa = fit.sy(i, a), ea = cy.err(i, a);
+        for (int64_t b = 0; b < k; ++b)
+          q(a, b) += va * fit.sy(i, b) - sa * (fit.yk(i, b) - cy.value(i, b)) + ea * cy.err(i, b);
+      }
+    return q;
+  }
+
   static double distortion(const LayerSetup& u, const Refit& fit, const Coded& cy) {
     const double cross = frob_dot(fit.bgx, matmul(u.as, cy.value));
-    const double self = trace_product(fit.xgx, quadratic_form(u.sig, cy.value));
+    const bool fed_back = fit.sy.rows > 0 && cy.err.rows == cy.value.rows && cy.err.cols == cy.value.cols;
+    const double self = trace_product(fit.xgx, fed_back ? quadratic_form_fed_back(fit, cy) : quadratic_form(u.sig, cy.value));
     return std::max(0.0, u.energy - 2 * cross + self);
   }
 

@@ -223,9 +223,13 @@ TEST_F(Spectral, CalibrationSpendsBytesWhereInputsAreLarge) {
 
 // With statistics, every operating point's distortion (what the planner trusts) is the layer's
 // error in the metric, tr(G E S E^T) for E = B A - B~ A~, of the layer decode_symbols rebuilds
-// from it: at high rates and at low ones, where most of Y's integers are zero and the codec
-// prices only the rows that are not.
-TEST(SpectralCalibrated, PointDistortionIsTheDecodedErrorInTheMetric) {
+// from it, at high rates and at low ones. `spectral` gets Y~^T S Y~ from its error feedback's
+// rounding errors (no n x n product); `spectral-w`, which has no feedback, prices only Y's rows
+// that are not zero at low rates. Returns how many points were checked on each of those paths.
+struct DistortionPaths {
+  int checked = 0, dependent = 0, uniform = 0, sparse = 0;
+};
+DistortionPaths check_point_distortions(bool rotate) {
   const int64_t m = 40, n = 56, r = 6;
   auto random = [](int64_t rows, int64_t cols, uint64_t seed) {
     const auto v = test::random_normals(static_cast<size_t>(rows * cols), seed);
@@ -242,16 +246,16 @@ TEST(SpectralCalibrated, PointDistortionIsTheDecodedErrorInTheMetric) {
   Factors f{random(r, n, 1), random(m, r, 2)};
   for (int64_t j = 0; j < r; ++j)  // a decaying spectrum, as a trained update has
     for (int64_t i = 0; i < n; ++i) f.A(j, i) *= std::pow(0.5, static_cast<double>(j));
-  LayerContext ctx(0, 0, LayerShape{m, n, r}, [] { return Matrix(); });
+  LayerContext ctx(0, 0, LayerShape{m, n, r}, [&] { return random(m, n, 5); });
   ctx.weight = 0.7;
   ctx.input_moment = moment(n, 3);
   ctx.output_moment = moment(m, 4);
-  const auto codec = make_spectral_codec(false, /*dependent=*/true);
+  const auto codec = make_spectral_codec(rotate, /*dependent=*/true);
   const std::vector<Candidate> points = codec->candidates(ctx, f);
-  ASSERT_GT(points.size(), 100u);
-  ASSERT_EQ(points[0].setting[0], 0);  // the first point drops the layer: its distortion is the whole update's
+  EXPECT_GT(points.size(), 100u);
+  EXPECT_EQ(points[0].setting[0], 0);  // the first point drops the layer: its distortion is the whole update's
   const Matrix ba = matmul(f.B, f.A);
-  int sparse = 0, checked = 0;
+  DistortionPaths seen;
   for (size_t c = 0; c < points.size(); c += 7) {
     const std::vector<int32_t> sym = codec->candidate_symbols(ctx, f, points[c]);
     const Factors back = codec->decode_symbols(ctx, sym);
@@ -263,20 +267,30 @@ TEST(SpectralCalibrated, PointDistortionIsTheDecodedErrorInTheMetric) {
     for (size_t i = 0; i < ge.data.size(); ++i) metric += ge.data[i] * es.data[i];
     // The codec gets it as energy - 2 cross + self: exact up to rounding of the whole energy.
     EXPECT_NEAR(points[c].distortion, ctx.weight * metric, 1e-12 * points[0].distortion) << "point " << c;
-    ++checked;
-    if (sym[0] > 0) {  // Y's rows with any non-zero integer
-      int64_t rows = 0;
+    ++seen.checked;
+    if (sym[0] > 0) {
+      ++(points[c].setting[3] == 2 ? seen.dependent : seen.uniform);  // variants: 2 dead zones, then dependent
+      int64_t rows = 0;  // Y's rows with any non-zero integer
       const int64_t k = sym[0];
       for (int64_t i = 0; i < n; ++i) {
         bool any = false;
         for (int64_t j = 0; j < k; ++j) any = any || sym[static_cast<size_t>(4 + m * k + j * n + i)] != 0;
         rows += any;
       }
-      sparse += 2 * rows <= n;
+      seen.sparse += 2 * rows <= n;
     }
   }
-  EXPECT_GT(checked, 15);
-  EXPECT_GT(sparse, 3) << "no low-rate point exercised the sparse pricing";
+  return seen;
+}
+
+TEST(SpectralCalibrated, PointDistortionIsTheDecodedErrorInTheMetric) {
+  const DistortionPaths fed_back = check_point_distortions(false);
+  EXPECT_GT(fed_back.checked, 15);
+  EXPECT_GT(fed_back.uniform, 3) << "no uniform point with error feedback was checked";
+  EXPECT_GT(fed_back.dependent, 3) << "no trellis point with error feedback was checked";
+  const DistortionPaths rotated = check_point_distortions(true);
+  EXPECT_GT(rotated.checked, 15);
+  EXPECT_GT(rotated.sparse, 3) << "no low-rate point exercised the sparse pricing";
 }
 
 // Format v5's stream syntax on hand-made symbols: layers of two interleaved groups whose step
