@@ -66,6 +66,11 @@ int32_t round_dz(double v, double dead_zone) {
 // of the step) and Q1 (odd multiples and zero); the encoder picks the integers by a Viterbi
 // search over the trellis. At the same rate it lands nearer the target than one uniform grid
 // (a trellis-coded quantiser's granular gain, ~1 dB at 2 bits per value).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
+#define SOLAR_CLONE_AVX2 __attribute__((target_clones("avx2", "default")))
+#else
+#define SOLAR_CLONE_AVX2
+#endif
 constexpr int kDqNext[4][2] = {{0, 2}, {2, 0}, {1, 3}, {3, 1}};
 int dq_next(int state, int32_t q) { return kDqNext[state][q & 1]; }
 double dq_level(int32_t q, int state) {  // in units of the step
@@ -110,7 +115,7 @@ struct DqRate {
 // With feedback, err_out receives the chosen path's weighted errors (see Coded::err).
 // Cloned for AVX2 (picked at run time): the per-state feedback loops are most of a calibrated
 // layer's time. Not FMA: the clone rounds exactly as the portable code does.
-__attribute__((target_clones("avx2", "default")))
+SOLAR_CLONE_AVX2
 bool dq_column(const double* target, int64_t rows, double step, const Matrix* hinv_u, int32_t* q_out, double* value_out,
                double* err_out) {
   double sum_sq = 0, mean_w = 0;
