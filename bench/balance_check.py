@@ -97,6 +97,21 @@ def minilm_splits() -> tuple[dict, dict]:
     return tasks, {name: references(task) for name, task in tasks.items()}
 
 
+def minilm_setup():
+    """What the MiniLM tuning-split checks share: the CLI, the two splits with their reference
+    metrics, the fixture's adapter directory and the benchmark's K-FAC statistics file (two BLAS
+    threads, as the benchmark runs)."""
+    from types import SimpleNamespace
+
+    from bench.calibration import ensure
+    from bench.run import find_cli
+
+    torch.set_num_threads(2)
+    tasks, refs = minilm_splits()
+    return SimpleNamespace(cli=find_cli(), tasks=tasks, refs=refs, adapter=tasks["dev"].adapter_dir,
+                           kfac=ensure("minilm_sst2"))
+
+
 def split_cells(cli: str, adapter_dir, budgets: list[int], flags: list[str], tasks: dict, refs: dict, workdir) -> list[str]:
     """One cell per budget for `solar compress --adapter adapter_dir --target-bytes B *flags` (a
     mode that needs no base), scored on several splits of one task: each split's retention per

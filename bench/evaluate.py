@@ -24,7 +24,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from bench.adapters import Adapter  # noqa: E402
 from bench.fixtures.paths import fixtures_dir, minilm_dir, stories260k_dir  # noqa: E402
 
 

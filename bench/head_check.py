@@ -16,26 +16,19 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-
 
 def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import load_file
 
-    from bench.balance_check import minilm_splits, split_cells
+    from bench.balance_check import minilm_setup, split_cells
     from bench.baselines import _from_int_rows, _int_rows
-    from bench.calibration import ensure
     from bench.evaluate import retention
-    from bench.run import find_cli
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budgets", type=int, nargs="+", default=[1800, 2200, 2600, 3000, 4500])
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
-    cli = find_cli()
-    tasks, refs = minilm_splits()
-    adapter = tasks["dev"].adapter_dir
-    kfac = str(ensure("minilm_sst2"))
+    setup = minilm_setup()
+    cli, tasks, refs, adapter, kfac = setup.cli, setup.tasks, setup.refs, setup.adapter, str(setup.kfac)
     rows = {
         "K-FAC, head as int8 rows": ["--calib", kfac, "--passthrough", "int8"],
         "K-FAC, head in the stream": ["--calib", kfac, "--passthrough", "spectral"],

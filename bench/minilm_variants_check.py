@@ -47,19 +47,14 @@ def rank_cut(src: Path, dst: Path, rank: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import load_file, save_file
 
-    from bench.balance_check import minilm_splits, split_cells
-    from bench.calibration import ensure
-    from bench.run import find_cli
+    from bench.balance_check import minilm_setup, split_cells
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budgets", type=int, nargs="+", default=[2200, 3000, 4500, 6500])
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS)
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
-    cli = find_cli()
-    tasks, refs = minilm_splits()
-    adapter = tasks["dev"].adapter_dir
-    kfac = ensure("minilm_sst2")
+    setup = minilm_setup()
+    cli, tasks, refs, adapter, kfac = setup.cli, setup.tasks, setup.refs, setup.adapter, setup.kfac
     print("| MiniLM | " + " | ".join(f"{b:,} B" for b in args.budgets) + " |")
     print("|---" * (len(args.budgets) + 1) + "|")
     with tempfile.TemporaryDirectory() as td:

@@ -95,7 +95,7 @@ def _truncated(lora: dict, stats: dict, ranks: dict[str, int], extra: int) -> di
 def _per_channel(cli: str, adapter: Path, lora: dict, stats: dict, alpha: float, budget: int, workdir: str) -> dict:
     """Codes A D and E B (D = diag(S_ii / mean)^(alpha/2), E likewise from G) with statistics
     D^-1 S D^-1 and E^-1 G E^-1, then undoes the scaling on the restored factors."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     scaled, scaled_stats, scales = dict(lora), dict(stats), {}
     for module in _lora_modules(lora):
@@ -154,19 +154,14 @@ def true_fisher_stats(out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import load_file
 
-    from bench.balance_check import minilm_splits, split_cells
-    from bench.calibration import ensure
-    from bench.run import find_cli
+    from bench.balance_check import minilm_setup, split_cells
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=int, default=4300, help="file size of parts 1 and 2")
     ap.add_argument("--budgets", type=int, nargs="+", default=[4300, 5000], help="file sizes of parts 3 and 4")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
-    cli = find_cli()
-    tasks, refs = minilm_splits()
-    adapter = tasks["dev"].adapter_dir
-    stats_file = ensure("minilm_sst2")
+    setup = minilm_setup()
+    cli, tasks, refs, adapter, stats_file = setup.cli, setup.tasks, setup.refs, setup.adapter, setup.kfac
     stats = load_file(str(stats_file))
     lora = load_file(str(adapter / "adapter_model.safetensors"))
     with tempfile.TemporaryDirectory() as td:
