@@ -113,7 +113,17 @@ std::vector<float> Matrix::to_f32() const {
   return out;
 }
 
+MatrixBlock block(const Matrix& m, int64_t row0, int64_t col0, int64_t rows, int64_t cols) {
+  if (row0 < 0 || col0 < 0 || rows < 0 || cols < 0 || row0 + rows > m.rows || col0 + cols > m.cols)
+    throw std::invalid_argument("block: out of the matrix");
+  return {m.data.data() + row0 * m.cols + col0, rows, cols, m.cols};
+}
+
 Matrix matmul(const Matrix& a, const Matrix& b, bool trans_a, bool trans_b) {
+  return matmul(block(a), block(b), trans_a, trans_b);
+}
+
+Matrix matmul(const MatrixBlock& a, const MatrixBlock& b, bool trans_a, bool trans_b) {
   const int64_t m = trans_a ? a.cols : a.rows;
   const int64_t k = trans_a ? a.rows : a.cols;
   const int64_t kb = trans_b ? b.cols : b.rows;
@@ -125,9 +135,9 @@ Matrix matmul(const Matrix& a, const Matrix& b, bool trans_a, bool trans_b) {
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
   const char tb = trans_b ? 'T' : 'N', ta = trans_a ? 'T' : 'N';
   const int M = checked_int(n, "cols"), N = checked_int(m, "rows"), K = checked_int(k, "inner");
-  const int ldb = checked_int(b.cols, "ldb"), lda = checked_int(a.cols, "lda");
+  const int ldb = checked_int(b.stride, "ldb"), lda = checked_int(a.stride, "lda");
   const double one = 1.0, zero = 0.0;
-  dgemm_(&tb, &ta, &M, &N, &K, &one, b.data.data(), &ldb, a.data.data(), &lda, &zero, c.data.data(), &M);
+  dgemm_(&tb, &ta, &M, &N, &K, &one, b.data, &ldb, a.data, &lda, &zero, c.data.data(), &M);
   return c;
 }
 

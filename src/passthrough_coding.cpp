@@ -76,21 +76,19 @@ Int8Rows int8_rows_from_blob(const std::vector<uint8_t>& blob, const std::vector
   return q;
 }
 
-bool layer_codable(const Tensor& t) {
-  if (t.shape.size() < 2 || t.numel() == 0) return false;
-  const size_t rows = row_count(t.shape), cols = static_cast<size_t>(t.numel()) / rows;
-  return static_cast<int64_t>(std::min(rows, cols)) <= kMaxLayerCodedRank && codable_values(t).has_value();
-}
-
-LoraModule passthrough_as_layer(const std::string& key, const Tensor& t, const std::string& key_prefix) {
+std::optional<LoraModule> passthrough_as_layer(const std::string& key, const Tensor& t, const std::string& key_prefix) {
+  if (t.shape.size() < 2 || t.numel() == 0) return std::nullopt;
   const int64_t rows = static_cast<int64_t>(row_count(t.shape)), cols = static_cast<int64_t>(t.numel()) / rows;
+  if (std::min(rows, cols) > kMaxLayerCodedRank) return std::nullopt;
+  std::optional<std::vector<float>> values = codable_values(t);
+  if (!values) return std::nullopt;
   LoraModule mod;
   mod.path = key.starts_with(key_prefix) ? key.substr(key_prefix.size()) : key;
   if (mod.path.ends_with(".weight")) mod.path.resize(mod.path.size() - 7);
   mod.rank = std::min(rows, cols);
   mod.alpha = static_cast<double>(mod.rank);
   mod.scaling = 1.0;
-  const Tensor whole = Tensor::from_f32(t.to_f32(), {rows, cols}, DType::F32);
+  const Tensor whole = Tensor::from_f32(*values, {rows, cols}, DType::F32);
   std::vector<float> eye(static_cast<size_t>(mod.rank * mod.rank), 0.0f);
   for (int64_t i = 0; i < mod.rank; ++i) eye[static_cast<size_t>(i * mod.rank + i)] = 1.0f;
   const Tensor identity = Tensor::from_f32(eye, {mod.rank, mod.rank}, DType::F32);

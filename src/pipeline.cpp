@@ -278,19 +278,20 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
     if (options.passthrough == "spectral" && options.mode != "spectral")
       throw Error(ErrorKind::InvalidInput, "compress", "--passthrough spectral needs mode spectral (not " + options.mode + ")");
     for (auto& [key, t] : c.passthrough) {
-      if (options.passthrough == "spectral" && layer_codable(t)) {
-        LoraModule head = passthrough_as_layer(key, t, adapter.key_prefix);
+      std::optional<LoraModule> head;
+      if (options.passthrough == "spectral") head = passthrough_as_layer(key, t, adapter.key_prefix);
+      if (head) {
         // Statistics are per module: without them for this tensor its errors could not be
         // weighed against the LoRA layers', so it falls back to int8 rows (so with the base-gram
         // proxy, which has no W for a head).
-        if (options.calibration ? options.calibration->contains(head.path + ".input_moment") : options.proxy.empty()) {
+        if (options.calibration ? options.calibration->contains(head->path + ".input_moment") : options.proxy.empty()) {
           c.passthrough_layers.emplace(key, modules.size());
-          modules.push_back(std::move(head));
+          modules.push_back(std::move(*head));
           t.data.clear();  // restored from the stream (Container::passthrough_layers)
           continue;
         }
         if (options.warn)
-          options.warn("no " + std::string(options.calibration ? "calibration statistics" : "base weight") + " for '" + head.path +
+          options.warn("no " + std::string(options.calibration ? "calibration statistics" : "base weight") + " for '" + head->path +
                        "' (" + key + "): stored as int8 rows instead of coded with the layers");
       }
       std::optional<Int8Rows> q = quantize_int8_rows(t);

@@ -18,7 +18,6 @@
 #include <utility>
 
 #include "budget_planner.hpp"
-#include "lapack.hpp"
 #include "solar/codec.hpp"
 #include "solar/error.hpp"
 #include "solar/range_coder.hpp"
@@ -259,20 +258,6 @@ int64_t quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* 
   return ok;
 }
 
-// H[b0:b1, b1:]^T err, read in place from the factor (one dgemm; no copy of the n^2/2 block,
-// which at k columns per call cost as much as the product).
-Matrix block_feedback(const Matrix& hinv_u, int64_t b0, int64_t b1, const Matrix& err) {
-  const int64_t rows = hinv_u.rows;
-  Matrix update(rows - b1, err.cols);
-  // Row-major update = H_blk^T err is column-major update^T = err^T H_blk (H_blk with ld = rows).
-  const int m = static_cast<int>(err.cols), n = static_cast<int>(rows - b1), kk = static_cast<int>(b1 - b0);
-  const int ld_err = m, ld_h = static_cast<int>(rows);
-  const double one = 1.0, zero = 0.0;
-  dgemm_("N", "T", &m, &n, &kk, &one, err.data.data(), &ld_err, hinv_u.data.data() + b0 * rows + b1, &ld_h, &zero,
-         update.data.data(), &m);
-  return update;
-}
-
 // Like quantize_columns (no rotation), but each column's rounding errors are fed forward to the
 // coordinates not yet quantised so as to minimise e^T H e (GPTQ, Frantar et al. 2022), where
 // `hinv_u` is inverse_cholesky_upper(H). As in GPTQ, rows go in blocks: feedback inside a block
@@ -306,7 +291,8 @@ int64_t quantize_columns_feedback(const Matrix& m, int64_t k, double step, const
       }
     }
     if (b1 < rows) {
-      const Matrix update = block_feedback(hinv_u, b0, b1, err);  // (rows - b1) x k
+      // H[b0:b1, b1:]^T err, the block read in place (a copy of it per call cost as much as the product).
+      const Matrix update = matmul(block(hinv_u, b0, b1, b1 - b0, rows - b1), block(err), /*trans_a=*/true);  // (rows - b1) x k
       for (int64_t t = b1; t < rows; ++t)
         for (int64_t j = 0; j < k; ++j) w(t, j) -= update(t - b1, j);
     }
@@ -865,12 +851,14 @@ class SpectralCodec final : public LayerCodec {
   static Matrix quadratic_form_fed_back(const Refit& fit, const Coded& cy) {
     const int64_t n = cy.value.rows, k = cy.value.cols;
     Matrix q(k, k);
-    for (int64_t i = 0; i < n; ++i)
+    std::vector<double> d(static_cast<size_t>(k));  // row i of D
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t b = 0; b < k; ++b) d[static_cast<size_t>(b)] = fit.yk(i, b) - cy.value(i, b);
       for (int64_t a = 0; a < k; ++a) {
         const double va = cy.value(i, a), sa = fit.sy(i, a), ea = cy.err(i, a);
-        for (int64_t b = 0; b < k; ++b)
-          q(a, b) += va * fit.sy(i, b) - sa * (fit.yk(i, b) - cy.value(i, b)) + ea * cy.err(i, b);
+        for (int64_t b = 0; b < k; ++b) q(a, b) += va * fit.sy(i, b) - sa * d[static_cast<size_t>(b)] + ea * cy.err(i, b);
       }
+    }
     return q;
   }
 

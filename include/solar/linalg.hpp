@@ -20,7 +20,17 @@ struct Matrix {
   std::vector<float> to_f32() const;
 };
 
+// A read-only rows x cols block of a row-major matrix, its rows `stride` values apart: lets
+// matmul read a block in place instead of copying it out first.
+struct MatrixBlock {
+  const double* data = nullptr;
+  int64_t rows = 0, cols = 0, stride = 0;
+};
+MatrixBlock block(const Matrix& m, int64_t row0, int64_t col0, int64_t rows, int64_t cols);
+inline MatrixBlock block(const Matrix& m) { return block(m, 0, 0, m.rows, m.cols); }
+
 Matrix matmul(const Matrix& a, const Matrix& b, bool trans_a = false, bool trans_b = false);
+Matrix matmul(const MatrixBlock& a, const MatrixBlock& b, bool trans_a = false, bool trans_b = false);
 double frobenius_norm(const Matrix& a);
 
 // Full SVD W = U diag(S) V^T with square U (m x m) and V (n x n), canonicalised:

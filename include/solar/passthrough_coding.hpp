@@ -37,12 +37,12 @@ Int8Rows int8_rows_from_blob(const std::vector<uint8_t>& blob, const std::vector
 // have min(R, C) <= kMaxLayerCodedRank: the layer's rank is min(R, C), and larger ones (embedding
 // copies) are not low-rank updates.
 inline constexpr int64_t kMaxLayerCodedRank = 64;  // python/solar/calibrate.py: MAX_HEAD_RANK
-bool layer_codable(const Tensor& t);
 // The tensor as a LoRA module whose update B A is the tensor itself (R x C): A = the tensor and
 // B = I when R <= C, else B = the tensor and A = I; scaling 1. Its path is the key without
 // `key_prefix` and without a trailing ".weight" (`classifier` for a sequence classifier's head),
-// which is where calibration statistics for it are looked up.
-LoraModule passthrough_as_layer(const std::string& key, const Tensor& t, const std::string& key_prefix);
+// which is where calibration statistics for it are looked up. nullopt for a tensor the rule
+// above does not apply to.
+std::optional<LoraModule> passthrough_as_layer(const std::string& key, const Tensor& t, const std::string& key_prefix);
 // The restored tensor: B~ and A~ rounded to binary32, each element the sum over j in increasing
 // order of their products in binary64, rounded to binary32, then converted to `dtype`.
 Tensor layer_product(const Matrix& b, const Matrix& a, DType dtype, const std::vector<int64_t>& shape);

@@ -143,5 +143,29 @@ TEST(Linalg, LeastSquaresUnderdeterminedIsExactAndMinimumNorm) {
   }
 }
 
+// A block read in place multiplies as its copy does, bit for bit (the GPTQ feedback relies on it
+// to keep the files of the copying version), transposed or not; a block past the edge is refused.
+Matrix leading(const Matrix& m, int64_t rows, int64_t cols) {
+  Matrix out(rows, cols);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) out(i, j) = m(i, j);
+  return out;
+}
+
+TEST(Linalg, BlockMatmulEqualsMatmulOfTheCopiedBlock) {
+  const Matrix h = random_matrix(9, 11, 21), e = random_matrix(3, 4, 22);
+  Matrix copy(3, 6);
+  for (int64_t i = 0; i < 3; ++i)
+    for (int64_t j = 0; j < 6; ++j) copy(i, j) = h(2 + i, 5 + j);
+  const Matrix in_place = matmul(block(h, 2, 5, 3, 6), block(e), /*trans_a=*/true);
+  const Matrix expected = matmul(copy, e, /*trans_a=*/true);
+  ASSERT_EQ(in_place.rows, 6);
+  ASSERT_EQ(in_place.cols, 4);
+  EXPECT_EQ(in_place.data, expected.data);
+  EXPECT_EQ(matmul(block(h, 2, 5, 3, 6), block(h, 0, 0, 6, 2)).data, matmul(copy, leading(h, 6, 2)).data);
+  EXPECT_THROW(block(h, 7, 0, 3, 1), std::invalid_argument);
+  EXPECT_THROW(block(h, 0, 6, 1, 6), std::invalid_argument);
+}
+
 }  // namespace
 }  // namespace solar
