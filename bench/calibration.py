@@ -2,7 +2,8 @@
 
 Computed with ``solar.calibrate`` on data the adapters were not evaluated on: stories260K on 32
 random 256-token windows of the TinyShakespeare *training* split (LM loss); MiniLM on the last
-512 SST-2 training sentences (the fixture trained on the first 12,800), with their labels;
+512 SST-2 training sentences (the fixture trained on the first 12,800), with their labels, and
+first-order statistics (the sentences are held out from its training);
 SmolLM2 on the last 64 pairs of E2E valid.txt (its training file; the eval scores test.txt) with
 the training loss (target tokens only, prompt masked).
 Cached under bench/results/cache/ (not committed: ~14 MB for MiniLM, ~124 MB for SmolLM2).
@@ -20,13 +21,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CACHE = Path(__file__).resolve().parent / "results" / "cache"
 
 
-def stats_path(model: str) -> Path:
-    # MiniLM's file also holds its classifier head's statistics (solar.calibrate records
-    # modules_to_save heads since format v6), so it is cached under a new name.
-    return CACHE / (f"{model}_kfac_heads.safetensors" if model == "minilm_sst2" else f"{model}_kfac.safetensors")
+# Models whose calibration data the adapter was not trained on: their statistics carry first-order
+# entries by default (solar.calibrate's first_order). stories260K's windows and SmolLM2's pairs
+# come from the adapters' training data, where the mean gradient is mostly noise.
+HELD_OUT = {"minilm_sst2"}
 
 
-def _stories(out: Path) -> None:
+def stats_path(model: str, first_order: bool | None = None) -> Path:
+    """The cached statistics; `first_order` defaults to the model being in HELD_OUT."""
+    if first_order is None:
+        first_order = model in HELD_OUT
+    if first_order and model not in HELD_OUT:
+        raise ValueError(f"{model}: its calibration data is training data; no first-order statistics")
+    if model == "minilm_sst2":
+        # Also the classifier head's statistics (solar.calibrate records modules_to_save heads
+        # since format v6); the K-FAC-only file is what the tuning-split checks before first-order
+        # statistics measured with.
+        return CACHE / f"{model}_kfac_{'first_order' if first_order else 'heads'}.safetensors"
+    return CACHE / f"{model}_kfac.safetensors"
+
+
+def _stories(out: Path, first_order: bool = False) -> None:
     import torch
     import torch.nn.functional as F
     from peft import PeftModel
@@ -51,7 +66,7 @@ def _stories(out: Path) -> None:
     solar.calibrate(model, batches, loss_fn=lm_loss, out=out)
 
 
-def _minilm(out: Path) -> None:
+def _minilm(out: Path, first_order: bool = False) -> None:
     import torch
     from peft import PeftModel
 
@@ -70,10 +85,10 @@ def _minilm(out: Path) -> None:
             enc["labels"] = torch.tensor([y for _, y in chunk])
             yield dict(enc)
 
-    solar.calibrate(model, batches(), out=out)
+    solar.calibrate(model, batches(), first_order=first_order, out=out)
 
 
-def _smollm2(out: Path) -> None:
+def _smollm2(out: Path, first_order: bool = False) -> None:
     from peft import PeftModel
 
     import solar
@@ -103,15 +118,17 @@ def cached(out: Path, make) -> Path:
     return out
 
 
-def ensure(model: str) -> Path:
-    """The statistics file for `model`, computed once."""
+def ensure(model: str, first_order: bool | None = None) -> Path:
+    """The statistics file for `model` (see stats_path), computed once."""
+    path = stats_path(model, first_order)
+
     def make(tmp: Path) -> None:
         import torch
 
         torch.manual_seed(0)
-        CALIBRATORS[model](tmp)
+        CALIBRATORS[model](tmp, first_order=model in HELD_OUT if first_order is None else first_order)
 
-    return cached(stats_path(model), make)
+    return cached(path, make)
 
 
 if __name__ == "__main__":

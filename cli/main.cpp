@@ -30,7 +30,9 @@ int main(int argc, char** argv) {
                 "spectral modes: how the budget is shared between layers, 0 = by absolute error, 1 = by each layer's relative "
                 "error (default 1; 0 with --calib or --proxy)")
       ->check(CLI::Range(0.0, 4.0));
-  c->add_option("--calib", ca.calib, "spectral modes: input statistics (safetensors of <module>.input_moment, from solar.calibrate)");
+  c->add_option("--calib", ca.calib,
+                "spectral modes: calibration statistics (safetensors of <module>.input_moment, optionally .output_grad_moment\n"
+                "and first-order entries; from solar.calibrate, see docs/FORMAT.md)");
   c->add_option("--calib-damping", ca.calib_damping, "share of the mean diagonal added to calibration statistics (default 0.1)")
       ->check(CLI::NonNegativeNumber);
   c->add_option("--quantiser", ca.quantiser,

@@ -120,6 +120,43 @@ std::optional<Matrix> output_weighting(const CompressOptions& o, const std::stri
   return calibration_matrix(*o.calibration, module + ".output_grad_moment", l.shape.m, false, o.calibration_damping);
 }
 
+// The mean loss gradient with respect to a LoRA module's B A (its "<module>.update_gradient",
+// out x in, times PEFT's scaling), when the calibration file has one.
+std::optional<Matrix> update_gradient(const CompressOptions& o, const std::string& module, const LayerRecord& l,
+                                      double scaling) {
+  const std::string key = module + ".update_gradient";
+  if (!o.calibration || !o.calibration->contains(key)) return std::nullopt;
+  const WeightSource& calib = *o.calibration;
+  const TensorView v = calib.get(key);
+  if (v.shape.size() != 2 || v.shape[0] != l.shape.m || v.shape[1] != l.shape.n)
+    throw Error(ErrorKind::Mismatch, calib.describe(), "'" + key + "' must be " + dims(l.shape.m, l.shape.n) + " (out x in)");
+  const std::vector<float> f = v.to_f32();
+  Matrix g = Matrix::from_f32(f.data(), l.shape.m, l.shape.n);
+  for (double& x : g.data) {
+    if (!std::isfinite(x)) throw Error(ErrorKind::InvalidInput, calib.describe(), "'" + key + "' has NaN or Inf");
+    x *= scaling;
+  }
+  return g;
+}
+
+// The loss's second derivative along the adapter (every LoRA update scaled by 1 + t, at t = 0),
+// which sets how first-order costs compare with the metric's errors; required with gradients.
+std::optional<double> loss_curvature(const CompressOptions& o) {
+  if (!o.calibration) return std::nullopt;
+  const WeightSource& calib = *o.calibration;
+  bool gradients = false;
+  for (const std::string& name : calib.names())
+    if (name.size() > 16 && name.compare(name.size() - 16, 16, ".update_gradient") == 0) gradients = true;
+  if (!gradients) return std::nullopt;
+  if (!calib.contains(kLossCurvatureKey))
+    throw Error(ErrorKind::Mismatch, calib.describe(), "has update gradients but no '" + std::string(kLossCurvatureKey) + "'");
+  const TensorView v = calib.get(kLossCurvatureKey);
+  const std::vector<float> f = v.to_f32();
+  if (f.size() != 1 || !(std::isfinite(f[0]) && f[0] > 0))
+    throw Error(ErrorKind::InvalidInput, calib.describe(), "'" + std::string(kLossCurvatureKey) + "' must be one positive number");
+  return f[0];
+}
+
 // The n x n matrix that weighs a layer's input side (see CompressOptions).
 std::optional<Matrix> input_weighting(const CompressOptions& o, const WeightSource& base, const std::string& module,
                                       const LayerRecord& l, bool transpose) {
@@ -146,6 +183,21 @@ std::vector<Candidate> pareto_front(std::vector<Candidate> all) {
   std::vector<Candidate> front{std::move(all[0])};
   for (size_t i : pareto_indices(all)) front.push_back(std::move(all[i]));
   return front;
+}
+
+// Adds each point's first-order cost to its distortion, in the metric's units. The metric D
+// approximates the loss increase as c D / 2 with one scale c for the whole adapter, measured by
+// the loss's curvature along it: scaling every LoRA update by 1 + t moves the loss by
+// (c t^2 / 2) sum_l E_l, E_l the layer's whole update in the metric, so c = curvature / sum_l E_l.
+void price_first_order(std::vector<std::vector<Candidate>>& candidates, const std::vector<double>& energies,
+                       size_t lora_count, const std::optional<double>& curvature) {
+  if (!curvature) return;
+  double total = 0;
+  for (size_t i = 0; i < lora_count && i < energies.size(); ++i) total += energies[i];
+  if (!(total > 0)) return;
+  const double per_loss = 2.0 * total / *curvature;  // metric units per unit of loss
+  for (auto& layer : candidates)
+    for (Candidate& c : layer) c.distortion += per_loss * c.first_order;
 }
 
 // Chooses every layer's operating point for a planned mode and fills the container: the chosen
@@ -329,6 +381,7 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
 
   Reporter report(options.progress);
   Reporter warn_once(options.warn);
+  const std::optional<double> curvature = loss_curvature(options);
   // A layer's context: its base weight (if the mode needs it), weighting and statistics. A planned
   // layer builds it twice (to list its points, then to rebuild the chosen one): keeping every
   // layer's W, statistics and factorisations between the passes would cost O(m² + n²) memory per
@@ -349,6 +402,7 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
     if (codec->plans_budget()) {
       ctx.input_moment = input_weighting(options, base, mod.path, l, l.transpose_base);
       ctx.output_moment = output_weighting(options, mod.path, l);
+      if (i < lora_count && ctx.output_moment) ctx.update_gradient = update_gradient(options, mod.path, l, mod.scaling);
     }
     return ctx;
   };
@@ -363,7 +417,8 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
     const LayerContext ctx = context(i);
     const Factors f = factors(i);
     if (codec->plans_budget()) {
-      candidates[i] = pareto_front(codec->candidates(ctx, f));
+      // Pruned to the Pareto front once first-order costs are priced in (below).
+      candidates[i] = codec->candidates(ctx, f);
       // Candidate 0 drops the layer: its distortion is the layer's whole update in the metric.
       energies[i] = candidates[i].empty() ? 0.0 : candidates[i].front().distortion;
     } else {
@@ -374,6 +429,8 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
            (codec->plans_budget() ? "analysed" : "encoded") + " in " + std::to_string(seconds_since(t0)).substr(0, 5) + " s");
   });
   if (codec->plans_budget()) {
+    price_first_order(candidates, energies, lora_count, curvature);
+    for (auto& layer : candidates) layer = pareto_front(std::move(layer));
     balance_layers(candidates, energies, balance);
     plan_and_fill(c, *codec, candidates, energies, options,
                   [&](size_t i, const Candidate& pick) { return codec->candidate_symbols(context(i), factors(i), pick); });

@@ -404,8 +404,10 @@ class SpectralCodec final : public LayerCodec {
     const LayerShape& s = ctx.shape();
     const LayerSetup u = setup(ctx, f);
     const double w = ctx.weight;
+    const std::vector<double> dropped = dropped_cost(ctx, u);
     std::vector<Candidate> out;
-    out.push_back({w * u.energy, BitCounter::bytes_for(header_cost(s, 0, 0, 0, 0)), {0, kStepBias, kStepBias, 0}});  // drop the layer
+    out.push_back({w * u.energy, BitCounter::bytes_for(header_cost(s, 0, 0, 0, 0)), {0, kStepBias, kStepBias, 0},
+                   dropped[0]});  // drop the layer
     if (!(u.rms > 0)) return out;
     const int t_top = std::clamp(static_cast<int>(std::ceil(std::log2(8 * u.rms) * kStepsPerOctave)) + kStepBias, 0, 255);
     // Prices the points (tx, quantiser variant, k in ks, Y step code tx + offset + dy for dy in dys).
@@ -426,7 +428,8 @@ class SpectralCodec final : public LayerCodec {
           if (!quantize_y(u, fit, k, ty, variant, cy)) continue;
           const uint64_t bits =
               header_cost(s, k, tx, ty, variant) + x_cost[static_cast<size_t>(k)] + column_costs(cy.q.data(), s.n, k, is_dependent(variant), false).back();
-          out.push_back({w * distortion(u, fit, cy), BitCounter::bytes_for(bits), {static_cast<int32_t>(k), tx, ty, variant}});
+          out.push_back({w * distortion(u, fit, cy), BitCounter::bytes_for(bits), {static_cast<int32_t>(k), tx, ty, variant},
+                         dropped[static_cast<size_t>(k)]});
         }
       }
     };
@@ -797,6 +800,31 @@ class SpectralCodec final : public LayerCodec {
     if (!rotate_ && u.sig) u.hy = inverse_cholesky_upper(*u.sig);
     return u;
   }
+
+  // [k]: the loss that dropping components k.. costs to first order, -<dL/d(B A), x_i y_i^T>
+  // summed over them (y_i = (B A)^T G x_i / x_i^T G x_i, the component's right factor), clamped
+  // at zero: a drop the calibration data says would help is not trusted to. All zero without an
+  // update gradient, or when the factors are coded as they are.
+  static std::vector<double> dropped_cost(const LayerContext& ctx, const LayerSetup& u) {
+    const LayerShape& s = ctx.shape();
+    std::vector<double> rest(static_cast<size_t>(s.r) + 1, 0.0);
+    if (!ctx.update_gradient || !(s.m >= s.r && s.n >= s.r)) return rest;
+    const Matrix& grad = *ctx.update_gradient;
+    if (grad.rows != s.m || grad.cols != s.n)
+      throw Error(ErrorKind::Mismatch, mode_name(ctx), "update gradient must be " + std::to_string(s.m) + "x" + std::to_string(s.n));
+    const Matrix gx = u.left(u.x);                                           // G X, m x r
+    const Matrix wt_gx = matmul(u.f->A, matmul(u.f->B, gx, true), true);     // (B A)^T G X, n x r
+    const Matrix grad_x = matmul(grad, u.x, true);                           // dL^T X, n x r
+    for (int64_t i = s.r - 1; i >= 0; --i) {
+      double norm = 0, pull = 0;
+      for (int64_t a = 0; a < s.m; ++a) norm += u.x(a, i) * gx(a, i);
+      for (int64_t b = 0; b < s.n; ++b) pull += grad_x(b, i) * wt_gx(b, i);
+      rest[static_cast<size_t>(i)] = rest[static_cast<size_t>(i) + 1] - (norm > 0 ? pull / norm : 0.0);
+    }
+    for (double& v : rest) v = std::max(0.0, v);
+    return rest;
+  }
+  static std::string mode_name(const LayerContext& ctx) { return "spectral layer " + std::to_string(ctx.layer_index()); }
 
   static int64_t quantize_side(const Matrix& v, int64_t k, double step, const Matrix* rot, const Matrix& h, int variant, Coded& c) {
     if (is_dependent(variant)) return quantize_columns_dq(v, k, step, rot, h.rows > 0 ? &h : nullptr, c);

@@ -49,6 +49,9 @@ class LayerContext {
   double weight = 1.0;
   std::optional<Matrix> input_moment;   // n x n, E[x x^T] of the layer's inputs
   std::optional<Matrix> output_moment;  // m x m, E[g g^T] of the loss gradient at its outputs
+  // m x n, the mean loss gradient with respect to B A (PEFT's scaling times dL/dW) at the adapted
+  // model: dropping a component the loss still pulls on costs loss to first order.
+  std::optional<Matrix> update_gradient;
   std::function<void(const std::string&)> warn;  // settings that work but are known to go badly
 
  private:
@@ -77,6 +80,9 @@ struct Candidate {
   double distortion = 0;
   size_t bytes = 0;
   std::vector<int32_t> setting;
+  // With an update gradient: the loss the point's dropped components cost to first order (never
+  // negative). The pipeline converts it into the metric's units once all layers are listed.
+  double first_order = 0;
 };
 
 class LayerCodec {

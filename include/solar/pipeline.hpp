@@ -21,7 +21,8 @@ struct CompressOptions {
   // Budget of the planned modes (spectral*): at most this many bytes for the whole file, or at
   // most this relative error sqrt(sum_l v_l D_l / sum_l v_l E_l), where D_l is layer l's error
   // and E_l its whole update, both in the mode's metric (Frobenius of scaling_l (B A)_l without
-  // statistics), and v_l = E_l^-balance. With neither, target_error = kDefaultTargetError.
+  // statistics; D_l also counts what dropped components cost to first order when the statistics
+  // carry update gradients), and v_l = E_l^-balance. With neither, target_error = kDefaultTargetError.
   std::optional<size_t> target_bytes;
   std::optional<double> target_error;
   // How the budget is shared between layers (0 to 4): 0 counts errors as they are, so layers
@@ -32,7 +33,8 @@ struct CompressOptions {
   std::optional<double> balance;
   // Output-aware coding (spectral modes): per-module input second moments E[x x^T] (n x n),
   // named "<module path>.input_moment", e.g. from solar.calibrate(). Errors are then measured in
-  // the layer's outputs. Without them, `proxy` = "base-gram" weighs errors by W^T W instead
+  // the layer's outputs (in the loss, with "<module path>.output_grad_moment" too; optional
+  // first-order entries as docs/FORMAT.md, "Calibration statistics", describes). Without them, `proxy` = "base-gram" weighs errors by W^T W instead
   // (data-free); "" measures plain Frobenius error.
   const WeightSource* calibration = nullptr;
   std::string proxy;
@@ -56,6 +58,9 @@ struct CompressOptions {
 };
 
 inline constexpr double kDefaultTargetError = 0.05;
+// Calibration files with "<module>.update_gradient" tensors carry this scalar too (the loss's
+// second derivative along the adapter; solar.calibrate writes both).
+inline constexpr const char* kLossCurvatureKey = "solar.loss_curvature";
 inline constexpr double kFrobeniusBalance = 1.0;  // balance's default without statistics or proxy
 
 Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,

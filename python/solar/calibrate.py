@@ -19,6 +19,7 @@ PREFIX = "base_model.model."
 # kMaxLayerCodedRank in include/solar/passthrough_coding.hpp. Larger copies (an lm_head) are
 # stored as int8 rows and need no statistics; an m x m gradient moment of a vocabulary would not fit.
 MAX_HEAD_RANK = 64
+CURVATURE_KEY = "solar.loss_curvature"  # kLossCurvatureKey in include/solar/pipeline.hpp
 
 
 def _coded_modules(model) -> dict:
@@ -47,6 +48,7 @@ def calibrate(
     *,
     loss_fn: Optional[Callable[[Any, Mapping[str, Any]], Any]] = None,
     gradients: bool = True,
+    first_order: bool = False,
     out: Optional[os.PathLike | str] = None,
 ) -> dict:
     """Collects the statistics of a ``peft.PeftModel`` over calibration batches.
@@ -58,10 +60,21 @@ def calibrate(
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``; by default ``model(**batch).loss``.
         gradients: also collect output-gradient moments (needs a loss); without them the codec
             weighs errors by the layer's outputs only.
+        first_order: for batches the adapter was *not* trained on, with gradients: also record
+            each LoRA layer's mean loss gradient with respect to its weight,
+            ``"<module>.update_gradient"`` (m x n), and the loss's second derivative along the
+            adapter, ``"solar.loss_curvature"`` (two more forward passes, every LoRA update scaled
+            by 0.9 and 1.1). The codec then also counts what dropping a component costs the loss
+            to first order, which the quadratic metric misses: on held-out data an adapter still
+            pulls along its minor components (on MiniLM's SST-2 adapter, dropping them cost ~1% of
+            its loss gain that the metric priced at ~0). On the training data the gradient is
+            mostly noise, which the codec (counting positive costs only) would pay for: on
+            SmolLM2's E2E adapter, statistics from its training pairs kept 88.0% instead of 90.4%
+            at 4,000 B. Left out (with a warning) if the curvature is not positive.
         out: if given, the statistics are also saved there as safetensors (``--calib`` of the CLI).
 
     Returns ``{"<module>.input_moment": Tensor(n, n), "<module>.output_grad_moment": Tensor(m, m)}``
-    in float32.
+    (and the first-order entries) in float32.
     """
     import torch
 
@@ -71,8 +84,15 @@ def calibrate(
     sums_x = {k: None for k in modules}
     sums_g = {k: None for k in modules}
     rows_x = {k: 0 for k in modules}
-    state = {"mask": None, "tokens": 0}
+    state = {"mask": None, "tokens": 0, "losses": []}
     first = next(iter(modules))
+    # First order: LoRA layers only (a head is coded whole, not by dropping components).
+    lora_layers = {k: m for k, m in modules.items() if isinstance(getattr(m, "scaling", None), dict)}
+    first_order = first_order and gradients and bool(lora_layers)
+    if first_order:
+        batches = list(batches)  # walked again for the curvature
+    sums_grad = {k: None for k in lora_layers}
+    pending_x = {k: [] for k in lora_layers}  # this batch's inputs, until the backward pass pairs them
 
     def rows(t):
         t = t.detach().reshape(-1, t.shape[-1]).double()
@@ -87,12 +107,18 @@ def calibrate(
                 state["tokens"] += x.shape[0]
             rows_x[name] += x.shape[0]
             sums_x[name] = x.T @ x if sums_x[name] is None else sums_x[name] + x.T @ x
+            if first_order and name in pending_x and torch.is_grad_enabled():
+                pending_x[name].append(x)
         return hook
 
     def bwd_hook(name):
         def hook(_mod, _grad_in, grad_out):
             g = rows(grad_out[0])
             sums_g[name] = g.T @ g if sums_g[name] is None else sums_g[name] + g.T @ g
+            if first_order and pending_x.get(name):
+                # Backward visits a module's calls in reverse order: pair with the last input.
+                grad = g.T @ pending_x[name].pop()
+                sums_grad[name] = grad if sums_grad[name] is None else sums_grad[name] + grad
         return hook
 
     # A loaded PeftModel is frozen; gradients must reach the LoRA layers' outputs.
@@ -112,6 +138,8 @@ def calibrate(
         for batch in batches:
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             state["mask"] = None if mask is None else mask.reshape(-1).bool()
+            for xs in pending_x.values():
+                xs.clear()
             if gradients:
                 with torch.enable_grad():
                     model.zero_grad(set_to_none=True)
@@ -120,6 +148,7 @@ def calibrate(
                         raise ValueError("calibrate: the batches give no loss; pass labels, a loss_fn, or gradients=False")
                     # Gradients must flow to the LoRA layers' outputs even if nothing is trainable.
                     loss.backward()
+                    state["losses"].append(float(loss.detach()))
             else:
                 with torch.no_grad():
                     model(**batch)
@@ -130,6 +159,10 @@ def calibrate(
             p.requires_grad_(flag)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+    curvature = None
+    if first_order and state["losses"]:
+        curvature = _curvature_along_adapter(model, lora_layers, batches, loss_fn,
+                                             sum(state["losses"]) / len(state["losses"]))
     stats = {}
     for name in modules:
         if sums_x[name] is None:
@@ -141,11 +174,50 @@ def calibrate(
         stats[f"{name}.input_moment"] = (sums_x[name] / max(1.0, float(rows_x[name]))).float().contiguous()
         if sums_g[name] is not None:
             stats[f"{name}.output_grad_moment"] = (sums_g[name] / count).float().contiguous()
+        if curvature is not None and sums_grad.get(name) is not None:
+            # The gradient of the mean batch loss (dL/dW = sum over rows of g x^T per batch).
+            stats[f"{name}.update_gradient"] = (sums_grad[name] / len(state["losses"])).float().contiguous()
+    if curvature is not None:
+        stats[CURVATURE_KEY] = torch.tensor([curvature], dtype=torch.float32)
     if out is not None:
         from safetensors.torch import save_file
 
         save_file(stats, os.fspath(out))
     return stats
+
+
+def _curvature_along_adapter(model, lora_layers: dict, batches: list, loss_fn, loss_at_one: float,
+                             step: float = 0.1) -> Optional[float]:
+    """d²L/dt² at t = 0 for every LoRA update scaled by 1 + t (central difference over the same
+    batches), or None (with a warning) if it is not positive."""
+    import warnings
+
+    import torch
+
+    def loss_at(factor: float) -> float:
+        saved = [(m, dict(m.scaling)) for m in lora_layers.values()]
+        try:
+            for m, scaling in saved:
+                for adapter, value in scaling.items():
+                    m.scaling[adapter] = value * factor
+            with torch.no_grad():
+                losses = [float(loss_fn(model, b) if loss_fn else model(**b).loss) for b in batches]
+        finally:
+            for m, scaling in saved:
+                m.scaling.update(scaling)
+        return sum(losses) / len(losses)
+
+    was_training = model.training
+    model.eval()
+    try:
+        curvature = (loss_at(1 + step) + loss_at(1 - step) - 2 * loss_at_one) / step**2
+    finally:
+        model.train(was_training)
+    if not curvature > 0:
+        warnings.warn(f"calibrate: the loss is not convex along the adapter (curvature {curvature:.3g}); "
+                      "first-order statistics left out")
+        return None
+    return curvature
 
 
 def _logits(output):
@@ -234,7 +306,7 @@ def self_calibrate(
     ids = sample_text(model, sequences=sequences, length=length, bos_token_id=bos_token_id,
                       temperature=temperature, seed=seed)
     batches = [{"input_ids": ids[i: i + 4]} for i in range(0, ids.shape[0], 4)]
-    return calibrate(model, batches, loss_fn=_next_token_loss, out=out)
+    return calibrate(model, batches, loss_fn=_next_token_loss, out=out)  # own samples: zero expected gradient
 
 
 def _text_batches(tokenizer, path: str, length: int, sequences: int) -> list:
@@ -267,6 +339,9 @@ def cli_main(argv=None) -> int:
     ap.add_argument("--sequences", type=int, default=32, help="windows or sampled sequences (default 32)")
     ap.add_argument("--length", type=int, default=256, help="tokens per window or sequence (default 256)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed for --self (default 0)")
+    ap.add_argument("--first-order", action="store_true",
+                    help="with --text the adapter was not trained on: also record mean gradients and the loss "
+                         "curvature, so that the codec counts what dropping a component costs to first order")
     args = ap.parse_args(argv)
     if args.text and not os.path.isfile(args.text):  # before minutes of model loading
         print(f"solar calibrate: error: {args.text}: no such text file", file=sys.stderr)
@@ -288,7 +363,7 @@ def cli_main(argv=None) -> int:
         else:
             tokenizer = AutoTokenizer.from_pretrained(args.base_model, **extra)
             calibrate(model, _text_batches(tokenizer, args.text, args.length, args.sequences),
-                      loss_fn=_next_token_loss, out=tmp)
+                      loss_fn=_next_token_loss, first_order=args.first_order, out=tmp)
         os.replace(tmp, args.out)  # atomic: a failed run leaves no half-written statistics
     except (OSError, ValueError) as e:
         print(f"solar calibrate: error: {e}", file=sys.stderr)

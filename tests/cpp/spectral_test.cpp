@@ -1,6 +1,8 @@
 // The spectral modes end to end on stories260K adapters.
+#include <algorithm>
 #include <array>
 #include <cmath>
+#include <map>
 #include <optional>
 
 #include <gtest/gtest.h>
@@ -12,6 +14,11 @@
 
 namespace solar {
 namespace {
+
+Matrix to_dense(const LoraModule& m) {
+  return matmul(Matrix::from_f32(m.B.to_f32().data(), m.B.shape[0], m.B.shape[1]),
+                Matrix::from_f32(m.A.to_f32().data(), m.A.shape[0], m.A.shape[1]));
+}
 
 class Spectral : public ::testing::Test {
  protected:
@@ -221,6 +228,105 @@ TEST_F(Spectral, CalibrationSpendsBytesWhereInputsAreLarge) {
   EXPECT_SOLAR_ERROR(compress_adapter(adapter_, none, weighted), ErrorKind::Mismatch, "input_moment");
 }
 
+// A calibration file with update gradients: at the same budget, the plan keeps the components the
+// loss pulls on (here the gradient points along every component but each layer's first, so
+// dropping them costs first-order loss the plain metric does not see). Malformed first-order
+// entries are refused, naming the file and the tensor.
+TEST_F(Spectral, FirstOrderStatisticsKeepTheComponentsTheLossPullsOn) {
+  std::map<int64_t, Tensor> identities;
+  auto identity = [&](int64_t dim) -> const Tensor& {
+    if (!identities.count(dim)) {
+      std::vector<float> eye(static_cast<size_t>(dim * dim), 0.0f);
+      for (int64_t i = 0; i < dim; ++i) eye[static_cast<size_t>(i * (dim + 1))] = 1.0f;
+      identities.emplace(dim, Tensor::from_f32(eye, {dim, dim}, DType::F32));
+    }
+    return identities.at(dim);
+  };
+  auto view = [](const Tensor& t) { return TensorView{t.dtype, t.shape, t.data.data(), t.data.size()}; };
+  auto add_moments = [&](InMemoryWeights& w, const LoraModule& m) {
+    w.add(m.path + ".input_moment", view(identity(m.A.shape[1])));
+    w.add(m.path + ".output_grad_moment", view(identity(m.B.shape[0])));
+  };
+  std::vector<Tensor> gradients;  // -(B A - its rank-1 part): pulls on components 2.. of each layer
+  double energy = 0;
+  for (const auto& m : adapter_.modules) {
+    const Matrix ba = matmul(Matrix::from_f32(m.B.to_f32().data(), m.B.shape[0], m.B.shape[1]),
+                             Matrix::from_f32(m.A.to_f32().data(), m.A.shape[0], m.A.shape[1]));
+    const Svd svd = full_svd(ba);
+    std::vector<float> g(ba.data.size());
+    for (int64_t i = 0; i < ba.rows; ++i)
+      for (int64_t j = 0; j < ba.cols; ++j)
+        g[static_cast<size_t>(i * ba.cols + j)] =
+            static_cast<float>(-(ba(i, j) - svd.U(i, 0) * svd.S[0] * svd.V(j, 0)) / m.scaling);
+    gradients.push_back(Tensor::from_f32(g, {ba.rows, ba.cols}, DType::F32));
+    energy += m.scaling * m.scaling * frobenius_norm(ba) * frobenius_norm(ba);
+  }
+  // Curvature sum_l E_l / 5: one unit of loss weighs ten units of the metric, so dropping a
+  // component costs 11 times its energy.
+  const Tensor curvature = Tensor::from_f32({static_cast<float>(energy / 500)}, {1}, DType::F32);
+  InMemoryWeights plain("<moments>"), first("first.safetensors");
+  for (size_t i = 0; i < adapter_.modules.size(); ++i) {
+    add_moments(plain, adapter_.modules[i]);
+    add_moments(first, adapter_.modules[i]);
+    first.add(adapter_.modules[i].path + ".update_gradient", view(gradients[i]));
+  }
+  first.add(kLossCurvatureKey, view(curvature));
+  InMemoryWeights none("<none>");
+  CompressOptions o;
+  o.mode = "spectral";
+  o.target_bytes = 1200;
+  // The restored adapter's first-order loss, sum_l <dL/dW_l, scaling_l (B~ A~ - B A)_l>, and the
+  // components it keeps (B~'s non-zero columns).
+  struct Outcome {
+    double loss = 0;
+    int kept = 0;
+  };
+  auto outcome = [&](const CompressOptions& opts) {
+    const PeftAdapter back = decompress_container(compress_adapter(adapter_, none, opts), none);
+    Outcome out;
+    for (size_t i = 0; i < adapter_.modules.size(); ++i) {
+      const auto& m = adapter_.modules[i];
+      const Matrix d = to_dense(m), b = to_dense(back.modules[i]);
+      const std::vector<float> g = gradients[i].to_f32();
+      for (size_t j = 0; j < d.data.size(); ++j) out.loss += g[j] * m.scaling * (b.data[j] - d.data[j]);
+      const Matrix bm = Matrix::from_f32(back.modules[i].B.to_f32().data(), m.B.shape[0], m.B.shape[1]);
+      for (int64_t c = 0; c < bm.cols; ++c) {
+        bool used = false;
+        for (int64_t r = 0; r < bm.rows; ++r) used = used || bm(r, c) != 0;
+        out.kept += used;
+      }
+    }
+    return out;
+  };
+  o.calibration = &plain;
+  const Outcome without = outcome(o);
+  o.calibration = &first;
+  const Outcome with = outcome(o);
+  const int all = static_cast<int>(adapter_.modules.size()) * 4;
+  EXPECT_LT(without.kept, all) << "the budget is loose enough to keep everything anyway";
+  EXPECT_EQ(with.kept, all);
+  EXPECT_GT(without.loss, 0);
+  // What remains is the rounding of the kept components (not priced to first order).
+  EXPECT_LT(with.loss, 0.95 * without.loss) << "first-order loss with gradients " << with.loss << ", without " << without.loss;
+
+  InMemoryWeights missing("nocurv.safetensors");
+  for (size_t i = 0; i < adapter_.modules.size(); ++i) {
+    add_moments(missing, adapter_.modules[i]);
+    missing.add(adapter_.modules[i].path + ".update_gradient", view(gradients[i]));
+  }
+  o.calibration = &missing;
+  EXPECT_SOLAR_ERROR(compress_adapter(adapter_, none, o), ErrorKind::Mismatch, "nocurv.safetensors");
+  EXPECT_SOLAR_ERROR(compress_adapter(adapter_, none, o), ErrorKind::Mismatch, kLossCurvatureKey);
+  const Tensor zero = Tensor::from_f32({0.0f}, {1}, DType::F32);
+  missing.add(kLossCurvatureKey, view(zero));
+  EXPECT_SOLAR_ERROR(compress_adapter(adapter_, none, o), ErrorKind::InvalidInput, "one positive number");
+  missing.add(kLossCurvatureKey, view(curvature));
+  const LoraModule& wv = adapter_.modules[1];
+  missing.add(wv.path + ".update_gradient", view(identity(wv.A.shape[1])));
+  EXPECT_SOLAR_ERROR(compress_adapter(adapter_, none, o), ErrorKind::Mismatch,
+                     "update_gradient' must be " + std::to_string(wv.B.shape[0]) + "x" + std::to_string(wv.A.shape[1]));
+}
+
 // With statistics, every operating point's distortion (what the planner trusts) is the layer's
 // error in the metric, tr(G E S E^T) for E = B A - B~ A~, of the layer decode_symbols rebuilds
 // from it, at high rates and at low ones. `spectral` gets Y~^T S Y~ from its error feedback's
@@ -291,6 +397,68 @@ TEST(SpectralCalibrated, PointDistortionIsTheDecodedErrorInTheMetric) {
   const DistortionPaths rotated = check_point_distortions(true);
   EXPECT_GT(rotated.checked, 15);
   EXPECT_GT(rotated.sparse, 3) << "no low-rate point exercised the sparse pricing";
+}
+
+// With an update gradient, a point's first-order cost is what dropping the components it does not
+// keep costs the loss to first order, -<dL/d(B A), B A - T_k>, T_k the metric's best rank-k part
+// of B A (computed here from the whitened SVD, not as the codec does), clamped at zero; a point
+// keeping every component costs nothing, and without a gradient no point does.
+TEST(SpectralCalibrated, FirstOrderCostIsTheGradientsPullOnTheDroppedComponents) {
+  const int64_t m = 40, n = 56, r = 6;
+  auto random = [](int64_t rows, int64_t cols, uint64_t seed) {
+    const auto v = test::random_normals(static_cast<size_t>(rows * cols), seed);
+    return Matrix::from_f32(v.data(), rows, cols);
+  };
+  auto moment = [&](int64_t dim, uint64_t seed) {
+    const Matrix z = random(dim, 2 * dim, seed);
+    return matmul(z, z, false, true);
+  };
+  auto power = [](const Matrix& a, double p) {  // a^p of a symmetric positive definite matrix
+    const SymmetricEigen e = symmetric_eigen(a);
+    Matrix scaled = e.V;
+    for (int64_t j = 0; j < scaled.cols; ++j)
+      for (int64_t i = 0; i < scaled.rows; ++i) scaled(i, j) *= std::pow(e.values[static_cast<size_t>(j)], p);
+    return matmul(scaled, e.V, false, true);
+  };
+  Factors f{random(r, n, 1), random(m, r, 2)};
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t i = 0; i < n; ++i) f.A(j, i) *= std::pow(0.6, static_cast<double>(j));
+  LayerContext ctx(0, 0, LayerShape{m, n, r}, {});
+  ctx.input_moment = moment(n, 3);
+  ctx.output_moment = moment(m, 4);
+  const auto codec = make_spectral_codec(false, true);
+  for (const Candidate& c : codec->candidates(ctx, f)) EXPECT_EQ(c.first_order, 0.0);
+
+  ctx.update_gradient = random(m, n, 7);
+  const Matrix ba = matmul(f.B, f.A);
+  const Matrix gh = power(*ctx.output_moment, 0.5), sh = power(*ctx.input_moment, 0.5);
+  const Svd w = full_svd(matmul(matmul(gh, ba), sh));
+  const Matrix gih = power(*ctx.output_moment, -0.5), sih = power(*ctx.input_moment, -0.5);
+  std::vector<double> expected(static_cast<size_t>(r) + 1);
+  for (int64_t k = 0; k <= r; ++k) {
+    Matrix core(m, n);  // the whitened update's components k.. (what T_k leaves out)
+    for (int64_t c = k; c < r; ++c)
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) core(i, j) += w.U(i, c) * w.S[static_cast<size_t>(c)] * w.V(j, c);
+    const Matrix dropped = matmul(matmul(gih, core), sih);
+    double pull = 0;
+    for (size_t i = 0; i < dropped.data.size(); ++i) pull += ctx.update_gradient->data[i] * dropped.data[i];
+    expected[static_cast<size_t>(k)] = std::max(0.0, -pull);
+  }
+  double scale = 0;
+  for (double v : expected) scale = std::max(scale, v);
+  ASSERT_GT(scale, 0) << "the test's gradient pulls on no dropped component";
+  const std::vector<Candidate> points = codec->candidates(ctx, f);
+  for (const Candidate& c : points)
+    EXPECT_NEAR(c.first_order, expected[static_cast<size_t>(c.setting[0])], 1e-9 * scale) << "k = " << c.setting[0];
+  EXPECT_EQ(expected[static_cast<size_t>(r)], 0.0);
+  // The opposite gradient: every cost flips sign, so the clamped ones and only they change.
+  for (double& v : ctx.update_gradient->data) v = -v;
+  const std::vector<Candidate> flipped = codec->candidates(ctx, f);
+  ASSERT_EQ(flipped.size(), points.size());
+  int both_zero = 0;
+  for (size_t i = 0; i < points.size(); ++i) both_zero += points[i].first_order == 0 && flipped[i].first_order == 0;
+  EXPECT_EQ(both_zero, static_cast<int>(std::count_if(points.begin(), points.end(), [&](const Candidate& c) { return c.setting[0] == r; })));
 }
 
 // Format v5's stream syntax on hand-made symbols: layers of two interleaved groups whose step

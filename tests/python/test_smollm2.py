@@ -98,12 +98,14 @@ def test_python_m_solar_calibrate_self_and_text(smollm2, tmp_path):
               "SmolLM2-135M-Instruct.Q4_1.gguf", "--adapter", str(tmp_path / "adapter"), "--sequences", "2",
               "--length", "12"]
     expected = {f"model.layers.{i}.self_attn.{p}.{kind}" for i in (0, 1) for p in ("q_proj", "v_proj") for kind in ("input_moment", "output_grad_moment")}
-    for source in (["--self"], ["--text", str(text)]):
+    for source in (["--self"], ["--text", str(text)], ["--text", str(text), "--first-order"]):
         out = tmp_path / "stats.safetensors"
         r = subprocess.run(common + source + ["--out", str(out)], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
         stats = load_file(str(out))
-        assert set(stats) == expected
+        # --first-order (real text only) adds the mean gradients and the curvature.
+        first_order = {f"model.layers.{i}.self_attn.{p}.update_gradient" for i in (0, 1) for p in ("q_proj", "v_proj")}
+        assert set(stats) == (expected | first_order | {"solar.loss_curvature"} if "--first-order" in source else expected)
         assert stats["model.layers.0.self_attn.q_proj.input_moment"].shape == (576, 576)
         assert stats["model.layers.1.self_attn.v_proj.output_grad_moment"].shape == (192, 192)
         assert float(stats["model.layers.1.self_attn.v_proj.output_grad_moment"].diagonal().sum()) > 0

@@ -158,3 +158,67 @@ def test_calibrate_records_small_heads_and_not_large_ones():
     expected = (pooled.T @ pooled / pooled.shape[0]).float()  # 12 sequences, not 60 tokens
     torch.testing.assert_close(stats["head.input_moment"], expected, rtol=1e-4, atol=1e-6)
     assert stats["head.output_grad_moment"].shape == (3, 3)
+
+
+def test_calibrate_first_order_is_the_weights_gradient_and_the_curvature_along_the_adapter(tmp_path):
+    """`update_gradient` is the mean over batches of dL/dW for each LoRA layer's weight (padded
+    rows left out), as autograd computes it on the base weight; `solar.loss_curvature` is the
+    central second difference of the mean loss with every LoRA update scaled by 1 +- 0.1. Both
+    are left out with first_order=False, and a head gets no gradient (it is coded whole)."""
+    peft = pytest.importorskip("peft")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(16, 24)
+            self.head = torch.nn.Linear(24, 3)
+
+        def forward(self, x, attention_mask, labels=None):
+            h = torch.tanh(self.body(x)) * attention_mask[..., None]
+            logits = self.head(h.sum(1) / attention_mask.sum(1, keepdim=True))
+            return type("Out", (), {"loss": F.cross_entropy(logits, labels), "logits": logits})()
+
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["body"], modules_to_save=["head"], init_lora_weights=False)
+    model = peft.get_peft_model(Net(), config)
+    masks = [torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]]) for _ in range(3)]
+    batches = [{"x": torch.randn(4, 5, 16), "attention_mask": m, "labels": torch.randint(0, 3, (4,))} for m in masks]
+    stats = solar.calibrate(model, batches, first_order=True)
+    assert set(stats) == {"body.input_moment", "body.output_grad_moment", "body.update_gradient",
+                          "head.input_moment", "head.output_grad_moment", "solar.loss_curvature"}
+
+    weight = model.base_model.model.body.base_layer.weight
+    weight.requires_grad_(True)
+    total = torch.zeros_like(weight)
+    for b in batches:
+        weight.grad = None
+        model(**b).loss.backward()
+        total += weight.grad
+    weight.requires_grad_(False)
+    torch.testing.assert_close(stats["body.update_gradient"], total / len(batches), rtol=1e-4, atol=1e-7)
+
+    lora_b = model.base_model.model.body.lora_B["default"].weight
+    def mean_loss(factor):
+        original = lora_b.detach().clone()
+        with torch.no_grad():
+            lora_b.mul_(factor)
+            loss = sum(float(model(**b).loss) for b in batches) / len(batches)
+            lora_b.copy_(original)
+        return loss
+    expected = (mean_loss(1.1) + mean_loss(0.9) - 2 * mean_loss(1.0)) / 0.01
+    assert expected > 0
+    # float32 losses: their second difference is good to ~1e-5 here
+    assert float(stats["solar.loss_curvature"]) == pytest.approx(expected, rel=2e-3)
+    assert model.base_model.model.body.scaling["default"] == 2.0, "calibrate must restore the scaling"
+    assert "body.update_gradient" not in solar.calibrate(model, batches)  # off by default
+
+    # The codec takes them from memory or from the file alike.
+    from safetensors.torch import save_file
+
+    path = tmp_path / "first_order.safetensors"
+    save_file(stats, str(path))
+    in_memory = solar.compress(model, None, mode="spectral", target_error=0.2, calibration=stats)
+    assert in_memory.to_bytes() == solar.compress(model, None, mode="spectral", target_error=0.2, calibration=path).to_bytes()
+    stats.pop("solar.loss_curvature")
+    with pytest.raises(solar.MismatchError, match="solar.loss_curvature"):
+        solar.compress(model, None, mode="spectral", target_error=0.2, calibration=stats)
