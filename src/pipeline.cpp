@@ -402,7 +402,7 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
     if (codec->plans_budget()) {
       ctx.input_moment = input_weighting(options, base, mod.path, l, l.transpose_base);
       ctx.output_moment = output_weighting(options, mod.path, l);
-      if (i < lora_count && ctx.output_moment) ctx.update_gradient = update_gradient(options, mod.path, l, mod.scaling);
+      if (i < lora_count) ctx.update_gradient = update_gradient(options, mod.path, l, mod.scaling);
     }
     return ctx;
   };

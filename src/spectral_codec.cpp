@@ -805,13 +805,14 @@ class SpectralCodec final : public LayerCodec {
   // summed over them (y_i = (B A)^T G x_i / x_i^T G x_i, the component's right factor), clamped
   // at zero: a drop the calibration data says would help is not trusted to. All zero without an
   // update gradient, or when the factors are coded as they are.
-  static std::vector<double> dropped_cost(const LayerContext& ctx, const LayerSetup& u) {
+  std::vector<double> dropped_cost(const LayerContext& ctx, const LayerSetup& u) const {
     const LayerShape& s = ctx.shape();
     std::vector<double> rest(static_cast<size_t>(s.r) + 1, 0.0);
     if (!ctx.update_gradient || !(s.m >= s.r && s.n >= s.r)) return rest;
     const Matrix& grad = *ctx.update_gradient;
     if (grad.rows != s.m || grad.cols != s.n)
-      throw Error(ErrorKind::Mismatch, mode_name(ctx), "update gradient must be " + std::to_string(s.m) + "x" + std::to_string(s.n));
+      throw Error(ErrorKind::Mismatch, mode() + " layer " + std::to_string(ctx.layer_index()),
+                  "update gradient must be " + std::to_string(s.m) + "x" + std::to_string(s.n));
     const Matrix gx = u.left(u.x);                                           // G X, m x r
     const Matrix wt_gx = matmul(u.f->A, matmul(u.f->B, gx, true), true);     // (B A)^T G X, n x r
     const Matrix grad_x = matmul(grad, u.x, true);                           // dL^T X, n x r
@@ -824,7 +825,6 @@ class SpectralCodec final : public LayerCodec {
     for (double& v : rest) v = std::max(0.0, v);
     return rest;
   }
-  static std::string mode_name(const LayerContext& ctx) { return "spectral layer " + std::to_string(ctx.layer_index()); }
 
   static int64_t quantize_side(const Matrix& v, int64_t k, double step, const Matrix* rot, const Matrix& h, int variant, Coded& c) {
     if (is_dependent(variant)) return quantize_columns_dq(v, k, step, rot, h.rows > 0 ? &h : nullptr, c);

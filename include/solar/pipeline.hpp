@@ -34,8 +34,9 @@ struct CompressOptions {
   // Output-aware coding (spectral modes): per-module input second moments E[x x^T] (n x n),
   // named "<module path>.input_moment", e.g. from solar.calibrate(). Errors are then measured in
   // the layer's outputs (in the loss, with "<module path>.output_grad_moment" too; optional
-  // first-order entries as docs/FORMAT.md, "Calibration statistics", describes). Without them, `proxy` = "base-gram" weighs errors by W^T W instead
-  // (data-free); "" measures plain Frobenius error.
+  // first-order entries as docs/FORMAT.md, "Calibration statistics", describes). Without them,
+  // `proxy` = "base-gram" weighs errors by W^T W instead (data-free); "" measures plain Frobenius
+  // error.
   const WeightSource* calibration = nullptr;
   std::string proxy;
   // Added to each statistic's diagonal, as a share of its mean diagonal: how much directions the
@@ -58,10 +59,10 @@ struct CompressOptions {
 };
 
 inline constexpr double kDefaultTargetError = 0.05;
+inline constexpr double kFrobeniusBalance = 1.0;  // balance's default without statistics or proxy
 // Calibration files with "<module>.update_gradient" tensors carry this scalar too (the loss's
 // second derivative along the adapter; solar.calibrate writes both).
 inline constexpr const char* kLossCurvatureKey = "solar.loss_curvature";
-inline constexpr double kFrobeniusBalance = 1.0;  // balance's default without statistics or proxy
 
 Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
                            const CompressOptions& options);

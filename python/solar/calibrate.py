@@ -214,8 +214,8 @@ def _curvature_along_adapter(model, lora_layers: dict, batches: list, loss_fn, l
     finally:
         model.train(was_training)
     if not curvature > 0:
-        warnings.warn(f"calibrate: the loss is not convex along the adapter (curvature {curvature:.3g}); "
-                      "first-order statistics left out")
+        warnings.warn(f"calibrate: the loss's curvature along the adapter is {curvature:.3g} (not convex there, or the "
+                      "adapter barely moves the loss on these batches); first-order statistics left out")
         return None
     return curvature
 

@@ -69,7 +69,8 @@ def test_spectral_round_trip_on_smollm2(smollm2, tmp_path):
 
 def test_python_m_solar_calibrate_self_and_text(smollm2, tmp_path):
     """The command-line route to --calib statistics for a Hugging Face causal LM: from a text file
-    and from the adapted model's own samples (HF generate path of solar.sample_text)."""
+    (with or without --first-order) and from the adapted model's own samples (HF generate path of
+    solar.sample_text)."""
     import json
     import subprocess
     import sys
@@ -85,7 +86,8 @@ def test_python_m_solar_calibrate_self_and_text(smollm2, tmp_path):
         for proj, out_f in (("q_proj", 576), ("v_proj", 192)):
             key = f"base_model.model.model.layers.{i}.self_attn.{proj}"
             tensors[key + ".lora_A.weight"] = torch.randn(4, 576, generator=g) / 24
-            tensors[key + ".lora_B.weight"] = torch.randn(out_f, 4, generator=g) * 0.02
+            # Large enough to move the loss measurably: --first-order needs its curvature.
+            tensors[key + ".lora_B.weight"] = torch.randn(out_f, 4, generator=g) * 0.3
     (tmp_path / "adapter").mkdir()
     save_file(tensors, str(tmp_path / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({

@@ -222,3 +222,10 @@ def test_calibrate_first_order_is_the_weights_gradient_and_the_curvature_along_t
     stats.pop("solar.loss_curvature")
     with pytest.raises(solar.MismatchError, match="solar.loss_curvature"):
         solar.compress(model, None, mode="spectral", target_error=0.2, calibration=stats)
+
+    # An adapter that does not move the loss (B = 0, PEFT's initialisation) has no curvature to
+    # convert with: the first-order entries are left out, with a warning.
+    untrained = peft.get_peft_model(Net(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["body"]))
+    with pytest.warns(UserWarning, match="curvature along the adapter is 0"):
+        plain = solar.calibrate(untrained, batches, first_order=True)
+    assert set(plain) == {"body.input_moment", "body.output_grad_moment"}
