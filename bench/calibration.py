@@ -63,7 +63,7 @@ def _stories(out: Path, first_order: bool = False) -> None:
         logits = m(x[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
-    solar.calibrate(model, batches, loss_fn=lm_loss, out=out)
+    solar.calibrate(model, batches, loss_fn=lm_loss, first_order=first_order, out=out)
 
 
 def _minilm(out: Path, first_order: bool = False) -> None:
@@ -99,7 +99,7 @@ def _smollm2(out: Path, first_order: bool = False) -> None:
     model = PeftModel.from_pretrained(load_base_model(), str(fixtures_dir() / "smollm2_e2e_lora_r8"))
     examples = calib_examples()
     batches = [collate(tok, examples[i: i + 16]) for i in range(0, len(examples), 16)]
-    solar.calibrate(model, batches, loss_fn=target_loss, out=out)
+    solar.calibrate(model, batches, loss_fn=target_loss, first_order=first_order, out=out)
 
 
 CALIBRATORS = {"stories260k": _stories, "minilm_sst2": _minilm, "smollm2_e2e": _smollm2}

@@ -20,6 +20,7 @@ is judged on; on data it was not trained on it does not, and dropping a componen
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -28,17 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.topend_check import PREFIX, _damped, _keys, _lora_modules, _sqrt_pair  # noqa: E402
-
-
-def _whitened_svd(lora: dict, stats: dict, module: str):
-    """B A, and the SVD of G^1/2 B A S^1/2 with G^-1/2, S^-1/2 (damped as the CLI does)."""
-    ka, kb = _keys(module)
-    dw = lora[kb].double() @ lora[ka].double()
-    sh, sih = _sqrt_pair(_damped(stats[f"{module}.input_moment"].double()))
-    gh, gih = _sqrt_pair(_damped(stats[f"{module}.output_grad_moment"].double()))
-    u, s, vt = torch.linalg.svd(gh @ dw @ sh)
-    return dw, u, s, vt, gih, sih
+from bench.topend_check import _keys, _lora_modules, whitened_svd  # noqa: E402
 
 
 def _component(u, s, vt, gih, sih, i: int) -> torch.Tensor:
@@ -78,9 +69,10 @@ def minilm_parts(parts: list[int], budget: int) -> None:
     first_file = ensure("minilm_sst2", first_order=True)
     stats = load_file(str(first_file))
     lora = load_file(str(adapter / "adapter_model.safetensors"))
-    scaling = 2.0  # the fixture's lora_alpha / r
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
     modules = _lora_modules(lora)
-    layers = {m: _whitened_svd(lora, stats, m) for m in modules}
+    layers = {m: whitened_svd(lora, stats, m) for m in modules}
     energy = sum(float((s ** 2).sum()) for _, _, s, _, _, _ in layers.values())  # sum_l E_l / scaling^2
     curvature = float(stats["solar.loss_curvature"])
 

@@ -76,14 +76,22 @@ def _compress(cli: str, adapter: Path, stats: Path, budget: int, workdir: str) -
     return restored, ranks, os.path.getsize(out)
 
 
+def whitened_svd(lora: dict, stats: dict, module: str):
+    """B A, the SVD (u, s, vt) of G^1/2 B A S^1/2 (the basis the codec codes; statistics damped
+    as the CLI does), and G^-1/2, S^-1/2 to map components back."""
+    ka, kb = _keys(module)
+    dw = lora[kb].double() @ lora[ka].double()
+    sh, sih = _sqrt_pair(_damped(stats[f"{module}.input_moment"].double()))
+    gh, gih = _sqrt_pair(_damped(stats[f"{module}.output_grad_moment"].double()))
+    u, s, vt = torch.linalg.svd(gh @ dw @ sh)
+    return dw, u, s, vt, gih, sih
+
+
 def _truncated(lora: dict, stats: dict, ranks: dict[str, int], extra: int) -> dict:
     out = dict(lora)
     for module in _lora_modules(lora):
         ka, kb = _keys(module)
-        dw = lora[kb].double() @ lora[ka].double()
-        sh, sih = _sqrt_pair(_damped(stats[f"{module}.input_moment"].double()))
-        gh, gih = _sqrt_pair(_damped(stats[f"{module}.output_grad_moment"].double()))
-        u, s, vt = torch.linalg.svd(gh @ dw @ sh)
+        _, u, s, vt, gih, sih = whitened_svd(lora, stats, module)
         k = min(lora[ka].shape[0], ranks.get(module, 0) + extra)
         b, a = torch.zeros_like(lora[kb]), torch.zeros_like(lora[ka])
         b[:, :k] = (gih @ u[:, :k] * s[:k].sqrt()).float()

@@ -8,6 +8,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <string_view>
 #include <thread>
 
 #include "budget_planner.hpp"
@@ -98,20 +99,28 @@ Matrix damped(Matrix s, double damping) {
   return s;
 }
 
+// A rows x cols calibration tensor, checked finite; nullopt when the file has none under `key`.
+std::optional<Matrix> calibration_tensor(const WeightSource& calib, const std::string& key, int64_t rows, int64_t cols,
+                                         const std::string& shape_note = "") {
+  if (!calib.contains(key)) return std::nullopt;
+  const TensorView v = calib.get(key);
+  if (v.shape.size() != 2 || v.shape[0] != rows || v.shape[1] != cols)
+    throw Error(ErrorKind::Mismatch, calib.describe(), "'" + key + "' must be " + dims(rows, cols) + shape_note);
+  const std::vector<float> f = v.to_f32();
+  Matrix m = Matrix::from_f32(f.data(), rows, cols);
+  for (double x : m.data)
+    if (!std::isfinite(x)) throw Error(ErrorKind::InvalidInput, calib.describe(), "'" + key + "' has NaN or Inf");
+  return m;
+}
+
 std::optional<Matrix> calibration_matrix(const WeightSource& calib, const std::string& key, int64_t dim, bool required,
                                          double damping) {
-  if (!calib.contains(key)) {
+  std::optional<Matrix> s = calibration_tensor(calib, key, dim, dim);
+  if (!s) {
     if (required) throw Error(ErrorKind::Mismatch, calib.describe(), "no calibration tensor '" + key + "'");
     return std::nullopt;
   }
-  const TensorView v = calib.get(key);
-  if (v.shape.size() != 2 || v.shape[0] != dim || v.shape[1] != dim)
-    throw Error(ErrorKind::Mismatch, calib.describe(), "'" + key + "' must be " + std::to_string(dim) + "x" + std::to_string(dim));
-  const std::vector<float> f = v.to_f32();
-  Matrix s = Matrix::from_f32(f.data(), dim, dim);
-  for (double x : s.data)
-    if (!std::isfinite(x)) throw Error(ErrorKind::InvalidInput, calib.describe(), "'" + key + "' has NaN or Inf");
-  return damped(std::move(s), damping);
+  return damped(std::move(*s), damping);
 }
 
 // The gradient moment of a module's outputs, when the calibration file has one.
@@ -124,18 +133,10 @@ std::optional<Matrix> output_weighting(const CompressOptions& o, const std::stri
 // out x in, times PEFT's scaling), when the calibration file has one.
 std::optional<Matrix> update_gradient(const CompressOptions& o, const std::string& module, const LayerRecord& l,
                                       double scaling) {
-  const std::string key = module + ".update_gradient";
-  if (!o.calibration || !o.calibration->contains(key)) return std::nullopt;
-  const WeightSource& calib = *o.calibration;
-  const TensorView v = calib.get(key);
-  if (v.shape.size() != 2 || v.shape[0] != l.shape.m || v.shape[1] != l.shape.n)
-    throw Error(ErrorKind::Mismatch, calib.describe(), "'" + key + "' must be " + dims(l.shape.m, l.shape.n) + " (out x in)");
-  const std::vector<float> f = v.to_f32();
-  Matrix g = Matrix::from_f32(f.data(), l.shape.m, l.shape.n);
-  for (double& x : g.data) {
-    if (!std::isfinite(x)) throw Error(ErrorKind::InvalidInput, calib.describe(), "'" + key + "' has NaN or Inf");
-    x *= scaling;
-  }
+  if (!o.calibration) return std::nullopt;
+  std::optional<Matrix> g = calibration_tensor(*o.calibration, module + kUpdateGradientSuffix, l.shape.m, l.shape.n, " (out x in)");
+  if (g)
+    for (double& x : g->data) x *= scaling;
   return g;
 }
 
@@ -144,10 +145,10 @@ std::optional<Matrix> update_gradient(const CompressOptions& o, const std::strin
 std::optional<double> loss_curvature(const CompressOptions& o) {
   if (!o.calibration) return std::nullopt;
   const WeightSource& calib = *o.calibration;
-  bool gradients = false;
-  for (const std::string& name : calib.names())
-    if (name.size() > 16 && name.compare(name.size() - 16, 16, ".update_gradient") == 0) gradients = true;
-  if (!gradients) return std::nullopt;
+  const std::string_view suffix = kUpdateGradientSuffix;
+  const std::vector<std::string> names = calib.names();
+  if (std::none_of(names.begin(), names.end(), [&](const std::string& n) { return n.size() > suffix.size() && n.ends_with(suffix); }))
+    return std::nullopt;
   if (!calib.contains(kLossCurvatureKey))
     throw Error(ErrorKind::Mismatch, calib.describe(), "has update gradients but no '" + std::string(kLossCurvatureKey) + "'");
   const TensorView v = calib.get(kLossCurvatureKey);
@@ -386,7 +387,8 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
   // layer builds it twice (to list its points, then to rebuild the chosen one): keeping every
   // layer's W, statistics and factorisations between the passes would cost O(m² + n²) memory per
   // layer, which large adapters cannot afford.
-  auto context = [&](size_t i) {
+  // `listing`: for candidates() (the rebuild of a chosen point needs no update gradient).
+  auto context = [&](size_t i, bool listing) {
     const LoraModule& mod = modules[i];
     LayerRecord& l = c.layers[i];
     std::function<Matrix()> load;
@@ -402,7 +404,7 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
     if (codec->plans_budget()) {
       ctx.input_moment = input_weighting(options, base, mod.path, l, l.transpose_base);
       ctx.output_moment = output_weighting(options, mod.path, l);
-      if (i < lora_count) ctx.update_gradient = update_gradient(options, mod.path, l, mod.scaling);
+      if (listing && i < lora_count) ctx.update_gradient = update_gradient(options, mod.path, l, mod.scaling);
     }
     return ctx;
   };
@@ -414,7 +416,7 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
   parallel_for(c.layers.size(), options.threads, [&](size_t i) {
     const auto t0 = std::chrono::steady_clock::now();
     const LayerRecord& l = c.layers[i];
-    const LayerContext ctx = context(i);
+    const LayerContext ctx = context(i, true);
     const Factors f = factors(i);
     if (codec->plans_budget()) {
       // Pruned to the Pareto front once first-order costs are priced in (below).
@@ -433,7 +435,7 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
     for (auto& layer : candidates) layer = pareto_front(std::move(layer));
     balance_layers(candidates, energies, balance);
     plan_and_fill(c, *codec, candidates, energies, options,
-                  [&](size_t i, const Candidate& pick) { return codec->candidate_symbols(context(i), factors(i), pick); });
+                  [&](size_t i, const Candidate& pick) { return codec->candidate_symbols(context(i, false), factors(i), pick); });
   }
   return c;
 }

@@ -60,8 +60,10 @@ struct CompressOptions {
 
 inline constexpr double kDefaultTargetError = 0.05;
 inline constexpr double kFrobeniusBalance = 1.0;  // balance's default without statistics or proxy
-// Calibration files with "<module>.update_gradient" tensors carry this scalar too (the loss's
-// second derivative along the adapter; solar.calibrate writes both).
+// Optional first-order calibration entries: "<module>" + kUpdateGradientSuffix per LoRA module,
+// and then this scalar too (the loss's second derivative along the adapter; solar.calibrate
+// writes both).
+inline constexpr const char* kUpdateGradientSuffix = ".update_gradient";
 inline constexpr const char* kLossCurvatureKey = "solar.loss_curvature";
 
 Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
