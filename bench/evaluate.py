@@ -35,10 +35,16 @@ class Task:
     base_path: Path  # what the CLI gets as --base
 
     def evaluate(self, sd: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Each metric of the adapter `sd` on the evaluation set."""
+        return {m: float(v.sum() / w.sum()) for m, (v, w) in self.per_example(sd).items()}
+
+    def per_example(self, sd: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each metric as (values, weights) per evaluation example (float64), the metric being
+        sum(values) / sum(weights): what a bootstrap over the examples resamples (bench.noise_check)."""
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(self.model, sd)
-        return self._score()
+        return self._per_example()
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -64,19 +70,16 @@ class StoriesTask(Task):
         self.model = PeftModel.from_pretrained(load_stories260k(), str(self.adapter_dir)).eval()
 
     @torch.no_grad()
-    def _score(self) -> dict[str, float]:
-        from bench.fixtures.stories import eval_loss
-
-        flat = self.data  # already windows; eval_loss re-windows a 1-D stream, so score directly
-        total, count = 0.0, 0
-        for i in range(0, len(flat), 16):
-            w = flat[i: i + 16]
+    def _per_example(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        sums = []
+        for i in range(0, len(self.data), 16):
+            w = self.data[i: i + 16]
             logits = self.model(w[:, :-1])
-            total += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), w[:, 1:].reshape(-1), reduction="sum").item()
-            count += w[:, 1:].numel()
-        del eval_loss
-        return {"loss": total / count}
+            token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), w[:, 1:].reshape(-1),
+                                                      reduction="none")
+            sums.append(token.double().reshape(len(w), -1).sum(1))
+        loss = torch.cat(sums)
+        return {"loss": (loss, torch.full_like(loss, float(self.data.shape[1] - 1)))}
 
     def describe(self) -> str:
         return (f"stories260K (llama2.c) + LoRA r=4 on wq,wv; metric: mean next-token loss (nats) on the first "
@@ -103,11 +106,20 @@ class MiniLMTask(Task):
         self.dev = [dev[i] for i in sorted(range(len(dev)), key=lambda i: (lengths[i], i))]
         self.model = PeftModel.from_pretrained(load_base_model(0), str(self.adapter_dir)).eval()
 
-    def _score(self) -> dict[str, float]:
-        from bench.fixtures.train_minilm_sst2 import evaluate
+    @torch.no_grad()
+    def _per_example(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        from bench.fixtures.train_minilm_sst2 import MAX_LEN
 
-        acc, loss = evaluate(self.model, self.dev, self.tokenizer)
-        return {"accuracy": acc, "loss": loss}
+        losses, correct = [], []
+        for i in range(0, len(self.dev), 64):
+            chunk = self.dev[i: i + 64]
+            enc = self.tokenizer([s for s, _ in chunk], padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")
+            labels = torch.tensor([y for _, y in chunk], dtype=torch.long)
+            logits = self.model(**enc).logits.float()
+            losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="none").double())
+            correct.append((logits.argmax(-1) == labels).double())
+        loss, acc = torch.cat(losses), torch.cat(correct)
+        return {"loss": (loss, torch.ones_like(loss)), "accuracy": (acc, torch.ones_like(acc))}
 
     def describe(self) -> str:
         return (f"all-MiniLM-L6-v2 (BertForSequenceClassification) + LoRA r=8 on query,value + classifier head "
@@ -132,10 +144,17 @@ class SmolLM2Task(Task):
         self.base_path = e2e.smollm2_base_path(base)  # the dequantised weights as one file (exported once)
         self.model = PeftModel.from_pretrained(base, str(self.adapter_dir)).eval()
 
-    def _score(self) -> dict[str, float]:
-        from bench.fixtures.train_smollm2_e2e import evaluate
+    @torch.no_grad()
+    def _per_example(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        from bench.fixtures.train_smollm2_e2e import target_loss
 
-        return {"loss": evaluate(self.model, self.batches)}
+        sums, counts = [], []
+        for b in self.batches:
+            token = target_loss(self.model, b, reduction="none").double()  # the target tokens, row by row
+            per_row = (b["labels"][:, 1:] != -100).sum(1)
+            sums.append(torch.stack([t.sum() for t in token.split(per_row.tolist())]))
+            counts.append(per_row.double())
+        return {"loss": (torch.cat(sums), torch.cat(counts))}
 
     def describe(self) -> str:
         tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in self.batches)

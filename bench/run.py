@@ -87,7 +87,19 @@ def _sub(args: list[str], ctx: dict) -> list[str]:
 
 
 def run_point(method: Method, task: Task, adapter: Adapter, cli: str, workdir: Path, ref: dict) -> dict:
-    """One method's file for the adapter (its passthrough tensors stored per adapter.passthrough_coding)."""
+    """One method's file for the adapter (its passthrough tensors stored per adapter.passthrough_coding),
+    scored."""
+    rec, sd = restore_point(method, task, adapter, cli, workdir)
+    rec["rel_error"] = relative_error(adapter, sd)
+    rec["passthrough_exact"] = passthrough_identical(adapter, sd)
+    rec["metrics"] = task.evaluate(sd)
+    rec["retention"] = retention(ref["base"], ref["lora"], rec["metrics"])
+    return rec
+
+
+def restore_point(method: Method, task: Task, adapter: Adapter, cli: str, workdir: Path) -> tuple[dict, dict]:
+    """One method's file for the adapter written and restored: its record (size, times, command)
+    and the restored state dict."""
     f = workdir / "out.bin"
     ctx = {"base": str(task.base_path), "adapter": str(task.adapter_dir), "model": task.name, "workdir": str(workdir)}
     rec: dict = {"name": method.name, "family": method.family, "kind": method.kind}
@@ -133,11 +145,7 @@ def run_point(method: Method, task: Task, adapter: Adapter, cli: str, workdir: P
         rec["decompress_s"] = time.perf_counter() - t0
     rec["bytes"] = f.stat().st_size
     rec["ratio_fp16_tensors"] = rec["bytes"] / adapter.fp16_tensor_bytes
-    rec["rel_error"] = relative_error(adapter, sd)
-    rec["passthrough_exact"] = passthrough_identical(adapter, sd)
-    rec["metrics"] = task.evaluate(sd)
-    rec["retention"] = retention(ref["base"], ref["lora"], rec["metrics"])
-    return rec
+    return rec, sd
 
 
 def train_seconds(task: Task) -> float | None:

@@ -28,6 +28,7 @@ def test_bench_smoke(tmp_path, solar_cli):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "HEADLINE" in r.stdout
+    _check_noise_check(tmp_path, env)
 
     report = tmp_path / "REPORT.md"
     plot = tmp_path / "rd_stories260k.png"
@@ -122,3 +123,43 @@ def test_matched_baselines_store_the_head_at_their_own_bits(tmp_path):
         step = head.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
         assert torch.all((got - head).abs() <= step / 2 * (1 + 1e-5)), bits
     assert sizes[8] == 2 * 4 + 2 * 384 and sizes[3] == 2 * 4 + 2 * 384 * 3 // 8 and sizes[2] == 2 * 4 + 2 * 384 // 4
+
+
+def test_noise_check_headline_samples_without_resampling():
+    """A 'resample' that keeps every example once gives the measured retention; loss and accuracy
+    are combined by their minimum, per resample."""
+    import torch
+
+    from bench.noise_check import headline_samples
+
+    g = torch.Generator().manual_seed(1)
+    n = 50
+    ones = torch.ones(n, dtype=torch.float64)
+    loss = lambda shift: (torch.rand(n, generator=g, dtype=torch.float64) + shift, ones)  # noqa: E731
+    acc = lambda p: ((torch.rand(n, generator=g, dtype=torch.float64) < p).double(), ones)  # noqa: E731
+    base, lora, point = ({"loss": loss(s), "accuracy": acc(p)} for s, p in ((1.0, 0.5), (0.2, 0.9), (0.3, 0.85)))
+    idx = torch.stack([torch.arange(n), torch.randint(0, n, (n,), generator=g)])
+    got = headline_samples(point, base, lora, idx)
+
+    def measured(rows):
+        ret = [(base[m][0][rows].mean() - point[m][0][rows].mean()) / (base[m][0][rows].mean() - lora[m][0][rows].mean())
+               for m in ("loss", "accuracy")]
+        return min(ret)
+
+    assert got[0].item() == pytest.approx(float(measured(torch.arange(n))), rel=1e-12)
+    assert got[1].item() == pytest.approx(float(measured(idx[1])), rel=1e-12)
+    assert got[0].item() != pytest.approx(got[1].item())
+
+
+def _check_noise_check(results, env):
+    """bench.noise_check re-creates the smoke run's deciding points (it exits non-zero if their
+    bytes or metrics differ from the JSON's) and brackets their retention."""
+    r = subprocess.run([sys.executable, "-m", "bench.noise_check", "--models", "stories260k", "--results", str(results),
+                        "--resamples", "200"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith("| stories260k |")]
+    assert rows and {row[2] for row in rows} <= {"W", "O", "C"}
+    for row in rows:
+        measured = float(row[5].rstrip("%"))
+        lo, hi = (float(x) for x in row[6].rstrip("%").split("–"))
+        assert lo <= measured <= hi, row  # one metric: the measured value sits inside its interval
