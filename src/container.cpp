@@ -8,6 +8,7 @@
 #include <xxhash.h>
 #include <zstd.h>
 
+#include "passthrough_shape.hpp"
 #include "solar/error.hpp"
 #include "solar/io.hpp"
 

@@ -1,8 +1,10 @@
 // What each part of a .solar file costs, and what the same adapter costs as a PEFT file.
 #include "solar/container.hpp"
-#include "solar/safetensors.hpp"
 
 #include <set>
+
+#include "passthrough_shape.hpp"
+#include "solar/safetensors.hpp"
 
 namespace solar {
 namespace {

@@ -55,9 +55,6 @@ struct Container {
   std::map<std::string, size_t> passthrough_layers;
 };
 
-// The number of elements of a passthrough tensor's shape (throws Format past 2^40).
-uint64_t passthrough_numel(const std::vector<int64_t>& shape, const std::string& where);
-
 std::vector<uint8_t> serialize_container(const Container& c);
 // `where` names the source in errors (a path, or "<bytes>").
 Container parse_container(const uint8_t* data, size_t size, const std::string& where);
