@@ -109,7 +109,7 @@ def minilm_setup():
     torch.set_num_threads(2)
     tasks, refs = minilm_splits()
     return SimpleNamespace(cli=find_cli(), tasks=tasks, refs=refs, adapter=tasks["dev"].adapter_dir,
-                           kfac=ensure("minilm_sst2", first_order=False))
+                           kfac=ensure("minilm_sst2", earlier=True))
 
 
 def split_cells(cli: str, adapter_dir, budgets: list[int], flags: list[str], tasks: dict, refs: dict, workdir) -> list[str]:
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     def rows(model, _task):
-        stats = ensure(model, first_order=False)
+        stats = ensure(model, earlier=True)
         variants = [("none", b, []) for b in args.balances] + [("K-FAC", b, ["--calib", str(stats)])
                                                                 for b in args.calibrated_balances]
         for label, balance, extra in variants:

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         refs = references(task)
         print_table_head(model, refs, ["statistics"], BUDGETS[model])
         with tempfile.TemporaryDirectory() as td:
-            for label, extra in _variant_files(model, task, load_file(str(ensure(model, first_order=False))), Path(td)):
+            for label, extra in _variant_files(model, task, load_file(str(ensure(model, earlier=True))), Path(td)):
                 print(f"| {label} | " + " | ".join(retention_cells(task, cli, BUDGETS[model], extra, refs, td)) + " |",
                       flush=True)
 

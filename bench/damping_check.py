@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     lora = load_file(str(task.adapter_dir / "adapter_model.safetensors"))
     base = task.evaluate({k: torch.zeros_like(v) if "lora_" in k else v for k, v in lora.items()})
     tuned = task.evaluate(lora)
-    stats, cli = ensure("minilm_sst2", first_order=False), find_cli()
+    stats, cli = ensure("minilm_sst2", earlier=True), find_cli()
     print(f"tuning split: base {base}, LoRA {tuned}")
     print("damping  budget   bytes  ret. loss  ret. accuracy")
     with tempfile.TemporaryDirectory() as td:

@@ -28,8 +28,8 @@ def statistics(model: str, task=None) -> list[tuple[str, list[str]]]:
 
     own = [("self", ["--calib", str(ensure_self(model, task))])] if model in SELF_CALIBRATED else []
     if model == "smollm2_e2e":  # ~40 s per calibrated point: no plain row
-        return [("K-FAC", ["--calib", str(ensure(model, first_order=False))])] + own
-    return [("none", []), ("K-FAC", ["--calib", str(ensure(model, first_order=False))])] + own
+        return [("K-FAC", ["--calib", str(ensure(model, earlier=True))])] + own
+    return [("none", []), ("K-FAC", ["--calib", str(ensure(model, earlier=True))])] + own
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -322,12 +322,13 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
           "target is the root mean square of the layers' relative errors), `spectral balance=0` (family "
           "solar-spectral-abs: the whole adapter's relative error, the default before balance), `spectral-w` (W's "
           "basis), `spectral base-gram` (errors weighted by WᵀW), `spectral+calib` (K-FAC statistics from "
-          "bench/calibration.py; balance 0; MiniLM's, whose calibration sentences are held out from its training, with "
-          "first-order entries, `solar.calibrate(first_order=True)`) and, for the causal LMs, `spectral+selfcal` (K-FAC statistics of the "
+          "bench/calibration.py; balance 0; stories260K's from its training windows; MiniLM's, whose calibration "
+          "sentences are held out from its training, with first-order entries, `solar.calibrate(first_order=True)`; "
+          "SmolLM2's from 256 pairs of its training file it never trained on) and, for the causal LMs, `spectral+selfcal` (K-FAC statistics of the "
           "adapted model's own sampled text, `solar.self_calibrate`, bench/self_calibration.py: no data; balance 0). "
           "All spectral points use the CLI's default `--quantiser auto` (format v3): the uniform quantiser without "
           "statistics; with statistics, per layer the uniform or the dependent (trellis-coded) quantiser. `.solar` "
-          "files are written in the format of the CLI that ran the point (v6 for MiniLM's points; stories260K's and SmolLM2's were written in v5, which for adapters without heads gives the same bytes but for the version byte and checksum).",
+          "files are written in the format of the CLI that ran the point (v6 for MiniLM's points and SmolLM2's calibrated ones; stories260K's and SmolLM2's others were written in v5, which for adapters without heads gives the same bytes but for the version byte and checksum).",
           "", "## Headline", "", headline, "", goals_section(results), ""]
     for res in results:
         a = res["adapter"]
