@@ -113,6 +113,8 @@ def _smollm2(out: Path, first_order: bool = False, earlier: bool = False) -> Non
     solar.calibrate(model, batches, loss_fn=target_loss, first_order=first_order, out=out)
 
 
+# Each writes the statistics to `out`; `earlier` selects the data the tuning-split checks recorded
+# with, which changed for SmolLM2 only (MiniLM's earlier file is the one without first order).
 CALIBRATORS = {"stories260k": _stories, "minilm_sst2": _minilm, "smollm2_e2e": _smollm2}
 
 

@@ -108,13 +108,10 @@ class MiniLMTask(Task):
 
     @torch.no_grad()
     def _per_example(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        from bench.fixtures.train_minilm_sst2 import MAX_LEN
+        from bench.fixtures.train_minilm_sst2 import batches
 
         losses, correct = [], []
-        for i in range(0, len(self.dev), 64):
-            chunk = self.dev[i: i + 64]
-            enc = self.tokenizer([s for s, _ in chunk], padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")
-            labels = torch.tensor([y for _, y in chunk], dtype=torch.long)
+        for enc, labels in batches(self.dev, self.tokenizer, 64):
             logits = self.model(**enc).logits.float()
             losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="none").double())
             correct.append((logits.argmax(-1) == labels).double())

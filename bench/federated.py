@@ -199,7 +199,7 @@ def make_client_app(s: Settings, solar: bool, extra_mods: tuple = ()):
         import torch.nn.functional as F
         from peft import get_peft_model_state_dict
 
-        from bench.fixtures.train_minilm_sst2 import _batches
+        from bench.fixtures.train_minilm_sst2 import batches
 
         torch.set_num_threads(s.client_threads)
         pid = int(context.node_config["partition-id"])
@@ -217,7 +217,7 @@ def make_client_app(s: Settings, solar: bool, extra_mods: tuple = ()):
             if len(order) < s.batch_size:
                 order += rng.sample(examples, len(examples))
             chunk, order = order[: s.batch_size], order[s.batch_size:]
-            enc, y = next(_batches(chunk, _tokenizer(), s.batch_size))
+            enc, y = next(batches(chunk, _tokenizer(), s.batch_size))
             loss = F.cross_entropy(model(**enc).logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
