@@ -34,12 +34,15 @@ FIRST_ORDER = {"minilm_sst2"}
 HELD_OUT_DATA = {"minilm_sst2", "smollm2_e2e"}  # calibration data the adapter never trained on
 
 
+def _with_first_order(model: str, first_order: bool | None, earlier: bool) -> bool:
+    return model in FIRST_ORDER and not earlier if first_order is None else first_order
+
+
 def stats_path(model: str, first_order: bool | None = None, earlier: bool = False) -> Path:
     """The cached statistics; `first_order` defaults to the model being in FIRST_ORDER.
     `earlier`: the files the tuning-split checks recorded their figures with (MiniLM: without
     first-order entries; SmolLM2: from the last 64 pairs of valid.txt, partly training data)."""
-    if first_order is None:
-        first_order = model in FIRST_ORDER and not earlier
+    first_order = _with_first_order(model, first_order, earlier)
     if first_order and (model not in HELD_OUT_DATA or earlier):
         raise ValueError(f"{model}: its calibration data is training data; no first-order statistics")
     if model == "minilm_sst2":
@@ -134,8 +137,7 @@ def cached(out: Path, make) -> Path:
 def ensure(model: str, first_order: bool | None = None, earlier: bool = False) -> Path:
     """The statistics file for `model` (see stats_path), computed once."""
     path = stats_path(model, first_order, earlier)
-    if first_order is None:
-        first_order = model in FIRST_ORDER and not earlier
+    first_order = _with_first_order(model, first_order, earlier)
 
     def make(tmp: Path) -> None:
         import torch

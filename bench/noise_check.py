@@ -25,17 +25,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.report import LEVELS, families, headline_retention, smallest_at  # noqa: E402
+from bench.report import LEVELS, cell_winners, headline_retention  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def cell_points(res: dict, level: float) -> dict[str, dict]:
     """W, O and (if W misses the 2x goal) C for one level, as points of the results JSON."""
-    fams = families(res)
-    best = lambda pts: min(pts, key=lambda p: (p["bytes"], p["name"])) if pts else None  # noqa: E731
-    w = best([p for f in fams if f.startswith("solar") and (p := smallest_at(res, level, f))])
-    o = best([p for f in fams if not f.startswith("solar") and (p := smallest_at(res, level, f))])
+    w, o = cell_winners(res, level)
     out = {k: p for k, p in (("W", w), ("O", o)) if p}
     if w and o and 2 * w["bytes"] > o["bytes"]:
         small = [p for p in res["points"] if "retention" in p and p["family"].startswith("solar") and 2 * p["bytes"] <= o["bytes"]]
@@ -59,7 +56,7 @@ def check_model(model: str, resamples: int, cli: str, results: Path = RESULTS) -
     from bench.adapters import load_adapter
     from bench.evaluate import TASKS
     from bench.methods import methods_for
-    from bench.run import restore_point
+    from bench.run import ensure_statistics, restore_point
 
     res = json.loads((results / f"{model}.json").read_text())
     task = TASKS[model](**res["eval"])
@@ -68,13 +65,7 @@ def check_model(model: str, resamples: int, cli: str, results: Path = RESULTS) -
     methods = {m.name: m for m in methods_for(model, adapter.rank, smoke=res["run"]["smoke"])}
     cells = {lv: cell_points(res, lv) for lv in LEVELS}
     wanted = {p["name"] for c in cells.values() for p in c.values()}
-    fams = {methods[n].family for n in wanted}
-    if "solar-spectral-cal" in fams:
-        from bench.calibration import ensure
-        ensure(model)
-    if "solar-spectral-selfcal" in fams:
-        from bench.self_calibration import ensure_self
-        ensure_self(model, task)
+    ensure_statistics(model, task, [methods[n] for n in wanted])
 
     base, lora = task.per_example(adapter.state_dict(zero=True)), task.per_example(adapter.state_dict())
     n = len(next(iter(base.values()))[0])

@@ -119,32 +119,39 @@ GOAL_SIZE = {0.99: 0.10, 0.95: 0.05}  # issue 8: best mode's file at most this s
 GOAL_RATIO = 2.0                       # ... and at least this much smaller than the best baseline
 
 
+def cell_winners(res: dict, level: float) -> tuple[dict | None, dict | None]:
+    """The smallest solar point reaching `level` and the smallest point of any other method there
+    (ties by name), as points of the results."""
+    def best(solar: bool):
+        pts = [p for f in families(res) if f.startswith("solar") == solar and (p := smallest_at(res, level, f))]
+        return min(pts, key=lambda p: (p["bytes"], p["name"])) if pts else None
+    return best(True), best(False)
+
+
 def goals_section(results: list[dict]) -> str:
     """Issue 8's done-criteria, checked against this report's own points."""
     lines = ["| model | level | best solar | % fp16 LoRA tensors / % fp16 PEFT file | size goal | best other | ratio "
              "| ratio on LoRA bytes | 2× goal |", "|---|---|---|---|---|---|---|---|---|"]
     met = total = 0
     for res in results:
-        fams = families(res)
         t16, f16 = res["adapter"]["fp16_tensor_bytes"], res.get("fp16_file_bytes") or 0
         for lv in LEVELS:
-            sol = sorted((p["bytes"], p["name"]) for f in fams if f.startswith("solar") and (p := smallest_at(res, lv, f)))
-            oth = sorted((p["bytes"], p["name"]) for f in fams if not f.startswith("solar") and (p := smallest_at(res, lv, f)))
+            sol, oth = cell_winners(res, lv)
             if not sol:
                 lines.append(f"| {res['model']} | ≥{lv:.0%} | not reached | | | | | | |")
                 continue
-            b, name = sol[0]
+            b, name = sol["bytes"], sol["name"]
             goal = GOAL_SIZE.get(lv)
             size_ok = "" if goal is None else ("met" if b <= goal * t16 else "not met") + f" (≤{goal:.0%})"
-            ratio = oth[0][0] / b if oth else float("inf")
+            ratio = oth["bytes"] / b if oth else float("inf")
             raw = passthrough_cost(res)
-            ratio_lora = (oth[0][0] - raw) / (b - raw) if oth and raw else None
+            ratio_lora = (oth["bytes"] - raw) / (b - raw) if oth and raw else None
             ok = ratio >= GOAL_RATIO
             met += ok
             total += 1
             lines.append(f"| {res['model']} | ≥{lv:.0%} | {_fmt_bytes(b)} B `{name}` | {100 * b / t16:.1f}% / "
                          + (f"{100 * b / f16:.1f}%" if f16 else "?") + f" | {size_ok} | "
-                         + (f"{_fmt_bytes(oth[0][0])} B `{oth[0][1]}`" if oth else "none") +
+                         + (f"{_fmt_bytes(oth['bytes'])} B `{oth['name']}`" if oth else "none") +
                          f" | {ratio:.2f}× | " + (f"{ratio_lora:.2f}×" if ratio_lora else "—") +
                          f" | {'met' if ok else 'not met'} |")
     return ("## Where the goals stand\n\n"

@@ -156,6 +156,16 @@ def train_seconds(task: Task) -> float | None:
     return m.get("train_seconds") or (m.get("lora") or {}).get("train_seconds")
 
 
+def ensure_statistics(model: str, task: Task, methods: list[Method]) -> None:
+    """The statistics files the methods' commands read, computed once (cached)."""
+    if any(m.family == "solar-spectral-cal" for m in methods):
+        from bench.calibration import ensure
+        ensure(model)  # the K-FAC statistics the calibrated points read
+    if any(m.family == "solar-spectral-selfcal" for m in methods):
+        from bench.self_calibration import ensure_self
+        ensure_self(model, task)  # statistics from the model's own text
+
+
 def run_model(model: str, args, cli: str, cli_src: str) -> dict:
     t_start = time.time()
     kw = ({"windows": args.windows, "seq_len": args.seq_len} if model == "stories260k" else
@@ -171,12 +181,7 @@ def run_model(model: str, args, cli: str, cli_src: str) -> dict:
         methods = [m for m in methods if m.family in args.only]
     if args.match:
         methods = [m for m in methods if re.search(args.match, m.name)]
-    if any(m.family == "solar-spectral-cal" for m in methods):
-        from bench.calibration import ensure
-        ensure(model)  # the K-FAC statistics the calibrated points read
-    if any(m.family == "solar-spectral-selfcal" for m in methods):
-        from bench.self_calibration import ensure_self
-        ensure_self(model, task)  # statistics from the model's own text
+    ensure_statistics(model, task, methods)
     points = []
     keep_dir = Path(args.out_dir) / "files" / model if args.keep_files else None
     for i, m in enumerate(methods):
