@@ -119,7 +119,7 @@ def methods_for(model: str, rank: int, smoke: bool = False) -> list[Method]:
                          cli=["--mode", "paper", "--pool", str(n), "--keep-fraction", f"{f:g}", "--bits", str(b),
                               "--seed", "0"]))
     for t in ((0.2, 0.05) if smoke else SPECTRAL_TARGETS):
-        ms.append(Method(f"spectral t={t:g}", "solar-spectral", cli=["--mode", "spectral", "--target-error", f"{t:g}"]))
+        ms.append(spectral_method(model, "solar-spectral", target_error=t))
     if not smoke:
         for t in SPECTRAL_ABS_TARGETS:
             ms.append(Method(f"spectral balance=0 t={t:g}", "solar-spectral-abs",
@@ -141,21 +141,46 @@ def methods_for(model: str, rank: int, smoke: bool = False) -> list[Method]:
                 ms.append(Method(f"paper-omp N=1000 k={k} b=8", "solar-paper-omp",
                                  cli=["--mode", "paper", "--solver", "omp", "--pool", "1000", "--keep", str(k),
                                       "--bits", "8", "--seed", "0"]))
-        from bench.calibration import stats_path
         for t in SPECTRAL_CAL_TARGETS:
-            ms.append(Method(f"spectral+calib t={t:g}", "solar-spectral-cal",
-                             cli=["--mode", "spectral", "--target-error", f"{t:g}", "--calib", str(stats_path(model))]))
-        from bench.self_calibration import SELF_CALIBRATED, self_stats_path
+            ms.append(spectral_method(model, "solar-spectral-cal", target_error=t))
+        from bench.self_calibration import SELF_CALIBRATED
         if model in SELF_CALIBRATED:  # causal LMs: statistics from the model's own samples, no data
             for t in SPECTRAL_CAL_TARGETS:
-                ms.append(Method(f"spectral+selfcal t={t:g}", "solar-spectral-selfcal",
-                                 cli=["--mode", "spectral", "--target-error", f"{t:g}", "--calib",
-                                      str(self_stats_path(model))]))
+                ms.append(spectral_method(model, "solar-spectral-selfcal", target_error=t))
     for extra in EXTRA_METHODS:
         ms.extend(extra(model, smoke))
     if model == "smollm2_e2e" and not smoke:
         ms = [m for m in ms if _in_subset(m, SMOLLM2_SUBSETS)]
     return ms
+
+
+# The families a user would aim by size (`--target-bytes`): data-free, calibrated, self-calibrated.
+SPECTRAL_PREFIX = {"solar-spectral": "spectral", "solar-spectral-cal": "spectral+calib",
+                   "solar-spectral-selfcal": "spectral+selfcal"}
+
+
+def spectral_method(model: str, family: str, target_error: float | None = None,
+                    target_bytes: int | None = None) -> Method:
+    """A point of one of the SPECTRAL_PREFIX families, aimed by --target-error (named "t=...") or
+    by --target-bytes (named "B=...")."""
+    assert (target_error is None) != (target_bytes is None)
+    args = ["--mode", "spectral"]
+    if family == "solar-spectral-cal":
+        from bench.calibration import stats_path
+        args += ["--calib", str(stats_path(model))]
+    elif family == "solar-spectral-selfcal":
+        from bench.self_calibration import self_stats_path
+        args += ["--calib", str(self_stats_path(model))]
+    if target_bytes is None:
+        return Method(f"{SPECTRAL_PREFIX[family]} t={target_error:g}", family, cli=args + ["--target-error", f"{target_error:g}"])
+    return Method(f"{SPECTRAL_PREFIX[family]} B={target_bytes}", family, cli=args + ["--target-bytes", str(target_bytes)])
+
+
+def method_of_point(model: str, rank: int, smoke: bool, point: dict) -> Method:
+    """The method that made a point of the results JSON (a grid point, or a half-size check's)."""
+    if "target_bytes" in point:
+        return spectral_method(model, point["family"], target_bytes=point["target_bytes"])
+    return next(m for m in methods_for(model, rank, smoke) if m.name == point["name"])
 
 
 def _in_subset(m: Method, subsets: dict[str, list[float]]) -> bool:

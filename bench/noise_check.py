@@ -12,6 +12,7 @@ each with its measured retention (as in the headline: for MiniLM the smaller of 
 retention), a 95% interval and the share of resamples in which it reaches the level.
 
     python -m bench.noise_check [--models stories260k minilm_sst2 smollm2_e2e] [--resamples 2000] [--results DIR]
+                                [--levels 99 95 90 | --all-levels]
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.report import LEVELS, cell_winners, headline_retention  # noqa: E402
+from bench.report import GOAL_LEVELS, LEVELS, cell_winners, headline_retention  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,20 +53,19 @@ def headline_samples(per: dict, base: dict, lora: dict, idx: torch.Tensor) -> to
     return torch.stack(rets).min(0).values
 
 
-def check_model(model: str, resamples: int, cli: str, results: Path = RESULTS) -> list[str]:
+def check_model(model: str, resamples: int, cli: str, results: Path = RESULTS, levels=LEVELS) -> list[str]:
     from bench.adapters import load_adapter
     from bench.evaluate import TASKS
-    from bench.methods import methods_for
+    from bench.methods import method_of_point
     from bench.run import ensure_statistics, restore_point
 
     res = json.loads((results / f"{model}.json").read_text())
     task = TASKS[model](**res["eval"])
     adapter = load_adapter(task.adapter_dir)
     adapter.passthrough_coding = res["adapter"].get("passthrough_coding", "exact")
-    methods = {m.name: m for m in methods_for(model, adapter.rank, smoke=res["run"]["smoke"])}
-    cells = {lv: cell_points(res, lv) for lv in LEVELS}
-    wanted = {p["name"] for c in cells.values() for p in c.values()}
-    ensure_statistics(model, task, [methods[n] for n in wanted])
+    cells = {lv: cell_points(res, lv) for lv in levels}
+    wanted = {p["name"]: method_of_point(model, adapter.rank, res["run"]["smoke"], p) for c in cells.values() for p in c.values()}
+    ensure_statistics(model, task, list(wanted.values()))
 
     base, lora = task.per_example(adapter.state_dict(zero=True)), task.per_example(adapter.state_dict())
     n = len(next(iter(base.values()))[0])
@@ -74,7 +74,7 @@ def check_model(model: str, resamples: int, cli: str, results: Path = RESULTS) -
     for name in sorted(wanted):
         recorded = next(p for p in res["points"] if p["name"] == name)
         with tempfile.TemporaryDirectory(prefix="solar-noise-") as d:
-            rec, sd = restore_point(methods[name], task, adapter, cli, Path(d))
+            rec, sd = restore_point(wanted[name], task, adapter, cli, Path(d))
         per = task.per_example(sd)
         metrics = {m: float(v.sum() / w.sum()) for m, (v, w) in per.items()}
         if rec["bytes"] != recorded["bytes"] or any(abs(metrics[m] - recorded["metrics"][m]) > 1e-5 for m in metrics):
@@ -99,13 +99,17 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["stories260k", "minilm_sst2", "smollm2_e2e"])
     ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--levels", nargs="+", type=float, default=None,
+                    help="retention levels in %% (default the headline's: 99 95 90)")
+    ap.add_argument("--all-levels", action="store_true", help="every whole level from 90 to 99%%, as the goals table")
     ap.add_argument("--results", type=Path, default=RESULTS, help="directory of the benchmark's <model>.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     cli = find_cli()
     rows = []
     for model in args.models:
-        rows += check_model(model, args.resamples, cli, args.results)
+        levels = GOAL_LEVELS if args.all_levels else tuple(v / 100 for v in args.levels) if args.levels else LEVELS
+        rows += check_model(model, args.resamples, cli, args.results, levels)
     print("\n| model | level | point | name | bytes | retention | 95% interval | resamples ≥ level |")
     print("|---|---|---|---|---:|---:|---|---:|")
     print("\n".join(rows))

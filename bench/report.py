@@ -6,7 +6,8 @@ from pathlib import Path
 
 from bench.methods import FAMILY_ORDER
 
-LEVELS = (0.99, 0.95, 0.90)
+LEVELS = (0.99, 0.95, 0.90)  # the headline's
+GOAL_LEVELS = tuple(lv / 100 for lv in range(99, 89, -1))  # issue 8's "every level from 90% to 99%"
 MODEL_TITLES = {"stories260k": "stories260K + TinyShakespeare (LoRA r=4 on wq, wv)",
                 "minilm_sst2": "all-MiniLM-L6-v2 + SST-2 (LoRA r=8 on query, value; classifier head in modules_to_save)",
                 "smollm2_e2e": "SmolLM2-135M-Instruct + E2E NLG (LoRA r=8 on q_proj, v_proj)"}
@@ -129,16 +130,18 @@ def cell_winners(res: dict, level: float) -> tuple[dict | None, dict | None]:
 
 
 def goals_section(results: list[dict]) -> str:
-    """Issue 8's done-criteria, checked against this report's own points."""
+    """Issue 8's done-criteria, checked against this report's own points at every level from 90 to 99%."""
     lines = ["| model | level | best solar | % fp16 LoRA tensors / % fp16 PEFT file | size goal | best other | ratio "
              "| ratio on LoRA bytes | 2× goal |", "|---|---|---|---|---|---|---|---|---|"]
-    met = total = 0
+    met, total, missed = 0, 0, []
     for res in results:
         t16, f16 = res["adapter"]["fp16_tensor_bytes"], res.get("fp16_file_bytes") or 0
-        for lv in LEVELS:
+        for lv in GOAL_LEVELS:
             sol, oth = cell_winners(res, lv)
+            total += 1
             if not sol:
-                lines.append(f"| {res['model']} | ≥{lv:.0%} | not reached | | | | | | |")
+                lines.append(f"| {res['model']} | ≥{lv:.0%} | not reached | | | | | | not met |")
+                missed.append(f"{res['model']} {lv:.0%}")
                 continue
             b, name = sol["bytes"], sol["name"]
             goal = GOAL_SIZE.get(lv)
@@ -148,7 +151,8 @@ def goals_section(results: list[dict]) -> str:
             ratio_lora = (oth["bytes"] - raw) / (b - raw) if oth and raw else None
             ok = ratio >= GOAL_RATIO
             met += ok
-            total += 1
+            if not ok:
+                missed.append(f"{res['model']} {lv:.0%} ({ratio:.2f}×)")
             lines.append(f"| {res['model']} | ≥{lv:.0%} | {_fmt_bytes(b)} B `{name}` | {100 * b / t16:.1f}% / "
                          + (f"{100 * b / f16:.1f}%" if f16 else "?") + f" | {size_ok} | "
                          + (f"{_fmt_bytes(oth['bytes'])} B `{oth['name']}`" if oth else "none") +
@@ -157,8 +161,12 @@ def goals_section(results: list[dict]) -> str:
     return ("## Where the goals stand\n\n"
             "Issue 8: at ≥99% retention the best mode's file ≤ 10% of the fp16 adapter, "
             "at ≥95% ≤ 5%; at every level from 90% to 99% at least 2× smaller than the best other method. Checked "
-            "here against this report's points (retention as in the headline; sizes of whole files). "
-            f"The 2× goal is met at {met} of {total} cells.\n\n" + "\n".join(lines))
+            "here against this report's points at every whole level from 90 to 99% (retention as in the headline; "
+            "sizes of whole files). Where the grid's smallest solar file was more than half the best other file, "
+            "the run also aimed each spectral family at exactly half of it (`--target-bytes`, points named "
+            "\"B=...\"), the direct test of the goal. "
+            f"The 2× goal is met at {met} of {total} levels"
+            + (f"; not met at {', '.join(missed)}" if missed else "") + ".\n\n" + "\n".join(lines))
 
 
 def points_table(res: dict) -> str:

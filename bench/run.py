@@ -3,7 +3,12 @@
     python -m bench.run             # full run: all three models, speed section, bench/REPORT.md
     python -m bench.run --smoke     # a couple of points per family on stories260K (< 2 min)
     python -m bench.run --only solar-spectral --models stories260k   # re-run part, merge into the JSON
+    python -m bench.run --only half-check --models minilm_sst2        # the half-size checks alone
     python -m bench.run --report-only                               # re-render REPORT.md + plots
+
+After the grid, the half-size checks test issue 8's 2x goal directly where the grid misses it:
+at each level from 90 to 99% whose smallest solar file is more than half the smallest other file,
+the spectral families aimed at `--target-bytes` half that file (points named "... B=<bytes>").
 
 For each model it evaluates the base (LoRA factors zeroed, passthrough tensors kept), the
 original LoRA and every compressed point, and writes ``<out>/<model>.json``,
@@ -34,10 +39,11 @@ import torch  # noqa: E402
 from bench import report  # noqa: E402
 from bench.adapters import Adapter, load_adapter, passthrough_identical, relative_error  # noqa: E402
 from bench.evaluate import TASKS, Task, retention  # noqa: E402
-from bench.methods import Method, methods_for  # noqa: E402
+from bench.methods import SPECTRAL_PREFIX, Method, methods_for, spectral_method  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+HALF_CHECK = "half-check"  # a pseudo-family for --only: the half-size checks alone
 
 
 def find_cli() -> str:
@@ -166,6 +172,53 @@ def ensure_statistics(model: str, task: Task, methods: list[Method]) -> None:
         ensure_self(model, task)  # statistics from the model's own text
 
 
+def half_size_methods(model: str, res: dict) -> list[tuple[Method, int]]:
+    """The direct test of issue 8's 2x goal where the grid's points miss it: at each level from 90
+    to 99% whose smallest solar file is more than half the smallest other file O, each size-aimed
+    solar family of the run at `--target-bytes` O // 2 (with the budget it was made for), once per
+    budget."""
+    out, seen = [], set()
+    fams = [f for f in SPECTRAL_PREFIX if any(p["family"] == f for p in res["points"])]
+    for lv in report.GOAL_LEVELS:
+        sol, oth = report.cell_winners(res, lv)
+        if not oth or (sol and 2 * sol["bytes"] <= oth["bytes"]):
+            continue
+        budget = oth["bytes"] // 2
+        for f in fams:
+            if (f, budget) not in seen:
+                seen.add((f, budget))
+                out.append((spectral_method(model, f, target_bytes=budget), budget))
+    return out
+
+
+def run_methods(methods: list[Method], task: Task, adapter: Adapter, cli: str, ref: dict, keep_dir: Path | None,
+                extra: list[dict] | None = None) -> list[dict]:
+    """Every method's point (a failing method is reported, not fatal); `extra[i]` is merged into
+    the i-th record."""
+    points = []
+    for i, m in enumerate(methods):
+        t_point = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="solar-bench-") as d:
+            try:
+                rec = run_point(m, task, adapter, cli, Path(d), ref)
+            except Exception as e:
+                rec = {"name": m.name, "family": m.family, "kind": m.kind, "error": f"{type(e).__name__}: {e}"}
+                print(f"   [{i + 1}/{len(methods)}] {m.name}: ERROR {rec['error']}", flush=True)
+                points.append(rec | (extra[i] if extra else {}))
+                continue
+            if keep_dir:
+                keep_dir.mkdir(parents=True, exist_ok=True)
+                src = next(p for p in Path(d).iterdir() if p.is_file())
+                shutil.copy(src, keep_dir / (re.sub(r"[^A-Za-z0-9.=_-]+", "_", m.name) + src.suffix))
+        rec["point_seconds"] = time.perf_counter() - t_point
+        rec |= extra[i] if extra else {}
+        points.append(rec)
+        ret = " ".join(f"{k} {100 * v:7.2f}%" for k, v in rec["retention"].items())
+        print(f"   [{i + 1}/{len(methods)}] {m.name:32s} {rec['bytes']:8d} B  err {rec['rel_error']:.4f}  "
+              f"retention {ret}  ({rec['compress_s']:.2f}s / {rec['decompress_s']:.2f}s; {rec['point_seconds']:.1f}s)", flush=True)
+    return points
+
+
 def run_model(model: str, args, cli: str, cli_src: str) -> dict:
     t_start = time.time()
     kw = ({"windows": args.windows, "seq_len": args.seq_len} if model == "stories260k" else
@@ -181,28 +234,10 @@ def run_model(model: str, args, cli: str, cli_src: str) -> dict:
         methods = [m for m in methods if m.family in args.only]
     if args.match:
         methods = [m for m in methods if re.search(args.match, m.name)]
+    half_checks = args.half_checks and (HALF_CHECK in (args.only or []) or not (args.only or args.match))
     ensure_statistics(model, task, methods)
-    points = []
     keep_dir = Path(args.out_dir) / "files" / model if args.keep_files else None
-    for i, m in enumerate(methods):
-        t_point = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="solar-bench-") as d:
-            try:
-                rec = run_point(m, task, adapter, cli, Path(d), ref)
-            except Exception as e:  # a failing method is reported, not fatal
-                rec = {"name": m.name, "family": m.family, "kind": m.kind, "error": f"{type(e).__name__}: {e}"}
-                print(f"   [{i + 1}/{len(methods)}] {m.name}: ERROR {rec['error']}", flush=True)
-                points.append(rec)
-                continue
-            if keep_dir:
-                keep_dir.mkdir(parents=True, exist_ok=True)
-                src = next(p for p in Path(d).iterdir() if p.is_file())
-                shutil.copy(src, keep_dir / (re.sub(r"[^A-Za-z0-9.=_-]+", "_", m.name) + src.suffix))
-        rec["point_seconds"] = time.perf_counter() - t_point
-        points.append(rec)
-        ret = " ".join(f"{k} {100 * v:7.2f}%" for k, v in rec["retention"].items())
-        print(f"   [{i + 1}/{len(methods)}] {m.name:32s} {rec['bytes']:8d} B  err {rec['rel_error']:.4f}  "
-              f"retention {ret}  ({rec['compress_s']:.2f}s / {rec['decompress_s']:.2f}s; {rec['point_seconds']:.1f}s)", flush=True)
+    points = run_methods(methods, task, adapter, cli, ref, keep_dir)
     fp16 = next((p["bytes"] for p in points if p["name"] == "PEFT fp16" and "bytes" in p), None)
     out = {
         "model": model,
@@ -235,6 +270,15 @@ def run_model(model: str, args, cli: str, cli_src: str) -> dict:
             {"date": out["run"]["date"], "points": sorted(names), "seconds": round(time.time() - t_start, 1)}]
         out["run"]["date"] = old["run"]["date"]
         t_start -= old["run"].get("seconds") or 0  # seconds: the whole model's, reruns included
+    if half_checks:  # after the grid, on every point the JSON holds; the previous checks' points replaced
+        out["points"] = [p for p in out["points"] if "target_bytes" not in p]
+        todo = half_size_methods(model, out)
+        print(f"   half-size checks: {len(todo)} points", flush=True)
+        ensure_statistics(model, task, [m for m, _ in todo])
+        out["points"] += run_methods([m for m, _ in todo], task, adapter, cli, ref, keep_dir,
+                                     extra=[{"target_bytes": b} for _, b in todo])
+        if "partial_reruns" in out["run"]:
+            out["run"]["partial_reruns"][-1]["points"] += [m.name for m, _ in todo]
     fp16 = next((p["bytes"] for p in out["points"] if p["name"] == "PEFT fp16" and "bytes" in p), fp16)
     out["fp16_file_bytes"] = fp16
     for p in out["points"]:
@@ -272,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="how the methods' files store the passthrough tensors (MiniLM's classifier head): exact or "
                          "int8 rows for all, or matched (the default): solar's spectral points code it in their "
                          "stream, b-bit baselines store it as b-bit rows, the others as int8 rows")
+    ap.add_argument("--no-half-checks", dest="half_checks", action="store_false",
+                    help="skip the half-size checks (run after a whole run's grid, or alone with --only half-check)")
     ap.add_argument("--keep-files", action="store_true", help="keep every compressed file under <out-dir>/files/")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)

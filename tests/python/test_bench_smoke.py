@@ -58,6 +58,36 @@ def test_bench_smoke(tmp_path, solar_cli):
         assert p["ratio_fp16_tensors"] == pytest.approx(p["bytes"] / res["adapter"]["fp16_tensor_bytes"])
         assert p["compress_s"] >= 0 and p["decompress_s"] >= 0
         assert p["retention"]["loss"] <= 1.05
+    # The half-size checks: each aimed at half the best other file at a level the grid missed,
+    # within its budget, and re-created by the noise check like any grid point.
+    half = [p for p in res["points"] if "target_bytes" in p]
+    assert half and all(p["bytes"] <= p["target_bytes"] and p["name"].endswith(f"B={p['target_bytes']}") for p in half)
+    assert "of 10 levels" in report.read_text()  # every whole level from 90 to 99% of the one model
+    r = subprocess.run([sys.executable, "-m", "bench.noise_check", "--models", "stories260k", "--results", str(tmp_path),
+                        "--resamples", "50", "--all-levels"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_half_size_checks_aim_at_half_the_best_other_file_where_the_grid_misses():
+    """A level gets a half-size point per size-aimed family only when its smallest solar file is
+    more than half the smallest other file, once per budget."""
+    from bench.report import GOAL_LEVELS, goals_section
+    from bench.run import half_size_methods
+
+    def pt(name, family, nbytes, ret):
+        return {"name": name, "family": family, "bytes": nbytes, "retention": {"loss": ret}}
+
+    res = {"model": "m", "metrics": ["loss"], "adapter": {"fp16_tensor_bytes": 100_000, "passthrough_bytes": 0},
+           "points": [pt("int4", "int-quant", 2_000, 0.985), pt("int8", "int-quant", 4_000, 0.999),
+                      pt("s t=0.3", "solar-spectral", 900, 0.93), pt("s t=0.2", "solar-spectral", 1_200, 0.97),
+                      pt("c t=0.2", "solar-spectral-cal", 1_500, 0.992)]}
+    todo = half_size_methods("stories260k", res)
+    # 90-93%: 900 B vs 2,000 B (met); 94-97%: 1,200 vs 2,000 (missed: budget 1,000); 98%: 1,500 vs
+    # 2,000 (missed, same budget); 99%: 1,500 vs 4,000 (met).
+    assert sorted((m.family, b) for m, b in todo) == [("solar-spectral", 1_000), ("solar-spectral-cal", 1_000)]
+    assert all(m.cli[-2:] == ["--target-bytes", "1000"] and m.name.endswith("B=1000") for m, _ in todo)
+    text = goals_section([res])
+    assert len(GOAL_LEVELS) == 10 and "met at 5 of 10 levels" in text and "m 94% (1.67×)" in text
 
 
 def test_baselines_store_the_head_as_solar_does(tmp_path):
