@@ -175,8 +175,8 @@ def ensure_statistics(model: str, task: Task, methods: list[Method]) -> None:
 def half_size_methods(model: str, res: dict) -> list[tuple[Method, int]]:
     """The direct test of issue 8's 2x goal where the grid's points miss it: at each level from 90
     to 99% whose smallest solar file is more than half the smallest other file O, each size-aimed
-    solar family of the run at `--target-bytes` O // 2 (with the budget it was made for), once per
-    budget."""
+    solar family of the run at `--target-bytes` O // 2, once per (family, budget); returned with
+    their budgets."""
     out, seen = [], set()
     fams = [f for f in SPECTRAL_PREFIX if any(p["family"] == f for p in res["points"])]
     for lv in report.GOAL_LEVELS:

@@ -208,6 +208,11 @@ void register_all() {
       for (int64_t c : {0, 1})
         if (!(g_quick && r == 16))
           benchmark::RegisterBenchmark("spectral", BM_spectral)->Args({n, r, c})->Unit(benchmark::kMillisecond)->Iterations(1);
+  // A 7B-class model's projection (4096 x 4096, rank 16): how the analysis scales to the layers
+  // most LoRAs are trained on.
+  if (!g_quick)
+    for (int64_t c : {0, 1})
+      benchmark::RegisterBenchmark("spectral", BM_spectral)->Args({4096, 16, c})->Unit(benchmark::kMillisecond)->Iterations(1);
 }
 
 }  // namespace

@@ -233,10 +233,13 @@ Qr thin_qr(const Matrix& a) {
   return out;
 }
 
-Matrix inverse_cholesky_upper(const Matrix& h) {
+namespace {
+
+// The upper triangle (column-major, n x n) of H's Cholesky factor R (H = R^T R), or with
+// `inverse` of U with H^-1 = U^T U (dpotrf, dpotri, dpotrf). A factorisation that fails is retried
+// with a tiny diagonal regularisation (1e-10, 1e-8, 1e-6 of the mean diagonal).
+std::vector<double> upper_factor(const Matrix& h, bool inverse) {
   const int64_t n64 = h.rows;
-  if (h.cols != n64) throw std::invalid_argument("inverse_cholesky_upper: shapes");
-  if (n64 == 0) return Matrix();
   const int n = checked_int(n64, "rows");
   double tr = 0;
   for (int64_t i = 0; i < n64; ++i) tr += h(i, i);
@@ -248,18 +251,49 @@ Matrix inverse_cholesky_upper(const Matrix& h) {
     int info = 0;
     dpotrf_("U", &n, a.data(), &n, &info);  // H = R^T R
     if (info != 0) continue;
+    if (!inverse) return a;
     dpotri_("U", &n, a.data(), &n, &info);  // upper triangle of H^-1
     if (info != 0) continue;
     for (int64_t j = 0; j < n64; ++j)
       for (int64_t i = 0; i < j; ++i) a[static_cast<size_t>(j + i * n64)] = a[static_cast<size_t>(i + j * n64)];
     dpotrf_("U", &n, a.data(), &n, &info);  // H^-1 = U^T U
     if (info != 0) continue;
-    Matrix u(n64, n64);
-    for (int64_t j = 0; j < n64; ++j)
-      for (int64_t i = 0; i <= j; ++i) u(i, j) = a[static_cast<size_t>(i + j * n64)];  // column-major (i, j)
-    return u;
+    return a;
   }
   throw Error(ErrorKind::InvalidInput, "calibration", "a second-moment matrix is not positive definite (raise the damping)");
+}
+
+Matrix upper_triangle(const std::vector<double>& col_major, int64_t n) {
+  Matrix u(n, n);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i <= j; ++i) u(i, j) = col_major[static_cast<size_t>(i + j * n)];
+  return u;
+}
+
+}  // namespace
+
+Matrix cholesky_upper(const Matrix& h) {
+  if (h.cols != h.rows) throw std::invalid_argument("cholesky_upper: shapes");
+  return h.rows == 0 ? Matrix() : upper_triangle(upper_factor(h, false), h.rows);
+}
+
+Matrix inverse_cholesky_upper(const Matrix& h) {
+  if (h.cols != h.rows) throw std::invalid_argument("inverse_cholesky_upper: shapes");
+  return h.rows == 0 ? Matrix() : upper_triangle(upper_factor(h, true), h.rows);
+}
+
+Matrix solve_upper(const Matrix& r, const Matrix& b) {
+  if (r.rows != r.cols || b.rows != r.rows) throw std::invalid_argument("solve_upper: shapes");
+  Matrix x = b;
+  for (int64_t i = r.rows - 1; i >= 0; --i) {
+    for (int64_t t = i + 1; t < r.rows; ++t) {
+      const double rit = r(i, t);
+      if (rit != 0)
+        for (int64_t j = 0; j < b.cols; ++j) x(i, j) -= rit * x(t, j);
+    }
+    for (int64_t j = 0; j < b.cols; ++j) x(i, j) /= r(i, i);
+  }
+  return x;
 }
 
 Matrix solve_spd(const Matrix& g, const Matrix& b) {

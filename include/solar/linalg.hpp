@@ -63,6 +63,13 @@ Qr thin_qr(const Matrix& a);
 // (the columns of b); near-singular G is regularised by 1e-12 * trace(G).
 Matrix solve_spd(const Matrix& g, const Matrix& b);
 
+// The upper triangular R with H = R^T R, for a symmetric positive definite H (LAPACK dpotrf; the
+// same regularisation and error as inverse_cholesky_upper).
+Matrix cholesky_upper(const Matrix& h);
+
+// Solves R X = B for an upper triangular R with non-zero diagonal (back substitution).
+Matrix solve_upper(const Matrix& r, const Matrix& b);
+
 // The upper triangular U with H^-1 = U^T U, for a symmetric positive definite H (LAPACK dpotrf,
 // dpotri, dpotrf: the factor GPTQ-style error feedback needs). Throws InvalidInput if H is not
 // positive definite even after a tiny diagonal regularisation.

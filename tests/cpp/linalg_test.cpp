@@ -92,6 +92,23 @@ TEST(Linalg, InverseCholeskyFactorsTheInverse) {
   EXPECT_SOLAR_ERROR(inverse_cholesky_upper(indefinite), ErrorKind::InvalidInput, "positive definite");
 }
 
+TEST(Linalg, CholeskyFactorsAndBackSubstitutionSolves) {
+  for (int64_t n : {1, 7, 40}) {
+    const Matrix z = random_matrix(n, 2 * n, 23);
+    const Matrix h = matmul(z, z, false, true);  // SPD
+    const Matrix r = cholesky_upper(h);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < i; ++j) EXPECT_EQ(r(i, j), 0.0);  // upper triangular
+    EXPECT_LT(max_abs_diff(matmul(r, r, true), h), 1e-9 * n) << n;  // R^T R = H
+    const Matrix b = random_matrix(n, 3, 24);
+    EXPECT_LT(max_abs_diff(matmul(r, solve_upper(r, b)), b), 1e-9) << n;  // R X = B
+  }
+  Matrix indefinite(2, 2);
+  indefinite(0, 0) = 1;
+  indefinite(1, 1) = -1;
+  EXPECT_SOLAR_ERROR(cholesky_upper(indefinite), ErrorKind::InvalidInput, "positive definite");
+}
+
 TEST(Linalg, SymmetricEigenRebuildsTheMatrix) {
   for (int64_t n : {1, 6, 33}) {
     const Matrix z = random_matrix(n, n + 3, 31);
