@@ -36,6 +36,9 @@ constexpr int kUniformVariants = 2, kVariants = 3;
 // rate-distortion curve there); tuned on stories260K and SmolLM2 (0.1 to 0.6 within 2%).
 constexpr double kDqLambda = 0.35;
 constexpr int kDqStepOffsets[] = {-8, -6, -4};  // DQ steps tried around a uniform front point
+// The trellis search's error feedback goes in blocks of kDqBlock rows for columns of at least
+// kDqBlockedRows rows (below that: one block, the row-by-row order).
+constexpr int64_t kDqBlock = 64, kDqBlockedRows = 1024;
 
 double step_of(int t) { return std::exp2(static_cast<double>(t - kStepBias) / kStepsPerOctave); }
 
@@ -132,56 +135,99 @@ bool dq_column(const double* target, int64_t rows, double step, const Matrix* hi
   std::vector<std::array<int8_t, 4>> from(static_cast<size_t>(rows));
   std::vector<std::array<int32_t, 4>> pick(static_cast<size_t>(rows));
   std::vector<std::array<double, 4>> errs(hinv_u ? static_cast<size_t>(rows) : 0);
-  // Per-state targets (only with feedback): w[s] holds rows values; rebuilt each step.
-  std::array<std::vector<double>, 4> w, w_next;
+  // With feedback, rows go in blocks, as GPTQ's: each state keeps its targets for the block's rows
+  // only, the state its survivor path entered the block in, and the errors that path made there;
+  // at the block's end the rows after it take those errors in one product per block instead of
+  // one pass per row and state. Columns shorter than kDqBlockedRows are one block: the row-by-row
+  // updates in the order formats v3 to v6 were first written with, so their files do not change.
+  const int64_t block_rows = hinv_u && rows >= kDqBlockedRows ? kDqBlock : rows;
+  std::array<std::vector<double>, 4> base;  // per state: every row's target as of the block's start
+  std::array<std::vector<double>, 4> w, w_next, path, path_next;  // per state, the block's rows
+  std::array<int, 4> origin{0, 1, 2, 3}, origin_next{};
   if (hinv_u)
-    for (int s = 0; s < 4; ++s) {
-      w[s].assign(target, target + rows);
-      w_next[s].resize(static_cast<size_t>(rows));
-    }
-  for (int64_t i = 0; i < rows; ++i) {
-    std::array<double, 4> next_cost{kInf, kInf, kInf, kInf};
-    std::array<double, 4> next_err{0, 0, 0, 0};
-    const double h = hinv_u ? (*hinv_u)(i, i) : 1.0;
-    for (int s = 0; s < 4; ++s) {
-      if (cost[s] == kInf) continue;
-      const double t = (hinv_u ? w[s][static_cast<size_t>(i)] : target[i]) / step;
-      const int c = s >> 1;
-      int32_t cands[5];
-      int nc = 0;
-      cands[nc++] = 0;
-      const double sgn = t < 0 ? -1.0 : 1.0;
-      const double u = c == 0 ? std::fabs(t) / 2 : (std::fabs(t) + 1) / 2;
-      for (double a : {std::floor(u), std::floor(u) + 1}) {
-        if (a < 1) continue;
-        cands[nc++] = static_cast<int32_t>(sgn * a);
+    for (int s = 0; s < 4; ++s) base[s].assign(target, target + rows);
+  for (int64_t b0 = 0; b0 < rows; b0 += block_rows) {
+    const int64_t b1 = std::min(rows, b0 + block_rows), len = b1 - b0;
+    if (hinv_u)
+      for (int s = 0; s < 4; ++s) {
+        if (base[s].empty())  // a state no path reached by the block's start
+          w[s].assign(static_cast<size_t>(len), 0.0);
+        else
+          w[s].assign(base[s].begin() + b0, base[s].begin() + b1);
+        w_next[s].resize(static_cast<size_t>(len));
+        path[s].assign(static_cast<size_t>(len), 0.0);
+        path_next[s].resize(static_cast<size_t>(len));
+        origin[s] = s;
       }
-      for (int j = 0; j < nc; ++j) {
-        const int32_t qv = cands[j];
-        const double e = (t - dq_level(qv, s)) * step / h;  // weighted error, as GPTQ's err
-        const double total = cost[s] + e * e * norm + kDqLambda * rate(c, qv);
-        const int ns = dq_next(s, qv);
-        if (total < next_cost[ns]) {
-          next_cost[ns] = total;
-          next_err[ns] = e;
-          from[static_cast<size_t>(i)][ns] = static_cast<int8_t>(s);
-          pick[static_cast<size_t>(i)][ns] = qv;
+    for (int64_t i = b0; i < b1; ++i) {
+      const int64_t li = i - b0;  // row within the block
+      std::array<double, 4> next_cost{kInf, kInf, kInf, kInf};
+      std::array<double, 4> next_err{0, 0, 0, 0};
+      const double h = hinv_u ? (*hinv_u)(i, i) : 1.0;
+      for (int s = 0; s < 4; ++s) {
+        if (cost[s] == kInf) continue;
+        const double t = (hinv_u ? w[s][static_cast<size_t>(li)] : target[i]) / step;
+        const int c = s >> 1;
+        int32_t cands[5];
+        int nc = 0;
+        cands[nc++] = 0;
+        const double sgn = t < 0 ? -1.0 : 1.0;
+        const double u = c == 0 ? std::fabs(t) / 2 : (std::fabs(t) + 1) / 2;
+        for (double a : {std::floor(u), std::floor(u) + 1}) {
+          if (a < 1) continue;
+          cands[nc++] = static_cast<int32_t>(sgn * a);
+        }
+        for (int j = 0; j < nc; ++j) {
+          const int32_t qv = cands[j];
+          const double e = (t - dq_level(qv, s)) * step / h;  // weighted error, as GPTQ's err
+          const double total = cost[s] + e * e * norm + kDqLambda * rate(c, qv);
+          const int ns = dq_next(s, qv);
+          if (total < next_cost[ns]) {
+            next_cost[ns] = total;
+            next_err[ns] = e;
+            from[static_cast<size_t>(i)][ns] = static_cast<int8_t>(s);
+            pick[static_cast<size_t>(i)][ns] = qv;
+          }
         }
       }
-    }
-    if (hinv_u) {
-      for (int ns = 0; ns < 4; ++ns) {
-        if (next_cost[ns] == kInf) continue;
-        const double* __restrict src = w[from[static_cast<size_t>(i)][ns]].data();
-        double* __restrict dst = w_next[ns].data();
-        const double* __restrict hrow = hinv_u->data.data() + i * rows;
-        const double e = next_err[ns];
-        for (int64_t t = i + 1; t < rows; ++t) dst[t] = src[t] - e * hrow[t];
+      if (hinv_u) {
+        for (int ns = 0; ns < 4; ++ns) {
+          if (next_cost[ns] == kInf) continue;
+          const int fs = from[static_cast<size_t>(i)][ns];
+          const double* __restrict src = w[fs].data();
+          double* __restrict dst = w_next[ns].data();
+          const double* __restrict hrow = hinv_u->data.data() + i * rows + b0;
+          const double e = next_err[ns];
+          for (int64_t t = li + 1; t < len; ++t) dst[t] = src[t] - e * hrow[t];
+          if (len < rows) {  // more than one block: the path's history within the block
+            std::copy_n(path[fs].begin(), li, path_next[ns].begin());
+            path_next[ns][static_cast<size_t>(li)] = e;
+            origin_next[ns] = origin[fs];
+          }
+        }
+        std::swap(w, w_next);
+        std::swap(path, path_next);
+        std::swap(origin, origin_next);
+        errs[static_cast<size_t>(i)] = next_err;
       }
-      std::swap(w, w_next);
-      errs[static_cast<size_t>(i)] = next_err;
+      cost = next_cost;
     }
-    cost = next_cost;
+    if (hinv_u && b1 < rows) {
+      // The rows after the block: base of the state the path entered in, minus U[b0:b1, b1:]^T errors.
+      Matrix e(len, 4);
+      for (int s = 0; s < 4; ++s)
+        if (cost[s] != kInf)
+          for (int64_t j = 0; j < len; ++j) e(j, s) = path[s][static_cast<size_t>(j)];
+      const Matrix update = matmul(block(*hinv_u, b0, b1, len, rows - b1), block(e), /*trans_a=*/true);  // (rows - b1) x 4
+      std::array<std::vector<double>, 4> next_base;
+      for (int s = 0; s < 4; ++s) {
+        if (cost[s] == kInf) continue;
+        next_base[s].assign(static_cast<size_t>(rows), 0.0);
+        const std::vector<double>& from_base = base[origin[s]];
+        for (int64_t t = b1; t < rows; ++t) next_base[s][static_cast<size_t>(t)] = from_base[static_cast<size_t>(t)] - update(t - b1, s);
+      }
+      base = std::move(next_base);
+    }
   }
   int s = static_cast<int>(std::min_element(cost.begin(), cost.end()) - cost.begin());
   for (int64_t i = rows - 1; i >= 0; --i) {

@@ -335,8 +335,7 @@ TEST_F(Spectral, FirstOrderStatisticsKeepTheComponentsTheLossPullsOn) {
 struct DistortionPaths {
   int checked = 0, dependent = 0, uniform = 0, sparse = 0;
 };
-DistortionPaths check_point_distortions(bool rotate) {
-  const int64_t m = 40, n = 56, r = 6;
+DistortionPaths check_point_distortions(bool rotate, int64_t m = 40, int64_t n = 56, int64_t r = 6, size_t stride = 7) {
   auto random = [](int64_t rows, int64_t cols, uint64_t seed) {
     const auto v = test::random_normals(static_cast<size_t>(rows * cols), seed);
     return Matrix::from_f32(v.data(), rows, cols);
@@ -360,17 +359,20 @@ DistortionPaths check_point_distortions(bool rotate) {
   const std::vector<Candidate> points = codec->candidates(ctx, f);
   EXPECT_GT(points.size(), 100u);
   EXPECT_EQ(points[0].setting[0], 0);  // the first point drops the layer: its distortion is the whole update's
-  const Matrix ba = matmul(f.B, f.A);
   DistortionPaths seen;
-  for (size_t c = 0; c < points.size(); c += 7) {
+  for (size_t c = 0; c < points.size(); c += stride) {
     const std::vector<int32_t> sym = codec->candidate_symbols(ctx, f, points[c]);
     const Factors back = codec->decode_symbols(ctx, sym);
-    Matrix e = ba;
-    const Matrix rebuilt = matmul(back.B, back.A);
-    for (size_t i = 0; i < e.data.size(); ++i) e.data[i] -= rebuilt.data[i];
-    double metric = 0;  // tr(G E S E^T) = sum_ij (G E)_ij (E S)_ij, S and G symmetric
-    const Matrix ge = matmul(*ctx.output_moment, e), es = matmul(e, *ctx.input_moment);
-    for (size_t i = 0; i < ge.data.size(); ++i) metric += ge.data[i] * es.data[i];
+    // E = B A - B~ A~ = P Q with P = [B, -B~] and Q = [A; A~], so tr(G E S E^T) = tr((P^T G P)(Q S Q^T)).
+    Matrix pm(m, 2 * r), qm(2 * r, n);
+    for (int64_t j = 0; j < r; ++j) {
+      for (int64_t i = 0; i < m; ++i) pm(i, j) = f.B(i, j), pm(i, r + j) = -back.B(i, j);
+      for (int64_t i = 0; i < n; ++i) qm(j, i) = f.A(j, i), qm(r + j, i) = back.A(j, i);
+    }
+    const Matrix pgp = matmul(pm, matmul(*ctx.output_moment, pm), true);
+    const Matrix qsq = matmul(qm, matmul(*ctx.input_moment, qm, false, true));
+    double metric = 0;
+    for (size_t i = 0; i < pgp.data.size(); ++i) metric += pgp.data[i] * qsq.data[i];  // both symmetric
     // The codec gets it as energy - 2 cross + self: exact up to rounding of the whole energy.
     EXPECT_NEAR(points[c].distortion, ctx.weight * metric, 1e-12 * points[0].distortion) << "point " << c;
     ++seen.checked;
@@ -397,6 +399,15 @@ TEST(SpectralCalibrated, PointDistortionIsTheDecodedErrorInTheMetric) {
   const DistortionPaths rotated = check_point_distortions(true);
   EXPECT_GT(rotated.checked, 15);
   EXPECT_GT(rotated.sparse, 3) << "no low-rate point exercised the sparse pricing";
+}
+
+// Columns of 1024 rows or more take the trellis search's blocked error feedback (rows in blocks,
+// the rows after a block updated in one product): the same check on a layer of 1100 x 1090 (a last
+// block shorter than the others on both sides).
+TEST(SpectralCalibrated, BlockedFeedbackPointDistortionIsTheDecodedErrorInTheMetric) {
+  const DistortionPaths seen = check_point_distortions(false, 1100, 1090, 3, 23);
+  EXPECT_GT(seen.checked, 15);
+  EXPECT_GT(seen.dependent, 3) << "no trellis point with blocked error feedback was checked";
 }
 
 // With an update gradient, a point's first-order cost is what dropping the components it does not
