@@ -139,7 +139,7 @@ bool dq_column(const double* target, int64_t rows, double step, const Matrix* hi
   // only, the state its survivor path entered the block in, and the errors that path made there;
   // at the block's end the rows after it take those errors in one product per block instead of
   // one pass per row and state. Columns shorter than kDqBlockedRows are one block: the row-by-row
-  // updates in the order formats v3 to v6 were first written with, so their files do not change.
+  // order of the first trellis encoder, so such layers' files are as they were.
   const int64_t block_rows = hinv_u && rows >= kDqBlockedRows ? kDqBlock : rows;
   std::array<std::vector<double>, 4> base;  // per state: every row's target as of the block's start
   std::array<std::vector<double>, 4> w, w_next, path, path_next;  // per state, the block's rows
