@@ -113,134 +113,167 @@ struct DqRate {
 // Cholesky factor of the metric H, as in GPTQ) every surviving path carries its own targets,
 // corrected by the weighted errors it has made (error feedback along the trellis); the path cost
 // is then sum ((w_i - level_i) / hinv_u(i, i))^2, the error in the metric. Cost = distortion /
-// (step^2 * mean weight) + kDqLambda * estimated bits. Returns false if a value overflows.
-// With feedback, err_out receives the chosen path's weighted errors (see Coded::err).
-// Cloned for AVX2 (picked at run time): the per-state feedback loops are most of a calibrated
-// layer's time. Not FMA: the clone rounds exactly as the portable code does.
-SOLAR_CLONE_AVX2
-bool dq_column(const double* target, int64_t rows, double step, const Matrix* hinv_u, int32_t* q_out, double* value_out,
-               double* err_out) {
+// (step^2 * mean weight) + kDqLambda * estimated bits. With feedback, the chosen path's weighted
+// errors are kept too (see Coded::err).
+//
+// With feedback, rows go in blocks, as GPTQ's: each state keeps its targets for the block's rows
+// only, the state its survivor path entered the block in, and the errors that path made there;
+// at the block's end the rows after it take those errors in one product for all the layer's
+// columns (quantize_columns_dq runs them in lockstep) instead of one pass per row and state.
+// Columns shorter than kDqBlockedRows are one block: the row-by-row order of the first trellis
+// encoder, so such layers' files are as they were.
+struct DqColumn {
+  std::vector<double> target;
+  double step = 1, norm = 1;
+  const Matrix* hinv_u = nullptr;
+  DqRate rate{1.0};
+  std::array<double, 4> cost{};
+  std::vector<std::array<int8_t, 4>> from;
+  std::vector<std::array<int32_t, 4>> pick;
+  std::vector<std::array<double, 4>> errs;
+  std::array<std::vector<double>, 4> base;  // per state: every row's target as of the block's start
+  std::array<std::vector<double>, 4> w, w_next, path, path_next;  // per state, the block's rows
+  std::array<int, 4> origin{0, 1, 2, 3}, origin_next{};
+};
+
+// False if a value overflows.
+bool dq_init(DqColumn& c, std::vector<double> target, double step, const Matrix* hinv_u) {
+  const auto rows = static_cast<int64_t>(target.size());
   double sum_sq = 0, mean_w = 0;
   for (int64_t i = 0; i < rows; ++i) {
-    if (!(std::fabs(target[i] / step) < kMaxQuant / 4)) return false;
-    sum_sq += target[i] * target[i];
+    const double v = target[static_cast<size_t>(i)];
+    if (!(std::fabs(v / step) < kMaxQuant / 4)) return false;
+    sum_sq += v * v;
     const double h = hinv_u ? (*hinv_u)(i, i) : 1.0;
     mean_w += 1.0 / (h * h);
   }
   mean_w /= static_cast<double>(std::max<int64_t>(rows, 1));
-  const DqRate rate(std::sqrt(sum_sq / static_cast<double>(std::max<int64_t>(rows, 1))) / step);
-  const double norm = 1.0 / (step * step * mean_w);
+  c.rate = DqRate(std::sqrt(sum_sq / static_cast<double>(std::max<int64_t>(rows, 1))) / step);
+  c.norm = 1.0 / (step * step * mean_w);
+  c.step = step;
+  c.hinv_u = hinv_u;
   constexpr double kInf = std::numeric_limits<double>::infinity();
-  std::array<double, 4> cost{0, kInf, kInf, kInf};
-  std::vector<std::array<int8_t, 4>> from(static_cast<size_t>(rows));
-  std::vector<std::array<int32_t, 4>> pick(static_cast<size_t>(rows));
-  std::vector<std::array<double, 4>> errs(hinv_u ? static_cast<size_t>(rows) : 0);
-  // With feedback, rows go in blocks, as GPTQ's: each state keeps its targets for the block's rows
-  // only, the state its survivor path entered the block in, and the errors that path made there;
-  // at the block's end the rows after it take those errors in one product per block instead of
-  // one pass per row and state. Columns shorter than kDqBlockedRows are one block: the row-by-row
-  // order of the first trellis encoder, so such layers' files are as they were.
-  const int64_t block_rows = hinv_u && rows >= kDqBlockedRows ? kDqBlock : rows;
-  std::array<std::vector<double>, 4> base;  // per state: every row's target as of the block's start
-  std::array<std::vector<double>, 4> w, w_next, path, path_next;  // per state, the block's rows
-  std::array<int, 4> origin{0, 1, 2, 3}, origin_next{};
+  c.cost = {0, kInf, kInf, kInf};
+  c.from.resize(static_cast<size_t>(rows));
+  c.pick.resize(static_cast<size_t>(rows));
+  c.errs.resize(hinv_u ? static_cast<size_t>(rows) : 0);
   if (hinv_u)
-    for (int s = 0; s < 4; ++s) base[s].assign(target, target + rows);
-  for (int64_t b0 = 0; b0 < rows; b0 += block_rows) {
-    const int64_t b1 = std::min(rows, b0 + block_rows), len = b1 - b0;
-    if (hinv_u)
-      for (int s = 0; s < 4; ++s) {
-        if (base[s].empty())  // a state no path reached by the block's start
-          w[s].assign(static_cast<size_t>(len), 0.0);
-        else
-          w[s].assign(base[s].begin() + b0, base[s].begin() + b1);
-        w_next[s].resize(static_cast<size_t>(len));
-        path[s].assign(static_cast<size_t>(len), 0.0);
-        path_next[s].resize(static_cast<size_t>(len));
-        origin[s] = s;
-      }
-    for (int64_t i = b0; i < b1; ++i) {
-      const int64_t li = i - b0;  // row within the block
-      std::array<double, 4> next_cost{kInf, kInf, kInf, kInf};
-      std::array<double, 4> next_err{0, 0, 0, 0};
-      const double h = hinv_u ? (*hinv_u)(i, i) : 1.0;
-      for (int s = 0; s < 4; ++s) {
-        if (cost[s] == kInf) continue;
-        const double t = (hinv_u ? w[s][static_cast<size_t>(li)] : target[i]) / step;
-        const int c = s >> 1;
-        int32_t cands[5];
-        int nc = 0;
-        cands[nc++] = 0;
-        const double sgn = t < 0 ? -1.0 : 1.0;
-        const double u = c == 0 ? std::fabs(t) / 2 : (std::fabs(t) + 1) / 2;
-        for (double a : {std::floor(u), std::floor(u) + 1}) {
-          if (a < 1) continue;
-          cands[nc++] = static_cast<int32_t>(sgn * a);
-        }
-        for (int j = 0; j < nc; ++j) {
-          const int32_t qv = cands[j];
-          const double e = (t - dq_level(qv, s)) * step / h;  // weighted error, as GPTQ's err
-          const double total = cost[s] + e * e * norm + kDqLambda * rate(c, qv);
-          const int ns = dq_next(s, qv);
-          if (total < next_cost[ns]) {
-            next_cost[ns] = total;
-            next_err[ns] = e;
-            from[static_cast<size_t>(i)][ns] = static_cast<int8_t>(s);
-            pick[static_cast<size_t>(i)][ns] = qv;
-          }
-        }
-      }
-      if (hinv_u) {
-        for (int ns = 0; ns < 4; ++ns) {
-          if (next_cost[ns] == kInf) continue;
-          const int fs = from[static_cast<size_t>(i)][ns];
-          const double* __restrict src = w[fs].data();
-          double* __restrict dst = w_next[ns].data();
-          const double* __restrict hrow = hinv_u->data.data() + i * rows + b0;
-          const double e = next_err[ns];
-          for (int64_t t = li + 1; t < len; ++t) dst[t] = src[t] - e * hrow[t];
-          if (len < rows) {  // more than one block: the path's history within the block
-            std::copy_n(path[fs].begin(), li, path_next[ns].begin());
-            path_next[ns][static_cast<size_t>(li)] = e;
-            origin_next[ns] = origin[fs];
-          }
-        }
-        std::swap(w, w_next);
-        std::swap(path, path_next);
-        std::swap(origin, origin_next);
-        errs[static_cast<size_t>(i)] = next_err;
-      }
-      cost = next_cost;
+    for (int s = 0; s < 4; ++s) c.base[s] = target;
+  c.target = std::move(target);
+  return true;
+}
+
+// The trellis over rows [b0, b1) (every row when there is no feedback). Cloned for AVX2 (picked
+// at run time): the per-state feedback loops are most of a calibrated layer's time. Not FMA: the
+// clone rounds exactly as the portable code does.
+SOLAR_CLONE_AVX2
+void dq_run_block(DqColumn& c, int64_t b0, int64_t b1) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  const auto rows = static_cast<int64_t>(c.target.size());
+  const int64_t len = b1 - b0;
+  const Matrix* hinv_u = c.hinv_u;
+  if (hinv_u)
+    for (int s = 0; s < 4; ++s) {
+      if (c.base[s].empty())  // a state no path reached by the block's start
+        c.w[s].assign(static_cast<size_t>(len), 0.0);
+      else
+        c.w[s].assign(c.base[s].begin() + b0, c.base[s].begin() + b1);
+      c.w_next[s].resize(static_cast<size_t>(len));
+      c.path[s].assign(static_cast<size_t>(len), 0.0);
+      c.path_next[s].resize(static_cast<size_t>(len));
+      c.origin[s] = s;
     }
-    if (hinv_u && b1 < rows) {
-      // The rows after the block: base of the state the path entered in, minus U[b0:b1, b1:]^T errors.
-      Matrix e(len, 4);
-      for (int s = 0; s < 4; ++s)
-        if (cost[s] != kInf)
-          for (int64_t j = 0; j < len; ++j) e(j, s) = path[s][static_cast<size_t>(j)];
-      const Matrix update = matmul(block(*hinv_u, b0, b1, len, rows - b1), block(e), /*trans_a=*/true);  // (rows - b1) x 4
-      std::array<std::vector<double>, 4> next_base;
-      for (int s = 0; s < 4; ++s) {
-        if (cost[s] == kInf) continue;
-        next_base[s].assign(static_cast<size_t>(rows), 0.0);
-        const std::vector<double>& from_base = base[origin[s]];
-        for (int64_t t = b1; t < rows; ++t) next_base[s][static_cast<size_t>(t)] = from_base[static_cast<size_t>(t)] - update(t - b1, s);
+  const double step = c.step;
+  for (int64_t i = b0; i < b1; ++i) {
+    const int64_t li = i - b0;  // row within the block
+    std::array<double, 4> next_cost{kInf, kInf, kInf, kInf};
+    std::array<double, 4> next_err{0, 0, 0, 0};
+    const double h = hinv_u ? (*hinv_u)(i, i) : 1.0;
+    for (int s = 0; s < 4; ++s) {
+      if (c.cost[s] == kInf) continue;
+      const double t = (hinv_u ? c.w[s][static_cast<size_t>(li)] : c.target[static_cast<size_t>(i)]) / step;
+      const int cls = s >> 1;
+      int32_t cands[5];
+      int nc = 0;
+      cands[nc++] = 0;
+      const double sgn = t < 0 ? -1.0 : 1.0;
+      const double u = cls == 0 ? std::fabs(t) / 2 : (std::fabs(t) + 1) / 2;
+      for (double a : {std::floor(u), std::floor(u) + 1}) {
+        if (a < 1) continue;
+        cands[nc++] = static_cast<int32_t>(sgn * a);
       }
-      base = std::move(next_base);
+      for (int j = 0; j < nc; ++j) {
+        const int32_t qv = cands[j];
+        const double e = (t - dq_level(qv, s)) * step / h;  // weighted error, as GPTQ's err
+        const double total = c.cost[s] + e * e * c.norm + kDqLambda * c.rate(cls, qv);
+        const int ns = dq_next(s, qv);
+        if (total < next_cost[ns]) {
+          next_cost[ns] = total;
+          next_err[ns] = e;
+          c.from[static_cast<size_t>(i)][ns] = static_cast<int8_t>(s);
+          c.pick[static_cast<size_t>(i)][ns] = qv;
+        }
+      }
     }
+    if (hinv_u) {
+      for (int ns = 0; ns < 4; ++ns) {
+        if (next_cost[ns] == kInf) continue;
+        const int fs = c.from[static_cast<size_t>(i)][ns];
+        const double* __restrict src = c.w[fs].data();
+        double* __restrict dst = c.w_next[ns].data();
+        const double* __restrict hrow = hinv_u->data.data() + i * rows + b0;
+        const double e = next_err[ns];
+        for (int64_t t = li + 1; t < len; ++t) dst[t] = src[t] - e * hrow[t];
+        if (len < rows) {  // more than one block: the path's history within the block
+          std::copy_n(c.path[fs].begin(), li, c.path_next[ns].begin());
+          c.path_next[ns][static_cast<size_t>(li)] = e;
+          c.origin_next[ns] = c.origin[fs];
+        }
+      }
+      std::swap(c.w, c.w_next);
+      std::swap(c.path, c.path_next);
+      std::swap(c.origin, c.origin_next);
+      c.errs[static_cast<size_t>(i)] = next_err;
+    }
+    c.cost = next_cost;
   }
-  int s = static_cast<int>(std::min_element(cost.begin(), cost.end()) - cost.begin());
+}
+
+// Columns c0..c0+3 of e (block rows x 4 per column): each state's path errors within the block.
+void dq_block_errors(const DqColumn& c, Matrix& e, int64_t c0) {
+  for (int s = 0; s < 4; ++s)
+    if (c.cost[s] != std::numeric_limits<double>::infinity())
+      for (int64_t j = 0; j < e.rows; ++j) e(j, c0 + s) = c.path[s][static_cast<size_t>(j)];
+}
+
+// The rows from b1 on: the base of the state each path entered the block in, minus
+// U[b0:b1, b1:]^T times its errors (`update`'s columns c0..c0+3).
+void dq_apply_block(DqColumn& c, const Matrix& update, int64_t c0, int64_t b1) {
+  const auto rows = static_cast<int64_t>(c.target.size());
+  std::array<std::vector<double>, 4> next_base;
+  for (int s = 0; s < 4; ++s) {
+    if (c.cost[s] == std::numeric_limits<double>::infinity()) continue;
+    next_base[s].assign(static_cast<size_t>(rows), 0.0);
+    const std::vector<double>& from_base = c.base[c.origin[s]];
+    for (int64_t t = b1; t < rows; ++t) next_base[s][static_cast<size_t>(t)] = from_base[static_cast<size_t>(t)] - update(t - b1, c0 + s);
+  }
+  c.base = std::move(next_base);
+}
+
+// The cheapest path's integers, their values (in original units) and, with feedback, its errors.
+void dq_finish(const DqColumn& c, int32_t* q_out, double* value_out, double* err_out) {
+  const auto rows = static_cast<int64_t>(c.target.size());
+  int s = static_cast<int>(std::min_element(c.cost.begin(), c.cost.end()) - c.cost.begin());
   for (int64_t i = rows - 1; i >= 0; --i) {
-    q_out[i] = pick[static_cast<size_t>(i)][s];
-    if (hinv_u) err_out[i] = errs[static_cast<size_t>(i)][s];
-    s = from[static_cast<size_t>(i)][s];
+    q_out[i] = c.pick[static_cast<size_t>(i)][s];
+    if (c.hinv_u) err_out[i] = c.errs[static_cast<size_t>(i)][s];
+    s = c.from[static_cast<size_t>(i)][s];
   }
   int state = 0;
   for (int64_t i = 0; i < rows; ++i) {
-    value_out[i] = dq_level(q_out[i], state) * step;
+    value_out[i] = dq_level(q_out[i], state) * c.step;
     state = dq_next(state, q_out[i]);
   }
-  return true;
 }
 
 // The top-left rows x cols block of `m`.
@@ -257,22 +290,38 @@ Matrix leading_coords(const Matrix& m, int64_t k, const Matrix* rot) {
 }
 
 // Dependent quantisation of the first k columns of `m` (rotated by R^T when R is given), each
-// column its own trellis starting in state 0. Returns how many leading columns it could quantise.
+// column its own trellis starting in state 0, the columns in lockstep block by block (DqColumn).
+// Returns how many leading columns it could quantise.
 int64_t quantize_columns_dq(const Matrix& m, int64_t k, double step, const Matrix* rot, const Matrix* hinv_u, Coded& out) {
   const int64_t rows = m.rows;
   const Matrix coords = leading_coords(m, k, rot);
   out.q.assign(static_cast<size_t>(rows * k), 0);
   Matrix deq(rows, k);
   if (hinv_u) out.err = Matrix(rows, k);
-  std::vector<double> col(static_cast<size_t>(rows)), val(static_cast<size_t>(rows)), err(static_cast<size_t>(rows));
+  std::vector<DqColumn> cols(static_cast<size_t>(k));
   int64_t ok = k;
   for (int64_t j = 0; j < k; ++j) {
+    std::vector<double> col(static_cast<size_t>(rows));
     for (int64_t i = 0; i < rows; ++i) col[static_cast<size_t>(i)] = coords(i, j);
-    if (!dq_column(col.data(), rows, step, hinv_u, out.q.data() + j * rows, val.data(), err.data())) {
-      ok = j;
-      std::fill(out.q.begin() + j * rows, out.q.end(), 0);
+    if (!dq_init(cols[static_cast<size_t>(j)], std::move(col), step, hinv_u)) {
+      ok = j;  // this column and the ones after it stay zero
       break;
     }
+  }
+  const int64_t block_rows = hinv_u && rows >= kDqBlockedRows ? kDqBlock : rows;
+  for (int64_t b0 = 0; b0 < rows && ok > 0; b0 += block_rows) {
+    const int64_t b1 = std::min(rows, b0 + block_rows);
+    for (int64_t j = 0; j < ok; ++j) dq_run_block(cols[static_cast<size_t>(j)], b0, b1);
+    if (hinv_u && b1 < rows) {
+      Matrix e(b1 - b0, 4 * ok);
+      for (int64_t j = 0; j < ok; ++j) dq_block_errors(cols[static_cast<size_t>(j)], e, 4 * j);
+      const Matrix update = matmul(block(*hinv_u, b0, b1, b1 - b0, rows - b1), block(e), /*trans_a=*/true);  // (rows - b1) x 4 ok
+      for (int64_t j = 0; j < ok; ++j) dq_apply_block(cols[static_cast<size_t>(j)], update, 4 * j, b1);
+    }
+  }
+  std::vector<double> val(static_cast<size_t>(rows)), err(static_cast<size_t>(rows));
+  for (int64_t j = 0; j < ok; ++j) {
+    dq_finish(cols[static_cast<size_t>(j)], out.q.data() + j * rows, val.data(), err.data());
     for (int64_t i = 0; i < rows; ++i) deq(i, j) = val[static_cast<size_t>(i)];
     if (hinv_u)
       for (int64_t i = 0; i < rows; ++i) out.err(i, j) = err[static_cast<size_t>(i)];
