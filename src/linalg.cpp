@@ -237,8 +237,10 @@ namespace {
 
 // The upper triangle (column-major, n x n) of H's Cholesky factor R (H = R^T R), or with
 // `inverse` of U with H^-1 = U^T U (dpotrf, dpotri, dpotrf). A factorisation that fails is retried
-// with a tiny diagonal regularisation (1e-10, 1e-8, 1e-6 of the mean diagonal).
-std::vector<double> upper_factor(const Matrix& h, bool inverse) {
+// with a tiny diagonal regularisation (1e-10, 1e-8, 1e-6 of the mean diagonal). With `first_r`,
+// the R of the first factorisation that succeeded is kept there too (what upper_factor(h, false)
+// returns), so that both factors cost one dpotrf of H.
+std::vector<double> upper_factor(const Matrix& h, bool inverse, std::vector<double>* first_r = nullptr) {
   const int64_t n64 = h.rows;
   const int n = checked_int(n64, "rows");
   double tr = 0;
@@ -252,6 +254,7 @@ std::vector<double> upper_factor(const Matrix& h, bool inverse) {
     dpotrf_("U", &n, a.data(), &n, &info);  // H = R^T R
     if (info != 0) continue;
     if (!inverse) return a;
+    if (first_r && first_r->empty()) *first_r = a;
     dpotri_("U", &n, a.data(), &n, &info);  // upper triangle of H^-1
     if (info != 0) continue;
     for (int64_t j = 0; j < n64; ++j)
@@ -280,6 +283,14 @@ Matrix cholesky_upper(const Matrix& h) {
 Matrix inverse_cholesky_upper(const Matrix& h) {
   if (h.cols != h.rows) throw std::invalid_argument("inverse_cholesky_upper: shapes");
   return h.rows == 0 ? Matrix() : upper_triangle(upper_factor(h, true), h.rows);
+}
+
+CholeskyFactors cholesky_factors(const Matrix& h) {
+  if (h.cols != h.rows) throw std::invalid_argument("cholesky_factors: shapes");
+  if (h.rows == 0) return {};
+  std::vector<double> r;
+  const std::vector<double> u = upper_factor(h, true, &r);
+  return {upper_triangle(r, h.rows), upper_triangle(u, h.rows)};
 }
 
 Matrix solve_upper(const Matrix& r, const Matrix& b) {

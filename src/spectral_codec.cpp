@@ -855,10 +855,20 @@ class SpectralCodec final : public LayerCodec {
     // from them by orthogonal factors: G^1/2 = Q Rg), (Rg B)(A Rs^T) has the same singular values
     // and, mapped back by Rg^-1, the same components, for a fraction of an eigendecomposition's
     // cost (n = 4096: 0.7 s against 14-16 s per side).
-    if (s.m >= s.r && s.n >= s.r) {
-      const Matrix rg = u.gm ? cholesky_upper(*u.gm) : Matrix();
+    // With statistics (and no rotation), rounding errors are shaped by them: GPTQ-style feedback,
+    // whose inverse Cholesky factors come from the same factorisation.
+    const bool components = s.m >= s.r && s.n >= s.r;
+    auto factor = [&](const Matrix* m, Matrix& inverse_u) {
+      if (!m) return Matrix();
+      if (rotate_) return components ? cholesky_upper(*m) : Matrix();
+      CholeskyFactors c = cholesky_factors(*m);
+      inverse_u = std::move(c.inverse_u);
+      return std::move(c.r);
+    };
+    const Matrix rg = factor(u.gm, u.hx), rs = factor(u.sig, u.hy);
+    if (components) {
       const Qr qb = thin_qr(u.gm ? matmul(rg, f.B) : f.B);
-      const Qr qa = thin_qr((u.sig ? matmul(f.A, cholesky_upper(*u.sig), false, true) : f.A).transposed());
+      const Qr qa = thin_qr((u.sig ? matmul(f.A, rs, false, true) : f.A).transposed());
       const Svd core = full_svd(matmul(qb.R, qa.R, false, true));
       u.x = matmul(qb.Q, core.U);
       for (int64_t j = 0; j < s.r; ++j) {
@@ -876,9 +886,6 @@ class SpectralCodec final : public LayerCodec {
     u.rms = std::sqrt(u.rms / std::max<double>(1, static_cast<double>(u.x.data.size())));
     // A weighted side's errors count tr(M)/dim times as much: its step shrinks by the square root.
     u.y_offset = step_offset(u.sig, s.n) - step_offset(u.gm, s.m);
-    // With statistics (and no rotation), rounding errors are shaped by them: GPTQ-style feedback.
-    if (!rotate_ && u.gm) u.hx = inverse_cholesky_upper(*u.gm);
-    if (!rotate_ && u.sig) u.hy = inverse_cholesky_upper(*u.sig);
     return u;
   }
 

@@ -75,6 +75,12 @@ Matrix solve_upper(const Matrix& r, const Matrix& b);
 // positive definite even after a tiny diagonal regularisation.
 Matrix inverse_cholesky_upper(const Matrix& h);
 
+// Both factors from one factorisation of H: r = cholesky_upper(H), inverse_u = inverse_cholesky_upper(H).
+struct CholeskyFactors {
+  Matrix r, inverse_u;
+};
+CholeskyFactors cholesky_factors(const Matrix& h);
+
 // Minimum-norm least squares: argmin ||D x - t||, smallest ||x|| among minimisers (LAPACK gelsd).
 // D is rows x cols (row-major). rcond < 0 uses machine precision.
 std::vector<double> lstsq_min_norm(const Matrix& d, const std::vector<double>& t, double rcond = -1.0);
