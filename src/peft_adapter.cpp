@@ -278,14 +278,20 @@ PeftAdapter make_peft_adapter(nlohmann::json config, std::vector<std::pair<std::
   return build_adapter(std::move(config), std::move(tensors), std::move(file_metadata), where, where, order);
 }
 
-std::vector<std::pair<std::string, Tensor>> peft_tensors(const PeftAdapter& adapter) {
-  std::vector<std::pair<std::string, Tensor>> out;
+std::vector<std::pair<std::string, const Tensor*>> peft_tensor_refs(const PeftAdapter& adapter) {
+  std::vector<std::pair<std::string, const Tensor*>> out;
   out.reserve(adapter.modules.size() * 2 + adapter.passthrough.size());
   for (const auto& m : adapter.modules) {
-    out.emplace_back(adapter.key_prefix + m.path + kSuffixA, m.A);
-    out.emplace_back(adapter.key_prefix + m.path + kSuffixB, m.B);
+    out.emplace_back(adapter.key_prefix + m.path + kSuffixA, &m.A);
+    out.emplace_back(adapter.key_prefix + m.path + kSuffixB, &m.B);
   }
-  for (const auto& p : adapter.passthrough) out.push_back(p);
+  for (const auto& [key, t] : adapter.passthrough) out.emplace_back(key, &t);
+  return out;
+}
+
+std::vector<std::pair<std::string, Tensor>> peft_tensors(const PeftAdapter& adapter) {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (auto& [key, t] : peft_tensor_refs(adapter)) out.emplace_back(std::move(key), *t);
   return out;
 }
 

@@ -41,6 +41,8 @@ PeftAdapter make_peft_adapter(nlohmann::json config,
                               const std::string& where);
 // Tensors in PEFT's key layout, modules first (A then B), then passthrough.
 std::vector<std::pair<std::string, Tensor>> peft_tensors(const PeftAdapter& adapter);
+// The same keys, pointing into `adapter` instead of copying it.
+std::vector<std::pair<std::string, const Tensor*>> peft_tensor_refs(const PeftAdapter& adapter);
 // Writes adapter_config.json and adapter_model.safetensors into `dir`, atomically.
 void write_peft_adapter(const std::string& dir, const PeftAdapter& adapter);
 
