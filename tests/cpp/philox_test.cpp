@@ -27,7 +27,9 @@ TEST(Philox, KnownAnswerVectors) {
 // The golden file is also checked by an independent Python implementation of the spec
 // (tests/python/test_philox_portable.py), so both agree with docs/FORMAT.md.
 TEST(Philox, NormalsMatchGolden) {
-  for (const auto& c : golden()["normals"]) {
+  const nlohmann::json g = golden();  // held: a range-for over golden()["..."] would use a dead temporary
+  ASSERT_FALSE(g["normals"].empty());
+  for (const auto& c : g["normals"]) {
     const auto& expected = c["values"];
     std::vector<float> got(expected.size());
     philox_normals(std::stoull(c["seed"].get<std::string>()), c["layer"], c["member"], c["stream"], c["first"], got.size(), got.data());
@@ -36,7 +38,9 @@ TEST(Philox, NormalsMatchGolden) {
 }
 
 TEST(Philox, IndicesMatchGolden) {
-  for (const auto& c : golden()["indices"]) {
+  const nlohmann::json g = golden();
+  ASSERT_FALSE(g["indices"].empty());
+  for (const auto& c : g["indices"]) {
     const auto expected = c["values"].get<std::vector<uint32_t>>();
     std::vector<uint32_t> got(expected.size());
     philox_distinct_indices(std::stoull(c["seed"].get<std::string>()), c["layer"], c["member"], c["stream"], c["bound"],
