@@ -124,7 +124,7 @@ SOLAR_API void solar_adapter_free(solar_adapter* adapter);
 /* ---- compress -------------------------------------------------------------------------------- */
 
 typedef struct solar_compress_params {
-  const char* mode;         /* "spectral" (default), "spectral-w" or "paper" */
+  const char* mode;         /* "spectral" (default), "spectral-w" or "paper" (its defaults: N = 1000, 30% kept, 8 bits) */
   size_t target_bytes;      /* > 0: the file is at most this many bytes */
   double target_error;      /* > 0: relative error target; with neither, 0.05 */
   const solar_weights* calibration; /* statistics from solar.calibrate, or NULL (data-free) */
