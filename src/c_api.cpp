@@ -174,6 +174,21 @@ solar_status solar_adapter_tensor(const solar_adapter* adapter, size_t index, so
   return SOLAR_OK;
 }
 
+size_t solar_adapter_module_count(const solar_adapter* adapter) { return adapter ? adapter->adapter.modules.size() : 0; }
+
+solar_status solar_adapter_module(const solar_adapter* adapter, size_t index, solar_lora_module* out) {
+  if (!adapter || !out || index >= adapter->adapter.modules.size()) return SOLAR_ERROR_INVALID_INPUT;
+  const solar::LoraModule& m = adapter->adapter.modules[index];
+  // peft_tensor_refs lists each module's A then B first, in module order.
+  if (solar_adapter_tensor(adapter, 2 * index, &out->a) != SOLAR_OK ||
+      solar_adapter_tensor(adapter, 2 * index + 1, &out->b) != SOLAR_OK)
+    return SOLAR_ERROR_INTERNAL;
+  out->path = m.path.c_str();
+  out->rank = m.rank;
+  out->scaling = m.scaling;
+  return SOLAR_OK;
+}
+
 const char* solar_adapter_config_json(const solar_adapter* adapter) {
   return adapter ? adapter->config_json.c_str() : nullptr;
 }

@@ -188,10 +188,15 @@ std::vector<uint8_t> serialize_container(const Container& c) {
     const size_t blob = add(c.version >= 2 ? byte_planes(t.data, dtype_size(t.dtype)) : t.data);
     pass.push_back({{"key", key}, {"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"blob", blob}});
   }
-  const nlohmann::json meta = {{"producer", c.producer},   {"seed", std::to_string(c.seed)},
-                               {"peft_config", c.peft_config}, {"key_prefix", c.key_prefix},
-                               {"file_metadata", c.file_metadata}, {"layers", layers},
-                               {"passthrough", pass}};
+  const nlohmann::json fields = {{"producer", c.producer},   {"seed", std::to_string(c.seed)},
+                                 {"peft_config", nullptr},     {"key_prefix", c.key_prefix},
+                                 {"file_metadata", c.file_metadata}, {"layers", layers},
+                                 {"passthrough", pass}};
+  // Fields in sorted order, as ever; the adapter config in its own order (for configs PEFT wrote,
+  // which sorts its keys, the same bytes as before).
+  nlohmann::ordered_json meta;
+  for (auto it = fields.begin(); it != fields.end(); ++it)
+    meta[it.key()] = it.key() == "peft_config" ? c.peft_config : nlohmann::ordered_json(it.value());
   const std::string text = meta.dump();
   const std::vector<uint8_t> meta_raw(text.begin(), text.end());
 
@@ -272,15 +277,17 @@ Container parse_container(const uint8_t* data, size_t size, const std::string& w
   const std::vector<uint8_t> payload = (h.flags & kFlagPayloadZstd)
                                            ? inflate(pay_p, h.payload_stored, h.payload_raw, nullptr, frames_are_magicless(h.version), where, "payload")
                                            : std::vector<uint8_t>(pay_p, pay_p + h.payload_stored);
-  nlohmann::json meta;
+  nlohmann::ordered_json ordered;
   try {
-    meta = nlohmann::json::parse(meta_bytes.begin(), meta_bytes.end());
+    ordered = nlohmann::ordered_json::parse(meta_bytes.begin(), meta_bytes.end());
   } catch (const nlohmann::json::exception& e) {
     throw Error(ErrorKind::Format, where, std::string("metadata is not valid JSON: ") + e.what());
   }
-  if (!meta.is_object()) throw Error(ErrorKind::Format, where, "metadata must be a JSON object");
+  if (!ordered.is_object()) throw Error(ErrorKind::Format, where, "metadata must be a JSON object");
   try {
-    return from_metadata(meta, payload, h.version, where);
+    Container c = from_metadata(nlohmann::json(ordered), payload, h.version, where);
+    c.peft_config = ordered.at("peft_config");  // its key order is the adapter's own: keep it
+    return c;
   } catch (const nlohmann::json::exception& e) {
     throw Error(ErrorKind::Format, where, std::string("malformed metadata: ") + e.what());
   }

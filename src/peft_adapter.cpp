@@ -40,39 +40,17 @@ bool pattern_matches(const std::string& key, const std::string& path) {
   }
 }
 
-// The first key in `order` that matches (PEFT iterates the dict in insertion order).
-const nlohmann::json* match_pattern_ordered(const nlohmann::json& patterns, const std::vector<std::string>& order,
-                                            const std::string& path) {
+// The first key of `patterns`, in the object's order, that matches (PEFT iterates the dict in
+// insertion order: with ordered_json that is the file's order).
+template <class Json>
+const Json* first_match(const Json& patterns, const std::string& path) {
   if (!patterns.is_object()) return nullptr;
-  for (const auto& key : order) {
-    auto it = patterns.find(key);
-    if (it == patterns.end()) continue;
-    if (pattern_matches(key, path)) return &*it;
-  }
+  for (auto it = patterns.begin(); it != patterns.end(); ++it)
+    if (pattern_matches(it.key(), path)) return &*it;
   return nullptr;
 }
 
-std::vector<std::string> keys_of(const nlohmann::json& obj) {
-  std::vector<std::string> out;
-  if (obj.is_object())
-    for (auto it = obj.begin(); it != obj.end(); ++it) out.push_back(it.key());
-  return out;
-}
-
-// Key order of rank_pattern / alpha_pattern as written in the file (nlohmann::json sorts keys;
-// PEFT itself saves with sort_keys=True, so the two agree for files PEFT wrote).
-struct PatternOrder {
-  std::vector<std::string> rank, alpha;
-};
-
-PatternOrder default_order(const nlohmann::json& config) {
-  PatternOrder o;
-  if (auto it = config.find("rank_pattern"); it != config.end()) o.rank = keys_of(*it);
-  if (auto it = config.find("alpha_pattern"); it != config.end()) o.alpha = keys_of(*it);
-  return o;
-}
-
-double number_or(const nlohmann::json& config, const char* key, double fallback, const std::string& where) {
+double number_or(const nlohmann::ordered_json& config, const char* key, double fallback, const std::string& where) {
   auto it = config.find(key);
   if (it == config.end() || it->is_null()) return fallback;
   if (!it->is_number()) throw Error(ErrorKind::Format, where, std::string("\"") + key + "\" is not a number");
@@ -105,9 +83,9 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
-PeftAdapter build_adapter(nlohmann::json config, std::vector<std::pair<std::string, Tensor>> tensors,
+PeftAdapter build_adapter(nlohmann::ordered_json config, std::vector<std::pair<std::string, Tensor>> tensors,
                           std::map<std::string, std::string> file_metadata, const std::string& config_where,
-                          const std::string& tensors_where, const PatternOrder& order) {
+                          const std::string& tensors_where) {
   if (!config.is_object()) throw Error(ErrorKind::Format, config_where, "adapter config is not a JSON object");
   auto pt = config.find("peft_type");
   if (pt == config.end() || !pt->is_string())
@@ -165,14 +143,10 @@ PeftAdapter build_adapter(nlohmann::json config, std::vector<std::pair<std::stri
   }
 
   const double r_config = number_or(config, "r", 8.0, config_where);
-  const double alpha_config = number_or(config, "lora_alpha", 8.0, config_where);
-  const auto rs = config.find("use_rslora");
-  const bool rslora = rs != config.end() && rs->is_boolean() && rs->get<bool>();
   const bool has_r = config.contains("r") && !config["r"].is_null();
-  const nlohmann::json empty = nlohmann::json::object();
-  const auto rp = config.find("rank_pattern"), ap = config.find("alpha_pattern");
-  const nlohmann::json& rank_pattern = rp != config.end() && rp->is_object() ? *rp : empty;
-  const nlohmann::json& alpha_pattern = ap != config.end() && ap->is_object() ? *ap : empty;
+  const nlohmann::ordered_json empty = nlohmann::ordered_json::object();
+  const auto rp = config.find("rank_pattern");
+  const nlohmann::ordered_json& rank_pattern = rp != config.end() && rp->is_object() ? *rp : empty;
 
   for (auto& [path, p] : pairs) {
     const std::string key_a = ad.key_prefix + path + kSuffixA, key_b = ad.key_prefix + path + kSuffixB;
@@ -192,7 +166,7 @@ PeftAdapter build_adapter(nlohmann::json config, std::vector<std::pair<std::stri
     // The config's rank for this module must agree with the stored factors (when it states one).
     double r = r_config;
     bool stated = has_r;
-    if (const nlohmann::json* m = match_pattern_ordered(rank_pattern, order.rank, path)) {
+    if (const nlohmann::ordered_json* m = first_match(rank_pattern, path)) {
       if (!m->is_number()) throw Error(ErrorKind::Format, config_where, "rank_pattern value is not a number");
       r = m->get<double>();
       stated = true;
@@ -203,18 +177,12 @@ PeftAdapter build_adapter(nlohmann::json config, std::vector<std::pair<std::stri
                     "module '" + path + "': config gives rank " + nlohmann::json(r).dump() + " but '" + key_a +
                         "' has " + std::to_string(rank) + " rows");
     }
-    double alpha = alpha_config;
-    if (const nlohmann::json* m = match_pattern_ordered(alpha_pattern, order.alpha, path)) {
-      if (!m->is_number()) throw Error(ErrorKind::Format, config_where, "alpha_pattern value is not a number");
-      alpha = m->get<double>();
-    }
     LoraModule mod;
     mod.path = path;
     mod.A = std::move(*p.A);
     mod.B = std::move(*p.B);
     mod.rank = rank;
-    mod.alpha = alpha;
-    mod.scaling = rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
+    set_lora_scaling(config, mod, config_where);
     ad.modules.push_back(std::move(mod));
   }
   ad.config = std::move(config);
@@ -223,13 +191,30 @@ PeftAdapter build_adapter(nlohmann::json config, std::vector<std::pair<std::stri
 
 }  // namespace
 
+void set_lora_scaling(const nlohmann::ordered_json& config, LoraModule& module, const std::string& where) {
+  double alpha = number_or(config, "lora_alpha", 8.0, where);
+  if (const auto ap = config.find("alpha_pattern"); ap != config.end() && ap->is_object())
+    if (const nlohmann::ordered_json* m = first_match(*ap, module.path)) {
+      if (!m->is_number()) throw Error(ErrorKind::Format, where, "alpha_pattern value is not a number");
+      alpha = m->get<double>();
+    }
+  const auto rs = config.find("use_rslora");
+  const bool rslora = rs != config.end() && rs->is_boolean() && rs->get<bool>();
+  const double r = static_cast<double>(module.rank);
+  module.alpha = alpha;
+  module.scaling = rslora ? alpha / std::sqrt(r) : alpha / r;
+}
+
 bool PeftAdapter::fan_in_fan_out() const {
   auto it = config.find("fan_in_fan_out");
   return it != config.end() && it->is_boolean() && it->get<bool>();
 }
 
 const nlohmann::json* match_pattern(const nlohmann::json& patterns, const std::string& path) {
-  return match_pattern_ordered(patterns, keys_of(patterns), path);
+  return first_match(patterns, path);
+}
+const nlohmann::ordered_json* match_pattern(const nlohmann::ordered_json& patterns, const std::string& path) {
+  return first_match(patterns, path);
 }
 
 PeftAdapter read_peft_adapter(const std::string& dir) {
@@ -242,19 +227,9 @@ PeftAdapter read_peft_adapter(const std::string& dir) {
   }
   if (!fs::exists(config_path, ec)) throw Error(ErrorKind::Io, config_path, "no such file (not a PEFT adapter directory?)");
   const std::string text = read_text_file(config_path);
-  nlohmann::json config;
-  PatternOrder order;
+  nlohmann::ordered_json config;  // the file's key order, as Python's json.load keeps it
   try {
-    config = nlohmann::json::parse(text);
-    // Keep the file's key order for the pattern lookups, as Python's json.load does.
-    const nlohmann::ordered_json ordered = nlohmann::ordered_json::parse(text);
-    if (ordered.is_object()) {
-      for (auto [name, dest] : {std::pair{"rank_pattern", &order.rank}, std::pair{"alpha_pattern", &order.alpha}}) {
-        auto it = ordered.find(name);
-        if (it != ordered.end() && it->is_object())
-          for (auto kit = it->begin(); kit != it->end(); ++kit) dest->push_back(kit.key());
-      }
-    }
+    config = nlohmann::ordered_json::parse(text);
   } catch (const nlohmann::json::exception& e) {
     throw Error(ErrorKind::Format, config_path, std::string("not valid JSON: ") + e.what());
   }
@@ -269,13 +244,12 @@ PeftAdapter read_peft_adapter(const std::string& dir) {
   SafetensorsFile file(model_path);
   std::vector<std::pair<std::string, Tensor>> tensors;
   for (const auto& name : file.names()) tensors.emplace_back(name, file.get(name).copy());
-  return build_adapter(std::move(config), std::move(tensors), file.metadata(), config_path, model_path, order);
+  return build_adapter(std::move(config), std::move(tensors), file.metadata(), config_path, model_path);
 }
 
-PeftAdapter make_peft_adapter(nlohmann::json config, std::vector<std::pair<std::string, Tensor>> tensors,
+PeftAdapter make_peft_adapter(nlohmann::ordered_json config, std::vector<std::pair<std::string, Tensor>> tensors,
                               std::map<std::string, std::string> file_metadata, const std::string& where) {
-  PatternOrder order = config.is_object() ? default_order(config) : PatternOrder{};
-  return build_adapter(std::move(config), std::move(tensors), std::move(file_metadata), where, where, order);
+  return build_adapter(std::move(config), std::move(tensors), std::move(file_metadata), where, where);
 }
 
 std::vector<std::pair<std::string, const Tensor*>> peft_tensor_refs(const PeftAdapter& adapter) {

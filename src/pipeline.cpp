@@ -507,6 +507,7 @@ PeftAdapter decompress_container(const Container& c, const WeightSource& base, c
       LoraModule& mod = modules[i];
       mod.path = l.module;
       mod.rank = l.shape.r;
+      set_lora_scaling(out.config, mod, "peft_config");
       mod.A = to_tensor(f.A, l.a_dtype);
       mod.B = to_tensor(f.B, l.b_dtype);
     }

@@ -41,7 +41,7 @@ struct Container {
   uint32_t version = kFormatVersion;  // as read; serialised as is (1 to 6)
   uint64_t seed = 0;
   std::string producer;  // "solar <version>"
-  nlohmann::json peft_config;
+  nlohmann::ordered_json peft_config;  // in its file's key order: PEFT resolves rank/alpha patterns in it
   std::string key_prefix = "base_model.model.";
   std::map<std::string, std::string> file_metadata;
   std::vector<LayerRecord> layers;

@@ -112,6 +112,22 @@ SOLAR_API solar_status solar_restore(const void* data, size_t size, const solar_
 SOLAR_API size_t solar_adapter_tensor_count(const solar_adapter* adapter);
 /* SOLAR_ERROR_INVALID_INPUT if index >= solar_adapter_tensor_count or an argument is NULL. */
 SOLAR_API solar_status solar_adapter_tensor(const solar_adapter* adapter, size_t index, solar_tensor* out);
+/* The LoRA modules, for a runtime that applies the update itself: y = W x + scaling * B (A x).
+ * The scaling is PEFT's (lora_alpha / r, or / sqrt(r) with use_rslora, after rank_pattern and
+ * alpha_pattern), so a runtime need not re-implement PEFT's pattern rules. Valid until
+ * solar_adapter_free. */
+typedef struct solar_lora_module {
+  const char* path;  /* module path without the key prefix, e.g. "model.layers.0.self_attn.q_proj" */
+  solar_tensor a;    /* r x in */
+  solar_tensor b;    /* out x r */
+  int64_t rank;
+  double scaling;
+} solar_lora_module;
+
+SOLAR_API size_t solar_adapter_module_count(const solar_adapter* adapter);
+/* SOLAR_ERROR_INVALID_INPUT if index >= solar_adapter_module_count or an argument is NULL. */
+SOLAR_API solar_status solar_adapter_module(const solar_adapter* adapter, size_t index, solar_lora_module* out);
+
 /* adapter_config.json as PEFT wrote it, valid until solar_adapter_free. */
 SOLAR_API const char* solar_adapter_config_json(const solar_adapter* adapter);
 

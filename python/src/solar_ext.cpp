@@ -179,9 +179,9 @@ struct Adapter {
   }
   static Adapter from_tensors(const std::string& config_json, nb::handle tensors,
                               std::map<std::string, std::string> metadata, const std::string& where) {
-    nlohmann::json config;
+    nlohmann::ordered_json config;  // its key order kept, as from a file
     try {
-      config = nlohmann::json::parse(config_json);
+      config = nlohmann::ordered_json::parse(config_json);
     } catch (const nlohmann::json::exception& e) {
       throw solar::Error(solar::ErrorKind::Format, where, std::string("adapter config is not valid JSON: ") + e.what());
     }

@@ -151,6 +151,42 @@ TEST(CApi, CompressGivesTheCoreBytesWithinTheBudget) {
   solar_free(out);
 }
 
+// A runtime applying the update itself gets PEFT's scaling per module, patterns and rsLoRA included.
+TEST(CApi, ModulesCarryPeftsScaling) {
+  const PeftAdapter fixture = read_peft_adapter(kStories);
+  nlohmann::json cfg = fixture.config;
+  cfg["alpha_pattern"] = {{"wv", 2.0}};
+  cfg["use_rslora"] = true;
+  const PeftAdapter patterned = make_peft_adapter(cfg, peft_tensors(fixture), fixture.file_metadata, "<patterned>");
+  const test::TempDir dir;
+  write_peft_adapter(dir.file("adapter"), patterned);
+  uint8_t* out = nullptr;
+  size_t size = 0;
+  Err err;
+  ASSERT_EQ(solar_compress(dir.file("adapter").c_str(), nullptr, nullptr, &out, &size, err.text, sizeof err.text), SOLAR_OK)
+      << err.str();
+  solar_adapter* a = nullptr;
+  ASSERT_EQ(solar_restore(out, size, nullptr, 1, &a, err.text, sizeof err.text), SOLAR_OK) << err.str();
+  solar_free(out);
+  ASSERT_EQ(solar_adapter_module_count(a), patterned.modules.size());
+  for (size_t i = 0; i < patterned.modules.size(); ++i) {
+    const LoraModule& want = patterned.modules[i];
+    solar_lora_module m;
+    ASSERT_EQ(solar_adapter_module(a, i, &m), SOLAR_OK);
+    EXPECT_EQ(std::string(m.path), want.path);
+    EXPECT_EQ(m.rank, want.rank);
+    EXPECT_DOUBLE_EQ(m.scaling, want.path.ends_with("wv") ? 2.0 / 2.0 : 8.0 / 2.0) << want.path;  // alpha / sqrt(4)
+    EXPECT_EQ(std::string(m.a.name), "base_model.model." + want.path + ".lora_A.weight");
+    EXPECT_EQ(std::string(m.b.name), "base_model.model." + want.path + ".lora_B.weight");
+    EXPECT_EQ(m.a.shape[0], want.rank);
+    EXPECT_EQ(m.b.shape[1], want.rank);
+  }
+  solar_lora_module m;
+  EXPECT_EQ(solar_adapter_module(a, patterned.modules.size(), &m), SOLAR_ERROR_INVALID_INPUT);
+  EXPECT_EQ(solar_adapter_module_count(nullptr), 0u);
+  solar_adapter_free(a);
+}
+
 // Input second moments handed over as caller-held weights change the file exactly as the C++
 // option does.
 TEST(CApi, CalibrationStatisticsComeAsWeights) {

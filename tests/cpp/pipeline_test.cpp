@@ -168,5 +168,36 @@ TEST_F(Stories, RealTrainedAdapterRoundTrips) {
   EXPECT_LT(worst_error(adapter, back), 1e-4);
 }
 
+// PEFT takes the first rank_pattern / alpha_pattern key that matches, in the file's order; a
+// hand-written config whose keys are not sorted must come back in its own order, or the restored
+// adapter would scale its modules differently (here layers.0's wq: alpha 2 by "wq", not 5).
+TEST(Pipeline, AdapterConfigKeepsItsKeyOrderThroughTheFile) {
+  const std::string fixture = SOLAR_SOURCE_DIR "/tests/fixtures/stories260k_lora_r4";
+  const test::TempDir dir;
+  std::filesystem::create_directory(dir.file("in"));
+  std::filesystem::copy_file(fixture + "/adapter_model.safetensors", dir.file("in/adapter_model.safetensors"));
+  nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(read_text_file(fixture + "/adapter_config.json"));
+  cfg["alpha_pattern"] = nlohmann::ordered_json::parse(R"({"wq": 2, "layers.0.attention.wq": 5})");
+  test::write_text(dir.file("in/adapter_config.json"), cfg.dump(2));
+  const PeftAdapter original = read_peft_adapter(dir.file("in"));
+  ASSERT_EQ(original.modules[0].path, "layers.0.attention.wq");
+  EXPECT_DOUBLE_EQ(original.modules[0].scaling, 2.0 / 4);
+
+  CompressOptions o;
+  o.mode = "spectral";
+  const auto bytes = serialize_container(compress_adapter(original, InMemoryWeights(), o));
+  const PeftAdapter back = decompress_container(parse_container(bytes.data(), bytes.size(), "o.solar"), InMemoryWeights());
+  EXPECT_EQ(back.config.dump(), original.config.dump());  // same keys, same order
+  for (size_t i = 0; i < back.modules.size(); ++i) {
+    EXPECT_EQ(back.modules[i].alpha, original.modules[i].alpha) << back.modules[i].path;
+    EXPECT_EQ(back.modules[i].scaling, original.modules[i].scaling) << back.modules[i].path;
+  }
+  write_peft_adapter(dir.file("out"), back);
+  const PeftAdapter reread = read_peft_adapter(dir.file("out"));
+  EXPECT_DOUBLE_EQ(reread.modules[0].scaling, 2.0 / 4);
+  const std::string text = read_text_file(dir.file("out/adapter_config.json"));
+  EXPECT_LT(text.find("\"wq\": 2"), text.find("\"layers.0.attention.wq\": 5")) << text;
+}
+
 }  // namespace
 }  // namespace solar

@@ -204,3 +204,31 @@ def test_import_is_light_and_versioned():
     r = subprocess.run([sys.executable, "-c", "import sys, solar; print('torch' in sys.modules)"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr  # the extension does not need torch
+
+
+def test_restored_config_keeps_peft_pattern_semantics(stories_adapter, tmp_path):
+    """PEFT takes the first rank/alpha pattern key that matches, in the file's order. A hand-written
+    config with unsorted keys comes back in its own order, so PEFT gives every module the same
+    alpha from the restored directory as from the original (sorted keys would give layers.0's wq
+    alpha 5 instead of 2)."""
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "adapter_model.safetensors").write_bytes((stories_adapter / "adapter_model.safetensors").read_bytes())
+    config = json.loads((stories_adapter / "adapter_config.json").read_text())
+    config["alpha_pattern"] = {"wq": 2, "layers.0.attention.wq": 5}
+    (src / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    packed = solar.compress(str(src), None, mode="spectral")
+    solar.restore_to_dir(packed, None, tmp_path / "out")
+
+    def alphas(directory):
+        cfg = LoraConfig.from_pretrained(str(directory))
+        keys = load_file(str(directory / "adapter_model.safetensors")).keys()
+        modules = sorted({k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in keys if "lora_A" in k})
+        return {m: cfg.alpha_pattern.get(get_pattern_key(cfg.alpha_pattern.keys(), m), cfg.lora_alpha) for m in modules}
+
+    original, restored = alphas(src), alphas(tmp_path / "out")
+    assert original["layers.0.attention.wq"] == 2
+    assert restored == original
