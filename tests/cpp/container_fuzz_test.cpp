@@ -80,57 +80,12 @@ std::vector<uint8_t> assemble(const Parts& p) {
   return b;
 }
 
-// Every value in `j`, as JSON pointers (containers included).
-void pointers(const nlohmann::json& j, const nlohmann::json::json_pointer& at, std::vector<nlohmann::json::json_pointer>& out) {
-  out.push_back(at);
-  if (j.is_object())
-    for (auto it = j.begin(); it != j.end(); ++it) pointers(it.value(), at / it.key(), out);
-  else if (j.is_array())
-    for (size_t i = 0; i < j.size(); ++i) pointers(j[i], at / i, out);
-}
-
-// One mutation of one value: numbers pushed to edges, strings and types swapped, members dropped.
-void mutate_value(nlohmann::json& v, std::mt19937_64& rng) {
-  auto pick = [&](size_t n) { return static_cast<size_t>(rng() % n); };
-  if (v.is_number()) {
-    const double x = v.get<double>();
-    const nlohmann::json choices[] = {0, -1, 1, x + 1, x - 1, 2 * x, 1ll << 31, 1ll << 40, -(1ll << 40), 1e300, 0.5, "7"};
-    v = choices[pick(std::size(choices))];
-  } else if (v.is_string()) {
-    const nlohmann::json choices[] = {"", "paper", "spectral", "spectral-w", "F16", "x", std::string(300, 'a'), 3};
-    v = choices[pick(std::size(choices))];
-  } else if (v.is_array()) {
-    switch (pick(4)) {
-      case 0: if (!v.empty()) v.erase(v.size() - 1); break;
-      case 1: v.push_back(v.empty() ? nlohmann::json(1) : v[0]); break;
-      case 2: v = nlohmann::json::object(); break;
-      default: if (v.size() > 1) std::swap(v[0], v[v.size() - 1]); break;
-    }
-  } else if (v.is_object()) {
-    if (!v.empty() && pick(3) != 0) {
-      auto it = v.begin();
-      std::advance(it, static_cast<long>(pick(v.size())));
-      v.erase(it);
-    } else {
-      v = pick(2) ? nlohmann::json::array() : nlohmann::json();
-    }
-  } else {
-    const nlohmann::json choices[] = {0, "", nlohmann::json::array(), true};
-    v = choices[pick(std::size(choices))];
-  }
-}
-
 Parts mutant(const Parts& original, std::mt19937_64& rng) {
   Parts p = original;
   const int kind = static_cast<int>(rng() % 4);
   if (kind <= 1) {  // metadata: one or two values
     nlohmann::json j = nlohmann::json::parse(p.metadata);
-    for (int i = 0; i <= kind; ++i) {
-      std::vector<nlohmann::json::json_pointer> all;
-      pointers(j, nlohmann::json::json_pointer(), all);
-      const auto& at = all[1 + rng() % (all.size() - 1)];  // not the root
-      mutate_value(j[at], rng);
-    }
+    for (int i = 0; i <= kind; ++i) test::mutate_json(j, rng);
     p.metadata = j.dump();
   } else if (kind == 2 && !p.payload.empty()) {  // payload bytes
     for (int i = 0, n = 1 + static_cast<int>(rng() % 4); i < n; ++i)

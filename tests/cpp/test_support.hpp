@@ -1,8 +1,12 @@
 // Shared helpers for the C++ tests.
 #pragma once
 #include <cstdint>
+#include <iterator>
+#include <random>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include <gtest/gtest.h>
 
@@ -38,6 +42,51 @@ std::vector<float> random_uniform(size_t count, uint64_t seed, float lo = -1.0f,
 Tensor random_tensor(std::vector<int64_t> shape, uint64_t seed, DType dtype = DType::F32, float stddev = 1.0f);
 // A tensor of the given dtype and shape with random bytes (any dtype; for byte-exact round trips).
 Tensor random_bytes_tensor(std::vector<int64_t> shape, uint64_t seed, DType dtype);
+
+// One random mutation of one value of `j` (never the root itself), for structured fuzzing of
+// JSON-described inputs: numbers pushed to edges and off by one, strings and types swapped,
+// array elements dropped, added or swapped, object members dropped.
+template <class Json>
+void mutate_json(Json& j, std::mt19937_64& rng) {
+  std::vector<typename Json::json_pointer> all;
+  auto collect = [&](auto&& self, const Json& v, const typename Json::json_pointer& at) -> void {
+    all.push_back(at);
+    if (v.is_object())
+      for (auto it = v.begin(); it != v.end(); ++it) self(self, it.value(), at / it.key());
+    else if (v.is_array())
+      for (size_t i = 0; i < v.size(); ++i) self(self, v[i], at / i);
+  };
+  collect(collect, j, typename Json::json_pointer());
+  if (all.size() < 2) return;
+  Json& v = j[all[1 + rng() % (all.size() - 1)]];
+  auto pick = [&](size_t n) { return static_cast<size_t>(rng() % n); };
+  if (v.is_number()) {
+    const double x = v.template get<double>();
+    const Json choices[] = {0, -1, 1, x + 1, x - 1, 2 * x, 1ll << 31, 1ll << 40, -(1ll << 40), 1e300, 0.5, "7"};
+    v = choices[pick(std::size(choices))];
+  } else if (v.is_string()) {
+    const Json choices[] = {"", "paper", "spectral", "F16", "BF16", "I64", "LORA", "x", std::string(300, 'a'), 3};
+    v = choices[pick(std::size(choices))];
+  } else if (v.is_array()) {
+    switch (pick(4)) {
+      case 0: if (!v.empty()) v.erase(v.size() - 1); break;
+      case 1: v.push_back(v.empty() ? Json(1) : v[0]); break;
+      case 2: v = Json::object(); break;
+      default: if (v.size() > 1) std::swap(v[0], v[v.size() - 1]); break;
+    }
+  } else if (v.is_object()) {
+    if (!v.empty() && pick(3) != 0) {
+      auto it = v.begin();
+      std::advance(it, static_cast<long>(pick(v.size())));
+      v.erase(it);
+    } else {
+      v = pick(2) ? Json::array() : Json();
+    }
+  } else {
+    const Json choices[] = {0, "", Json::array(), true};
+    v = choices[pick(std::size(choices))];
+  }
+}
 
 void write_bytes(const std::string& path, const std::vector<uint8_t>& bytes);
 void write_text(const std::string& path, const std::string& text);
