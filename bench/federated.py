@@ -503,8 +503,10 @@ AGGREGATION_NOTE = """## How the server aggregates, and what the clients send
 client's LoRA arrays (against `base`, which the `spectral` codec does not need and the `paper` codec
 does), then hands the replies to the wrapped strategy.
 
-- `aggregation="delta"` (default; used above): each client's pair is turned into dW = B A, the wrapped
-  FedAvg averages dW (weighted by examples) — the update the averaged model should apply — and the
+- `aggregation="delta"` (default; used above): each client's pair is turned into dW = B A, and their
+  mean weighted by examples is taken — the update the averaged model should apply; with FedAvg,
+  `SolarStrategy` takes it reply by reply, so one dW per module is in memory (`bench.federated_scale`,
+  README) — and the
   server re-factors the average to the global rank r by truncated SVD, B'A' = U_r S_r V_rᵀ. By
   Eckart–Young this is the best rank-r approximation of the average; what it loses is measured every
   round (the "re-factor error" column: ‖avg − B'A'‖_F / ‖avg‖_F over all modules; the average of ten

@@ -406,3 +406,38 @@ def test_spectral_passthrough_codes_the_head_with_the_layers():
     assert list(back)[-1] == HEAD[0] and back[HEAD[0]].shape == state[HEAD[0]].shape
     err = np.linalg.norm(back[HEAD[0]] - state[HEAD[0]]) / np.linalg.norm(state[HEAD[0]])
     assert 0 < err < 0.2  # every layer's relative error, the head's too, within the plan's 0.05 rms
+
+
+def test_fedavg_delta_mean_is_taken_reply_by_reply():
+    """With FedAvg the mean of dW is accumulated one reply at a time: the same mean as when the
+    wrapped strategy is handed every client's dW (a FedAvg subclass with its own aggregate_train
+    takes that path), in a fraction of the memory."""
+    import tracemalloc
+
+    class HandedEveryDelta(FedAvg):
+        def aggregate_train(self, server_round, replies):
+            return super().aggregate_train(server_round, replies)
+
+    states = [lora_state(seed=s, spread=1 + s % 3) for s in range(40)]
+    results = {}
+    for name, inner in (("streamed", FedAvg()), ("handed", HandedEveryDelta())):
+        replies = [train_reply(100 + k, record(st), 10 + k) for k, st in enumerate(states)]
+        strat = SolarStrategy(inner, aggregation="delta")
+        tracemalloc.start()
+        arrays, _ = strat.aggregate_train(1, replies)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        results[name] = (strat.last_delta, arrays, peak)
+    (streamed, s_arrays, s_peak), (handed, h_arrays, h_peak) = results["streamed"], results["handed"]
+    assert set(streamed) == set(handed)
+    for mod in streamed:
+        np.testing.assert_allclose(streamed[mod], handed[mod], rtol=1e-5, atol=1e-7)
+    assert list(s_arrays.keys()) == list(h_arrays.keys())  # the global model's key order, heads included
+    for k in s_arrays.keys():
+        if ".lora_" not in k:  # the head: FedAvg's mean either way
+            np.testing.assert_allclose(s_arrays[k].numpy(), h_arrays[k].numpy(), rtol=1e-5, atol=1e-7)
+    for mod in streamed:  # the re-factored update (factors are defined up to sign and gauge)
+        prod = {n: a[mod + ".lora_B.weight"].numpy() @ a[mod + ".lora_A.weight"].numpy()
+                for n, a in (("s", s_arrays), ("h", h_arrays))}
+        assert np.linalg.norm(prod["s"] - prod["h"]) < 1e-4 * np.linalg.norm(prod["h"])
+    assert s_peak < h_peak / 4, (s_peak, h_peak)
