@@ -131,18 +131,8 @@ solar_status solar_weights_add(solar_weights* weights, const char* name, const c
     const std::string where = weights->source->describe() + ": tensor '" + name + "'";
     if (!weights->in_memory)
       throw solar::Error(solar::ErrorKind::InvalidInput, where, "cannot add to weights opened from a file");
-    solar::TensorView v{solar::parse_dtype(dtype, where), std::vector<int64_t>(shape, shape + ndim),
-                        static_cast<const uint8_t*>(data), nbytes};
-    size_t numel = 1;
-    for (const int64_t d : v.shape) {
-      if (d < 0) throw solar::Error(solar::ErrorKind::InvalidInput, where, "has a negative dimension");
-      numel *= static_cast<size_t>(d);
-    }
-    if (numel * solar::dtype_size(v.dtype) != nbytes)
-      throw solar::Error(solar::ErrorKind::InvalidInput, where,
-                         "has " + std::to_string(nbytes) + " bytes but its shape and dtype need " +
-                             std::to_string(numel * solar::dtype_size(v.dtype)));
-    weights->in_memory->add(name, std::move(v));
+    weights->in_memory->add(name, solar::checked_view(solar::parse_dtype(dtype, where), std::vector<int64_t>(shape, shape + ndim),
+                                                      static_cast<const uint8_t*>(data), nbytes, where));
   });
 }
 

@@ -17,6 +17,18 @@ TensorView InMemoryWeights::get(const std::string& name) const {
   return it->second;
 }
 
+TensorView checked_view(DType dtype, std::vector<int64_t> shape, const uint8_t* data, size_t nbytes,
+                        const std::string& where) {
+  for (const int64_t d : shape)
+    if (d < 0) throw Error(ErrorKind::InvalidInput, where, "has a negative dimension");
+  TensorView v{dtype, std::move(shape), data, nbytes};
+  const size_t need = v.numel() * dtype_size(dtype);
+  if (need != nbytes)
+    throw Error(ErrorKind::InvalidInput, where,
+                "has " + std::to_string(nbytes) + " bytes but its shape and dtype need " + std::to_string(need));
+  return v;
+}
+
 std::string resolve_base_key(const WeightSource& base, const std::string& module_path) {
   std::vector<std::string> tried;
   // 1. The exact key.

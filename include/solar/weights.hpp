@@ -32,6 +32,12 @@ class InMemoryWeights final : public WeightSource {
   std::map<std::string, TensorView> views_;
 };
 
+// A view of caller-held bytes (the Python binding's arrays, the C API's buffers). Throws
+// InvalidInput naming `where` when a dimension is negative or `nbytes` is not what the shape
+// and dtype need.
+TensorView checked_view(DType dtype, std::vector<int64_t> shape, const uint8_t* data, size_t nbytes,
+                        const std::string& where);
+
 // Finds the base weight for a PEFT module path: "<path>.weight" if present; else the path with
 // leading components removed (a wrapper such as "bert." that the checkpoint lacks); else the
 // unique checkpoint key ending in ".<path>.weight". Throws Mismatch naming the module otherwise.

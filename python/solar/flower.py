@@ -544,8 +544,8 @@ class SolarStrategy(Strategy):
                       len(info["rejected"]))
 
         modules: dict[str, dict] = {}
-        streamed = self.aggregation == "delta" and self._streams_mean(keep)
-        if streamed:
+        deltas: Optional[dict] = None  # module -> mean dW, when taken here rather than by the strategy
+        if self.aggregation == "delta" and self._streams_mean(keep):
             # FedAvg's weighted mean, taken here one reply at a time: one dW per module in memory
             # instead of every client's (7 MB a client for MiniLM, 4 GB for a 7B q,v LoRA).
             modules, deltas = self._mean_delta(keep)
@@ -554,12 +554,9 @@ class SolarStrategy(Strategy):
                 if not msg.has_error():
                     modules.update(self._to_delta(msg))
         arrays, metrics = self.strategy.aggregate_train(server_round, keep)
-        if streamed and arrays is not None:
-            arrays = ArrayRecord({**{k: arrays[k] for k in arrays.keys()},
-                                  **{mod + _DELTA_SUFFIX: Array(d) for mod, d in deltas.items()}})
 
         if arrays is not None and modules:
-            arrays, info["refactor_error"] = self._refactor(arrays, modules)
+            arrays, info["refactor_error"] = self._refactor(arrays, modules, deltas)
             if metrics is None:
                 metrics = MetricRecord()
             metrics["solar-refactor-error"] = info["refactor_error"]
@@ -623,16 +620,17 @@ class SolarStrategy(Strategy):
             if shape != g:
                 raise _Rejected(f"array '{k}' has shape {list(shape)}, the global model's is {list(g)}")
 
-    def _refactor(self, arrays: Any, modules: Mapping[str, tuple]) -> tuple:
-        """The aggregated record with each '<module>.lora_delta' replaced by rank-r factors of
-        the averaged dW (:func:`refactor`, balanced split), in the global model's key order; and
-        the relative Frobenius error of the re-factoring over all modules."""
+    def _refactor(self, arrays: Any, modules: Mapping[str, tuple], deltas: Optional[Mapping] = None) -> tuple:
+        """The aggregated record with rank-r factors of each module's averaged dW
+        (:func:`refactor`, balanced split) added, in the global model's key order; and the
+        relative Frobenius error of the re-factoring over all modules. The averages are
+        `deltas`, or else the record's '<module>.lora_delta' arrays, which leave it."""
         agg = {k: arrays[k] for k in arrays.keys()}
         num = den = 0.0
         self.last_delta = {}
         new: dict = {}
         for mod, (ka, kb, rank, dtype) in modules.items():
-            delta = agg.pop(mod + _DELTA_SUFFIX).numpy()
+            delta = deltas[mod] if deltas is not None else agg.pop(mod + _DELTA_SUFFIX).numpy()
             self.last_delta[mod] = delta
             a, b, err = refactor(delta, rank)
             norm2 = float(np.sum(np.asarray(delta, np.float64) ** 2))

@@ -102,13 +102,9 @@ std::vector<int64_t> shape_of(const AnyArray& a) {
 // A Python array viewed as a tensor of `dtype_name`; checks that the byte sizes agree.
 solar::TensorView view_of(const std::string& name, const std::string& dtype_name, const AnyArray& a,
                           const std::string& where) {
-  const solar::DType dt = solar::parse_dtype(dtype_name, where + ": tensor '" + name + "'");
-  solar::TensorView v{dt, shape_of(a), static_cast<const uint8_t*>(a.data()), a.nbytes()};
-  if (v.numel() * solar::dtype_size(dt) != v.nbytes)
-    throw solar::Error(solar::ErrorKind::InvalidInput, where,
-                       "tensor '" + name + "': " + std::to_string(v.nbytes) + " bytes do not hold " +
-                           std::to_string(v.numel()) + " elements of " + dtype_name);
-  return v;
+  const std::string tensor = where + ": tensor '" + name + "'";
+  return solar::checked_view(solar::parse_dtype(dtype_name, tensor), shape_of(a), static_cast<const uint8_t*>(a.data()),
+                             a.nbytes(), tensor);
 }
 
 // (name, dtype, array) triples from Python; the arrays stay referenced by the returned vector.
