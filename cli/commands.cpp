@@ -65,6 +65,7 @@ int run_compress(const CompressArgs& a) {
   o.calibration_damping = a.calib_damping.value_or(o.calibration_damping);
   o.quantiser = a.quantiser;
   o.passthrough = a.passthrough;
+  o.dora_magnitudes = a.dora_magnitudes;
   std::unique_ptr<Checkpoint> calib;
   if (!a.calib.empty()) {
     calib = std::make_unique<Checkpoint>(a.calib);
@@ -138,6 +139,7 @@ int run_inspect(const InspectArgs& a) {
   std::printf("passthrough tensors: %zu (%zu bytes restored)", c.passthrough.size(), r.passthrough_raw_bytes);
   if (r.passthrough_int8_tensors) std::printf(", %zu stored as int8 rows", r.passthrough_int8_tensors);
   if (r.passthrough_layer_tensors) std::printf(", %zu coded as layers of the stream", r.passthrough_layer_tensors);
+  if (r.passthrough_magnitude_tensors) std::printf(", %zu DoRA magnitudes coded against the base", r.passthrough_magnitude_tensors);
   std::printf("\n");
   std::printf("header+checksum %zu B, metadata %zu B (raw %zu), payload %zu B (raw %zu)\n", r.header_bytes, r.metadata_bytes,
               r.metadata_raw_bytes, r.payload_bytes, r.payload_raw_bytes);

@@ -24,6 +24,7 @@ struct CompressArgs {
   std::optional<double> calib_damping;
   std::string quantiser = "auto";
   std::string passthrough = "exact";
+  std::string dora_magnitudes = "coded";
   int threads = 0;
   bool verify = true;
   bool quiet = false;

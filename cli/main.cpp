@@ -45,6 +45,10 @@ int main(int argc, char** argv) {
                 "heads whose smaller side is at most 64 coded as layers of the stream, their bytes planned with the LoRA "
                 "layers; other tensors as with int8)")
       ->check(CLI::IsMember({"exact", "int8", "spectral"}));
+  c->add_option("--dora-magnitudes", ca.dora_magnitudes,
+                "DoRA magnitude vectors: coded (the default, spectral modes with --base: the residual from W's row norms, "
+                "its bytes planned with the layers; the receiver then needs the base too) or exact")
+      ->check(CLI::IsMember({"coded", "exact"}));
   c->add_option("--proxy", ca.proxy, "spectral modes without --calib: base-gram weighs errors by W^T W (data-free)")
       ->check(CLI::IsMember({"", "base-gram"}));
   c->add_option("--pool", ca.pool, "pool size N per factor (N_A = N_B)")->check(CLI::Range(int64_t{1}, int64_t{1} << 24));

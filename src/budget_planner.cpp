@@ -47,17 +47,24 @@ bool fits(const Totals& t, const Budget& b) {
 
 }  // namespace
 
+std::vector<double> balance_scales(const std::vector<double>& energies, double balance) {
+  if (!(balance >= 0 && balance <= 4)) throw Error(ErrorKind::InvalidInput, "planner", "balance must be in [0, 4]");
+  std::vector<double> scales(energies.size(), 1.0);
+  const double largest = energies.empty() ? 0.0 : *std::max_element(energies.begin(), energies.end());
+  if (balance == 0 || !(largest > 0)) return scales;  // nothing to code anywhere
+  for (size_t l = 0; l < energies.size(); ++l)
+    if (energies[l] > 0)  // an update of zero costs nothing to drop: keep it at zero
+      scales[l] = std::pow(std::max(energies[l], 1e-6 * largest), -balance);
+  return scales;
+}
+
 void balance_layers(std::vector<std::vector<Candidate>>& layers, std::vector<double>& energies, double balance) {
   if (layers.size() != energies.size()) throw Error(ErrorKind::InvalidInput, "planner", "one energy per layer");
-  if (!(balance >= 0 && balance <= 4)) throw Error(ErrorKind::InvalidInput, "planner", "balance must be in [0, 4]");
-  if (balance == 0) return;
-  const double largest = energies.empty() ? 0.0 : *std::max_element(energies.begin(), energies.end());
-  if (!(largest > 0)) return;  // nothing to code anywhere
+  const std::vector<double> scales = balance_scales(energies, balance);
   for (size_t l = 0; l < layers.size(); ++l) {
-    if (!(energies[l] > 0)) continue;  // an update of zero costs nothing to drop: keep it at zero
-    const double scale = std::pow(std::max(energies[l], 1e-6 * largest), -balance);
-    for (Candidate& c : layers[l]) c.distortion *= scale;
-    energies[l] *= scale;
+    if (scales[l] == 1.0) continue;
+    for (Candidate& c : layers[l]) c.distortion *= scales[l];
+    energies[l] *= scales[l];
   }
 }
 

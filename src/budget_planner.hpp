@@ -25,6 +25,9 @@ std::vector<size_t> pareto_indices(const std::vector<Candidate>& c);
 // Energies below 1e-6 of the largest count as that floor, so a layer that barely moved does not
 // claim a full share of the bytes.
 void balance_layers(std::vector<std::vector<Candidate>>& layers, std::vector<double>& energies, double balance);
+// The factor balance_layers scales each layer by: energy^-balance (the energy floored at 1e-6 of
+// the largest), 1 for balance 0 and for layers of zero energy.
+std::vector<double> balance_scales(const std::vector<double>& energies, double balance);
 
 // Returns the chosen index for each layer. Throws InvalidInput when no choice meets the budget.
 std::vector<size_t> plan_budget(const std::vector<std::vector<Candidate>>& layers, const Budget& budget);

@@ -203,6 +203,7 @@ solar_compress_params solar_compress_default_params(void) {
   p.balance = -1.0;
   p.seed = 0;
   p.threads = 0;
+  p.dora_magnitudes = "coded";
   return p;
 }
 
@@ -217,6 +218,7 @@ solar_status solar_compress(const char* adapter_dir, const solar_weights* base,
     o.mode = p.mode ? p.mode : "spectral";
     o.quantiser = p.quantiser ? p.quantiser : "auto";
     o.passthrough = p.passthrough ? p.passthrough : "exact";
+    o.dora_magnitudes = p.dora_magnitudes ? p.dora_magnitudes : "coded";
     if (p.target_bytes > 0) o.target_bytes = p.target_bytes;
     if (p.target_error > 0) o.target_error = p.target_error;
     if (p.balance >= 0) o.balance = p.balance;

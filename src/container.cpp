@@ -178,6 +178,12 @@ std::vector<uint8_t> serialize_container(const Container& c) {
       pass.push_back({{"key", key}, {"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"coding", "layer"}, {"layer", layer->second}});
       continue;
     }
+    if (const auto mag = c.passthrough_magnitude.find(key); mag != c.passthrough_magnitude.end()) {
+      if (c.version < 7) throw Error(ErrorKind::InvalidInput, "container", "coded DoRA magnitudes need format version 7");
+      pass.push_back({{"key", key}, {"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"coding", "magnitude"},
+                      {"layer", mag->second.layer}, {"blob", add(magnitude_blob(mag->second))}});
+      continue;
+    }
     const auto coded = c.passthrough_int8.find(key);
     if (coded != c.passthrough_int8.end()) {
       if (c.version < 4) throw Error(ErrorKind::InvalidInput, "container", "int8-coded passthrough tensors need format version 4");
@@ -372,6 +378,22 @@ Container from_metadata(const nlohmann::json& meta, const std::vector<uint8_t>& 
       for (const auto& [other, i] : c.passthrough_layers)
         if (i == index) throw Error(ErrorKind::Format, pw, "layer " + std::to_string(index) + " already codes tensor " + other);
       c.passthrough_layers.emplace(key, static_cast<size_t>(index));
+      c.passthrough.emplace_back(key, std::move(t));  // no data until decompress_container restores it
+      continue;
+    }
+    if (coding == "magnitude") {  // v7: a DoRA magnitude, the residual from a layer's base row norms
+      if (version < 7) throw Error(ErrorKind::Format, pw, "passthrough coding 'magnitude' needs format version 7");
+      if (!j.contains("layer") || !j.at("layer").is_number_unsigned())
+        throw Error(ErrorKind::Format, pw, "metadata field 'layer' is missing or not an unsigned integer");
+      const uint64_t index = j.at("layer").get<uint64_t>();
+      if (index >= c.layers.size()) throw Error(ErrorKind::Format, pw, "layer " + std::to_string(index) + " does not exist");
+      const LayerRecord& l = c.layers[index];
+      if (l.base_key.empty()) throw Error(ErrorKind::Format, pw, "layer " + std::to_string(index) + " names no base weight");
+      if (!is_float(t.dtype) || t.shape.size() != 1 || t.shape[0] != l.shape.m)
+        throw Error(ErrorKind::Format, pw, "a coded magnitude is a floating-point vector of its layer's out features");
+      for (const auto& [other, code] : c.passthrough_magnitude)
+        if (code.layer == index) throw Error(ErrorKind::Format, pw, "layer " + std::to_string(index) + " already predicts magnitude " + other);
+      c.passthrough_magnitude.emplace(key, magnitude_from_blob(blobs_in.take(j.at("blob"), pw), static_cast<size_t>(numel), index, pw));
       c.passthrough.emplace_back(key, std::move(t));  // no data until decompress_container restores it
       continue;
     }

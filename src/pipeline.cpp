@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "budget_planner.hpp"
+#include "solar/magnitude_coding.hpp"
 #include "solar/error.hpp"
 
 #ifndef SOLAR_VERSION
@@ -218,10 +219,13 @@ void price_first_order(std::vector<std::vector<Candidate>>& candidates, const st
 // Points are priced by estimate (as if each began a fresh stream); only the chosen ones are
 // built. A byte target covers the whole file: the payload budget is corrected by what the
 // serialised file misses the target by, shrinking until it fits, then growing into the slack.
+// Items past the layers (v7: DoRA magnitudes) are planned with them; `apply_extra(k, point)` puts
+// the point of extra item k into the container.
 void plan_and_fill(Container& c, const LayerCodec& codec, const std::vector<std::vector<Candidate>>& candidates,
                    const std::vector<double>& energies, const CompressOptions& o,
-                   const std::function<std::vector<int32_t>(size_t, const Candidate&)>& symbols_of) {
-  const size_t count = c.layers.size();
+                   const std::function<std::vector<int32_t>(size_t, const Candidate&)>& symbols_of,
+                   const std::function<void(size_t, const Candidate&)>& apply_extra) {
+  const size_t count = c.layers.size(), items = candidates.size();
   if (count == 0) return;
   std::vector<std::optional<size_t>> have(count);
   std::vector<std::vector<int32_t>> symbols(count);
@@ -238,28 +242,29 @@ void plan_and_fill(Container& c, const LayerCodec& codec, const std::vector<std:
     });
     for (auto& l : c.layers) l.encoded = EncodedLayer{nlohmann::json::object(), {}};
     c.layers[0].encoded.blobs = {codec.write_stream(stream_layers, symbols)};
+    for (size_t k = count; k < items; ++k) apply_extra(k - count, candidates[k][pick[k]]);
   };
   auto distortion_of = [&](const std::vector<size_t>& pick) {
     double d = 0;
-    for (size_t i = 0; i < count; ++i) d += candidates[i][pick[i]].distortion;
+    for (size_t i = 0; i < items; ++i) d += candidates[i][pick[i]].distortion;
     return d;
   };
   Budget budget;
   if (o.target_bytes) {
     const size_t target = *o.target_bytes;
-    assign(std::vector<size_t>(count, 0));
+    assign(std::vector<size_t>(items, 0));
     const size_t smallest = serialize_container(c).size();
     if (target < smallest)
       throw Error(ErrorKind::InvalidInput, "compress",
                   "--target-bytes " + std::to_string(target) + " is below the smallest file for this adapter (" + std::to_string(smallest) + " bytes)");
     const size_t overhead = smallest - c.layers.front().encoded.blobs.front().size();
     // Dropping every layer fits (checked above): the fallback any better plan replaces.
-    std::vector<size_t> best(count, 0);
+    std::vector<size_t> best(items, 0);
     double best_distortion = distortion_of(best);
     std::map<std::vector<size_t>, long> sizes{{best, static_cast<long>(smallest)}};  // plans tried -> file size
     auto estimate = [&](const std::vector<size_t>& pick) {
       long n = 0;
-      for (size_t i = 0; i < count; ++i) n += static_cast<long>(candidates[i][pick[i]].bytes);
+      for (size_t i = 0; i < items; ++i) n += static_cast<long>(candidates[i][pick[i]].bytes);
       return n;
     };
     long payload = static_cast<long>(target - overhead);
@@ -295,6 +300,64 @@ void plan_and_fill(Container& c, const LayerCodec& codec, const std::vector<std:
   for (double v : energies) total += v;
   budget.max_distortion = e * e * total;
   assign(plan_budget(candidates, budget));
+}
+
+// The canonical W a layer record names (its `base`, `transpose` and `fingerprint`), checked
+// against the record; `user` says what needs it, for the error when the base lacks it.
+std::vector<float> recorded_base(const WeightSource& base, const LayerRecord& l, const std::string& user) {
+  std::string key = l.base_key;
+  if (!base.contains(key)) {
+    // The same weights may be named differently here than where the file was made (a checkpoint
+    // without the model's wrapper prefix vs. the model's own state dict): look the module up as
+    // compress does. The fingerprint check below still guards against another W.
+    try {
+      key = resolve_base_key(base, l.module);
+    } catch (const Error&) {
+      throw Error(ErrorKind::Mismatch, base.describe(), "no tensor '" + l.base_key + "' (needed by " + user + ")");
+    }
+  }
+  int64_t m = 0, n = 0;
+  std::vector<float> w = canonical_base(base, key, l.transpose_base, &m, &n);
+  if (m != l.shape.m || n != l.shape.n)
+    throw Error(ErrorKind::Mismatch, base.describe(), "tensor '" + key + "' is " + dims(m, n) + " but the file was built against " + dims(l.shape.m, l.shape.n));
+  if (fingerprint_f32(w) != l.base_fingerprint)
+    throw Error(ErrorKind::Mismatch, base.describe(), "tensor '" + key + "' differs from the base the file was built against (wrong base model?)");
+  return w;
+}
+
+// A DoRA magnitude coded against its module's W (format v7): its residual from W's row norms,
+// what a unit error in each row costs in the plan's metric, and its operating points.
+struct MagnitudeItem {
+  std::string key;
+  size_t layer = 0;
+  std::vector<double> norms, residual;
+  std::vector<Candidate> candidates;
+};
+
+// The cost of a unit error in each row's magnitude. DoRA's weight is m_i V_i / ||V_i|| (V = W +
+// scaling B A), so a magnitude error e_i moves row i by e_i along its unit direction, about W's:
+// e_i^2 in Frobenius error of the weight (the layers' metric, scaling^2 |B A error|^2); with
+// statistics, tr(G E S E^T) for E = diag(e) W^ gives G_ii (w^_i^T S w^_i) e_i^2 on its diagonal,
+// whose cross terms a uniform quantiser's independent errors average away.
+std::vector<double> magnitude_weights(const std::vector<float>& w, int64_t m, int64_t n, const std::vector<double>& norms,
+                                      const std::optional<Matrix>& input_moment, const std::optional<Matrix>& output_moment) {
+  std::vector<double> out(static_cast<size_t>(m), 1.0);
+  if (input_moment) {
+    Matrix unit = Matrix::from_f32(w.data(), m, n);
+    for (int64_t i = 0; i < m; ++i) {
+      const double norm = norms[static_cast<size_t>(i)];
+      for (int64_t j = 0; j < n; ++j) unit(i, j) = norm > 0 ? unit(i, j) / norm : 0.0;
+    }
+    const Matrix us = matmul(unit, *input_moment);
+    for (int64_t i = 0; i < m; ++i) {
+      double d = 0;
+      for (int64_t j = 0; j < n; ++j) d += us(i, j) * unit(i, j);
+      if (norms[static_cast<size_t>(i)] > 0) out[static_cast<size_t>(i)] = d;
+    }
+  }
+  if (output_moment)
+    for (int64_t i = 0; i < m; ++i) out[static_cast<size_t>(i)] *= (*output_moment)(i, i);
+  return out;
 }
 
 }  // namespace
@@ -392,6 +455,47 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
                       l.base_key + "' is " + dims(m, n) + (transpose ? " after the fan_in_fan_out transpose" : ""));
   }
 
+  if (options.dora_magnitudes != "coded" && options.dora_magnitudes != "exact")
+    throw Error(ErrorKind::InvalidInput, "compress", "unknown DoRA magnitude coding '" + options.dora_magnitudes + "' (available: coded, exact)");
+  // DoRA magnitudes to code against their module's W (v7); the others stay exact.
+  std::vector<MagnitudeItem> magnitudes;
+  std::vector<std::string> exact_magnitudes;
+  for (const auto& [key, t] : c.passthrough) {
+    const std::string path = dora_magnitude_module(key, adapter.key_prefix);
+    if (path.empty() || c.passthrough_layers.contains(key) || c.passthrough_int8.contains(key)) continue;
+    size_t li = 0;
+    while (li < lora_count && modules[li].path != path) ++li;
+    if (li == lora_count || !is_float(t.dtype) || t.shape.size() != 1 || t.shape[0] != c.layers[li].shape.m) continue;
+    const std::vector<float> m = t.to_f32();
+    if (!std::all_of(m.begin(), m.end(), [](float x) { return std::isfinite(x); })) continue;
+    if (options.dora_magnitudes != "coded" || !codec->plans_budget()) continue;
+    LayerRecord& l = c.layers[li];
+    std::string base_key;
+    try {
+      base_key = resolve_base_key(base, path);
+    } catch (const Error&) {
+      exact_magnitudes.push_back(key);
+      continue;
+    }
+    int64_t rows = 0, cols = 0;
+    const std::vector<float> w = canonical_base(base, base_key, l.transpose_base, &rows, &cols);
+    if (rows != l.shape.m || cols != l.shape.n)
+      throw Error(ErrorKind::Mismatch, base.describe(),
+                  "module " + path + ": LoRA update is " + dims(l.shape.m, l.shape.n) + " (out x in) but base tensor '" + base_key +
+                      "' is " + dims(rows, cols) + (l.transpose_base ? " after the fan_in_fan_out transpose" : ""));
+    l.base_key = base_key;
+    l.base_fingerprint = fingerprint_f32(w);
+    MagnitudeItem item{key, li, row_norms(w, rows, cols), {}, {}};
+    for (size_t i = 0; i < m.size(); ++i) item.residual.push_back(static_cast<double>(m[i]) - item.norms[i]);
+    const std::optional<Matrix> sig = input_weighting(options, base, path, l, l.transpose_base);
+    const std::optional<Matrix> gm = output_weighting(options, path, l);
+    item.candidates = magnitude_candidates(item.residual, magnitude_weights(w, rows, cols, item.norms, sig, gm));
+    magnitudes.push_back(std::move(item));
+  }
+  if (!exact_magnitudes.empty() && options.warn)
+    options.warn(std::to_string(exact_magnitudes.size()) + " DoRA magnitude vector(s) stored exactly (e.g. " + exact_magnitudes.front() +
+                 "): the base has no weight for their modules; give the base model to code them with the layers");
+
   Reporter report(options.progress);
   Reporter warn_once(options.warn);
   const std::optional<double> curvature = loss_curvature(options);
@@ -444,9 +548,31 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
   if (codec->plans_budget()) {
     price_first_order(candidates, energies, lora_count, curvature);
     for (auto& layer : candidates) layer = pareto_front(std::move(layer));
-    balance_layers(candidates, energies, balance);
-    plan_and_fill(c, *codec, candidates, energies, options,
-                  [&](size_t i, const Candidate& pick) { return codec->candidate_symbols(context(i, false), factors(i), pick); });
+    // A DoRA module's magnitude shares its layer's weight in the balance: their errors are one
+    // update's, measured against both parts' energy.
+    std::vector<double> module_energy = energies;
+    for (const MagnitudeItem& item : magnitudes) module_energy[item.layer] += item.candidates.front().distortion;
+    const std::vector<double> scales = balance_scales(module_energy, balance);
+    for (size_t l = 0; l < candidates.size(); ++l) {
+      for (Candidate& p : candidates[l]) p.distortion *= scales[l];
+      energies[l] *= scales[l];
+    }
+    for (MagnitudeItem& item : magnitudes) {
+      std::vector<Candidate> front = pareto_front(std::move(item.candidates));
+      for (Candidate& p : front) p.distortion *= scales[item.layer];
+      energies.push_back(front.front().distortion);
+      candidates.push_back(std::move(front));
+    }
+    plan_and_fill(
+        c, *codec, candidates, energies, options,
+        [&](size_t i, const Candidate& pick) { return codec->candidate_symbols(context(i, false), factors(i), pick); },
+        [&](size_t k, const Candidate& pick) {
+          const MagnitudeItem& item = magnitudes[k];
+          c.passthrough_magnitude[item.key] = magnitude_code(item.residual, pick, item.layer);
+        });
+    for (const MagnitudeItem& item : magnitudes)  // the container holds its tensors as restored
+      for (auto& [key, t] : c.passthrough)
+        if (key == item.key) t = restore_magnitude(item.norms, c.passthrough_magnitude.at(key), t.dtype, t.shape);
   }
   return c;
 }
@@ -475,26 +601,8 @@ PeftAdapter decompress_container(const Container& c, const WeightSource& base, c
     const std::unique_ptr<LayerCodec> codec = make_decoder(l.mode, "layer " + l.module);
     std::function<Matrix()> load;
     if (codec->needs_base()) {
-      std::string key = l.base_key;
-      if (!base.contains(key)) {
-        // The same weights may be named differently here than where the file was made (a
-        // checkpoint without the model's wrapper prefix vs. the model's own state dict): look the
-        // module up as compress does. The fingerprint check below still guards against another W.
-        try {
-          key = resolve_base_key(base, l.module);
-        } catch (const Error&) {
-          throw Error(ErrorKind::Mismatch, base.describe(), "no tensor '" + l.base_key + "' (needed by module " + l.module + ")");
-        }
-      }
-      int64_t m = 0, n = 0;
-      std::vector<float> w = canonical_base(base, key, l.transpose_base, &m, &n);
-      if (m != l.shape.m || n != l.shape.n)
-        throw Error(ErrorKind::Mismatch, base.describe(), "tensor '" + key + "' is " + dims(m, n) + " but the file was built against " + dims(l.shape.m, l.shape.n));
-      const uint32_t fp = fingerprint_f32(w);
-      if (fp != l.base_fingerprint)
-        throw Error(ErrorKind::Mismatch, base.describe(),
-                    "tensor '" + key + "' differs from the base the file was built against (wrong base model?)");
-      load = [w = std::move(w), m, n] { return Matrix::from_f32(w.data(), m, n); };
+      std::vector<float> w = recorded_base(base, l, "module " + l.module);
+      load = [w = std::move(w), m = l.shape.m, n = l.shape.n] { return Matrix::from_f32(w.data(), m, n); };
     }
     LayerContext ctx(c.seed, static_cast<uint32_t>(i), l.shape, std::move(load));
     Factors f = streamed[i] ? codec->decode_symbols(ctx, *streamed[i]) : codec->decode(ctx, l.encoded);
@@ -515,6 +623,13 @@ PeftAdapter decompress_container(const Container& c, const WeightSource& base, c
   });
   for (size_t i = 0; i < modules.size(); ++i)
     if (!restores[i]) out.modules.push_back(std::move(modules[i]));
+  // v7: DoRA magnitudes, from the row norms of their layer's W.
+  for (auto& [key, t] : out.passthrough)
+    if (const auto code = c.passthrough_magnitude.find(key); code != c.passthrough_magnitude.end()) {
+      const LayerRecord& l = c.layers.at(code->second.layer);
+      const std::vector<float> w = recorded_base(base, l, "the DoRA magnitude of module " + l.module);
+      t = restore_magnitude(row_norms(w, l.shape.m, l.shape.n), code->second, t.dtype, t.shape);
+    }
   return out;
 }
 

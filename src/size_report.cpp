@@ -65,6 +65,7 @@ SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes) {
   for (const auto& [key, t] : c.passthrough) r.passthrough_raw_bytes += passthrough_numel(t.shape, key) * dtype_size(t.dtype);
   r.passthrough_int8_tensors = c.passthrough_int8.size();
   r.passthrough_layer_tensors = c.passthrough_layers.size();
+  r.passthrough_magnitude_tensors = c.passthrough_magnitude.size();
   r.peft_fp32_bytes = peft_file_bytes(c, DType::F32);
   r.peft_fp16_bytes = peft_file_bytes(c, DType::F16);
   return r;
@@ -85,6 +86,7 @@ nlohmann::json SizeReport::to_json() const {
           {"passthrough_raw_bytes", passthrough_raw_bytes},
           {"passthrough_int8_tensors", passthrough_int8_tensors},
           {"passthrough_layer_tensors", passthrough_layer_tensors},
+          {"passthrough_magnitude_tensors", passthrough_magnitude_tensors},
           {"lora_params", lora_params},
           {"peft_fp32_bytes", peft_fp32_bytes},
           {"peft_fp16_bytes", peft_fp16_bytes},

@@ -40,7 +40,8 @@ constexpr int kDqStepOffsets[] = {-8, -6, -4};  // DQ steps tried around a unifo
 // kDqBlockedRows rows (below that: one block, the row-by-row order).
 constexpr int64_t kDqBlock = 64, kDqBlockedRows = 1024;
 
-double step_of(int t) { return std::exp2(static_cast<double>(t - kStepBias) / kStepsPerOctave); }
+static_assert(kStepBias == 200 && kStepsPerOctave == 8, "step codes as step_of_code (codec.hpp) reads them");
+double step_of(int t) { return step_of_code(t); }
 
 int rank_bits(int64_t r) { return std::bit_width(static_cast<uint64_t>(r)); }
 

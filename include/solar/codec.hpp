@@ -2,6 +2,7 @@
 // into a small parameter object plus byte blobs, and back. The container stores both; the
 // codec defines what the blobs mean (docs/FORMAT.md, "Modes").
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -21,6 +22,10 @@ struct LayerShape {
   int64_t n = 0;  // in features
   int64_t r = 0;  // LoRA rank
 };
+
+// A step code t in 0..255 means the quantiser step 2^((t - 200) / 8) (docs/FORMAT.md): the
+// spectral stream's steps and (v7) DoRA magnitude residuals' alike.
+inline double step_of_code(int t) { return std::exp2(static_cast<double>(t - 200) / 8); }
 
 // A layer as a shared stream sees it: its shape and its group, the last dot-separated component
 // of its module path ("model.layers.3.self_attn.q_proj" -> "q_proj"). Since format v5 a layer's

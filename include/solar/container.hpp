@@ -1,6 +1,6 @@
-// The .solar container (format v6, specified in docs/FORMAT.md; v1 to v5 files are still read).
+// The .solar container (format v7, specified in docs/FORMAT.md; v1 to v6 files are still read).
 //
-//   magic "\x89SLR" | u8 version (6) | u8 flags | LEB128 sizes: metadata stored, metadata raw,
+//   magic "\x89SLR" | u8 version (7) | u8 flags | LEB128 sizes: metadata stored, metadata raw,
 //   payload stored, payload raw | metadata (JSON, UTF-8; zstd with a built-in dictionary when
 //   that is smaller) | payload (the blobs, concatenated; zstd when smaller) | u32 XXH32 of every
 //   byte before it. Since v5 zstd frames are stored without their 4-byte magic number.
@@ -18,11 +18,12 @@
 
 #include "solar/codec.hpp"
 #include "solar/dtype.hpp"
+#include "solar/magnitude_coding.hpp"
 #include "solar/passthrough_coding.hpp"
 
 namespace solar {
 
-inline constexpr uint32_t kFormatVersion = 6;       // what this build writes
+inline constexpr uint32_t kFormatVersion = 7;       // what this build writes
 inline constexpr uint32_t kOldestReadableVersion = 1;
 inline constexpr size_t kTrailerSize = 4;
 
@@ -38,7 +39,7 @@ struct LayerRecord {
 };
 
 struct Container {
-  uint32_t version = kFormatVersion;  // as read; serialised as is (1 to 6)
+  uint32_t version = kFormatVersion;  // as read; serialised as is (1 to 7)
   uint64_t seed = 0;
   std::string producer;  // "solar <version>"
   nlohmann::ordered_json peft_config;  // in its file's key order: PEFT resolves rank/alpha patterns in it
@@ -53,6 +54,10 @@ struct Container {
   // by key, with the index of that layer. Their entries in `passthrough` carry dtype and shape
   // but no data until decompress_container restores them; the layer restores no LoRA module.
   std::map<std::string, size_t> passthrough_layers;
+  // v7: DoRA magnitudes coded as residuals from the row norms of a layer's base weight (that
+  // layer's record names it), by key. Their entries in `passthrough` carry dtype and shape; the
+  // data, once restored (compress_adapter fills it, decompress_container recomputes it from W).
+  std::map<std::string, MagnitudeCode> passthrough_magnitude;
 };
 
 std::vector<uint8_t> serialize_container(const Container& c);
@@ -81,6 +86,7 @@ struct SizeReport {
   size_t passthrough_raw_bytes = 0;    // as restored
   size_t passthrough_int8_tensors = 0;   // of them, stored as int8 rows (v4)
   size_t passthrough_layer_tensors = 0;  // of them, coded as layers of the spectral stream (v6)
+  size_t passthrough_magnitude_tensors = 0;  // of them, DoRA magnitudes coded against the base (v7)
   size_t lora_params = 0;         // numbers in the original A and B factors
   size_t peft_fp32_bytes = 0;     // adapter_model.safetensors with LoRA factors in F32
   size_t peft_fp16_bytes = 0;     // ... in F16 (passthrough tensors as they are)

@@ -20,8 +20,9 @@ struct Int8Rows {
 };
 
 // The int8 codes of `t`, or nullopt where the coding does not apply: it takes floating-point
-// tensors of at least 2 dimensions whose values are all finite. Vectors (biases, norms, DoRA
-// magnitudes) stay exact: they are small, and a magnitude's error would scale the frozen weight.
+// tensors of at least 2 dimensions whose values are all finite. Vectors (biases, norms) stay
+// exact: they are small, and a norm's error would scale a whole row. (DoRA magnitudes, whose error
+// does the same, are coded against the base's row norms instead: magnitude_coding.hpp.)
 std::optional<Int8Rows> quantize_int8_rows(const Tensor& t);
 // value = float32(q) * scale (binary32), then converted to `dtype` (round to nearest even).
 Tensor dequantize_int8_rows(const Int8Rows& q, DType dtype, const std::vector<int64_t>& shape);

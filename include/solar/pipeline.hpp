@@ -52,6 +52,11 @@ struct CompressOptions {
   // every floating-point one of 2 or more dimensions as int8 with a float32 scale per row
   // (format v4), vectors staying exact. Any mode.
   std::string passthrough = "exact";
+  // DoRA magnitude vectors ("<module>.lora_magnitude_vector"): "coded" (format v7; planned modes,
+  // when the base has the module's W: the residual from W's row norms, one step per vector chosen
+  // by the plan with the layers, so the receiver needs the base too) or "exact" (verbatim, as
+  // other passthrough vectors). Without a base they stay exact, with a warning.
+  std::string dora_magnitudes = "coded";
   uint64_t seed = 0;
   int threads = 0;  // 0: hardware concurrency. The output does not depend on it.
   Progress progress;

@@ -149,6 +149,8 @@ typedef struct solar_compress_params {
   double balance;           /* < 0: the mode's default; else 0 to 4 (docs: --balance) */
   uint64_t seed;            /* paper mode's pool seed */
   int threads;              /* 0: every core; the output does not depend on it */
+  const char* dora_magnitudes; /* "coded" (default: against the base's row norms, when base has
+                                  the module's W; the file then needs the base to restore) or "exact" */
 } solar_compress_params;
 
 /* The defaults above: the CLI's `solar compress --mode spectral`. */

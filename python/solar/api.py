@@ -203,6 +203,7 @@ def compress(
     balance: Optional[float] = None,
     quantiser: str = "auto",
     passthrough: str = "exact",
+    dora_magnitudes: str = "coded",
 ) -> CompressedAdapter:
     """Compresses a PEFT LoRA adapter against its base model.
 
@@ -241,6 +242,10 @@ def compress(
             planned with the LoRA layers' (with ``calibration``, statistics for the head too, as
             :func:`solar.calibrate` records them; a head without them falls back to int8 rows),
             and the others as ``"int8"`` does.
+        dora_magnitudes: DoRA magnitude vectors: ``"coded"`` (the default; spectral modes, with a
+            ``base`` that has the module's W) codes each as its residual from W's row norms, one
+            step per vector planned with the layers, so ``restore`` then needs the base too;
+            ``"exact"`` stores them verbatim (as they are without a base).
         pool, pool_a, pool_b: pool sizes N_A, N_B (``pool`` for both unless overridden).
         keep: coefficients kept per factor (k_A = k_B); overrides ``keep_fraction``.
         keep_fraction: fraction of each pool kept when ``keep`` is not given.
@@ -282,6 +287,7 @@ def compress(
         _opt(float, balance),
         str(quantiser),
         str(passthrough),
+        str(dora_magnitudes),
     )
     return CompressedAdapter(c)
 

@@ -236,9 +236,11 @@ Compressed compress(const Adapter& adapter, const Base& base, const std::string&
                     std::optional<int> bits, uint64_t seed, std::optional<double> noise, int threads,
                     std::optional<size_t> target_bytes, std::optional<double> target_error, const Base* calibration,
                     const std::string& proxy, std::optional<std::string> solver, std::optional<double> calibration_damping,
-                    std::optional<double> balance, const std::string& quantiser, const std::string& passthrough) {
+                    std::optional<double> balance, const std::string& quantiser, const std::string& passthrough,
+                    const std::string& dora_magnitudes) {
   solar::CompressOptions o;
   o.passthrough = passthrough;
+  o.dora_magnitudes = dora_magnitudes;
   o.balance = balance;
   o.quantiser = quantiser;
   o.calibration_damping = calibration_damping.value_or(o.calibration_damping);
@@ -337,7 +339,7 @@ NB_MODULE(_ext, m) {
   m.def("compress", &compress, "adapter"_a, "base"_a, "mode"_a, "pool_a"_a.none(), "pool_b"_a.none(), "keep"_a.none(),
         "keep_fraction"_a.none(), "bits"_a.none(), "seed"_a, "noise"_a.none(), "threads"_a, "target_bytes"_a.none(),
         "target_error"_a.none(), "calibration"_a.none(), "proxy"_a, "solver"_a.none(), "calibration_damping"_a.none(),
-        "balance"_a.none(), "quantiser"_a, "passthrough"_a);
+        "balance"_a.none(), "quantiser"_a, "passthrough"_a, "dora_magnitudes"_a);
   m.def("decompress", &decompress, "compressed"_a, "base"_a, "threads"_a,
         "Returns (config_json, [(key, dtype, shape, uint8 array)], file_metadata).");
   m.def("restore_to_dir", &restore_to_dir, "compressed"_a, "base"_a, "out_dir"_a, "threads"_a);

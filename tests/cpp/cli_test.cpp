@@ -113,7 +113,7 @@ TEST_F(Cli, PassthroughInt8CodesHeadsAndInspectSaysSo) {
   EXPECT_LT(std::filesystem::file_size(dir_.file("q.solar")) + 500, std::filesystem::file_size(dir_.file("e.solar")));
   const CliResult i = run("inspect " + dir_.file("q.solar"), dir_);
   ASSERT_EQ(i.code, 0) << i.err;
-  EXPECT_NE(i.out.find("solar format v6"), std::string::npos) << i.out;
+  EXPECT_NE(i.out.find("solar format v7"), std::string::npos) << i.out;
   EXPECT_NE(i.out.find("1 stored as int8 rows"), std::string::npos) << i.out;
   // --passthrough spectral: the head becomes a layer of the stream, and comes back in its place.
   const CliResult s = run(common + dir_.file("s.solar") + " --passthrough spectral", dir_);

@@ -141,6 +141,15 @@ TEST(ContainerFuzz, MutatedGoldenFilesDecodeOrAreRefused) {
   }
 }
 
+// v7: DoRA magnitudes coded against their layers' W; mutants decode against the golden base.
+TEST(ContainerFuzz, MutatedDoraMagnitudeFileDecodesOrIsRefused) {
+  const Checkpoint base(kFixtures + "/golden_v7_base.safetensors");
+  const Outcome o = fuzz(test::read_bytes(kFixtures + "/golden_v7_spectral.solar"), base, 77, 400);
+  EXPECT_GT(o.refused, 0u);
+  EXPECT_GT(o.decoded, 40u);
+  EXPECT_EQ(o.decoded + o.refused, 400u);
+}
+
 // A real adapter's file: the stories260K fixture compressed with both quantisers in the stream.
 TEST(ContainerFuzz, MutatedRealFileDecodesOrIsRefused) {
   CompressOptions o;

@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include "solar/checkpoint.hpp"
+#include "solar/magnitude_coding.hpp"
 #include "solar/philox.hpp"
 #include "solar/pipeline.hpp"
 #include "solar/safetensors.hpp"
@@ -25,6 +26,7 @@ const std::string kGoldenV3 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v3";
 const std::string kGoldenV4 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v4";
 const std::string kGoldenV5 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v5";
 const std::string kGoldenV6 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v6";
+const std::string kGoldenV7 = SOLAR_SOURCE_DIR "/tests/fixtures/golden_v7";
 // A golden `<stem>_spectral.solar` parsed as a reader would, errors named by its file name.
 Container parse_golden_spectral(const std::string& stem) {
   const auto bytes = test::read_bytes(stem + "_spectral.solar");
@@ -143,7 +145,7 @@ TEST(Container, HeaderAbuseIsRejectedBeforeAllocation) {
   EXPECT_SOLAR_ERROR(parse_container(huge.data(), huge.size(), "h.solar"), ErrorKind::Format, "limits");
   const auto long_meta = forged(1ull << 40, h.metadata_raw);
   EXPECT_SOLAR_ERROR(parse_container(long_meta.data(), long_meta.size(), "h.solar"), ErrorKind::Format, "truncated");
-  for (uint8_t version : {uint8_t{0}, uint8_t{7}, uint8_t{255}}) {
+  for (uint8_t version : {uint8_t{0}, uint8_t{8}, uint8_t{255}}) {
     auto other = bytes;
     other[4] = version;
     EXPECT_SOLAR_ERROR(parse_container(other.data(), other.size(), "v.solar"), ErrorKind::Unsupported,
@@ -725,19 +727,167 @@ TEST(Container, SpectralPassthroughChoosesWhatItCodes) {
   EXPECT_SOLAR_ERROR(compress_adapter(a, InMemoryWeights("<none>"), o), ErrorKind::InvalidInput, "needs mode spectral");
 }
 
+// Format v7: the v6 adapter with DoRA magnitudes on two layers, against a base of Philox
+// weights (seed 2029): layers.0.attn.q's moved by training-sized amounts (coded with a residual),
+// in BF16; layers.1.attn.v's left at W's row norms (step code 0).
+std::vector<std::pair<std::string, Tensor>> golden_base_v7_tensors() {
+  std::vector<std::pair<std::string, Tensor>> t;
+  for (uint32_t layer = 0; layer < 2; ++layer)
+    for (const auto& [name, m] : {std::pair{"q", 24}, std::pair{"v", 12}})
+      t.emplace_back("layers." + std::to_string(layer) + ".attn." + name + ".weight",
+                     philox_tensor(2029, 2 * layer + (name[0] == 'v' ? 1u : 0u), 0, m, 16, DType::F32));
+  return t;
+}
+
+PeftAdapter golden_adapter_v7() {
+  PeftAdapter a = golden_adapter_v5();
+  const auto base = golden_base_v7_tensors();
+  const auto norms = [&](size_t i) { return row_norms(base[i].second.to_f32(), base[i].second.shape[0], 16); };
+  std::vector<double> q = norms(0);
+  std::vector<float> moved(24), noise(24);
+  philox_normals(2030, 0, 0, 0, 0, noise.size(), noise.data());
+  for (size_t i = 0; i < moved.size(); ++i) moved[i] = static_cast<float>(q[i] * (1.0 + 0.2 * noise[i]));
+  a.passthrough.emplace_back("base_model.model.layers.0.attn.q.lora_magnitude_vector", Tensor::from_f32(moved, {24}, DType::BF16));
+  std::vector<float> at_init;
+  for (double x : norms(3)) at_init.push_back(static_cast<float>(x));
+  a.passthrough.emplace_back("base_model.model.layers.1.attn.v.lora_magnitude_vector", Tensor::from_f32(at_init, {12}, DType::F32));
+  return a;
+}
+
+Container spectral_container_v7(const WeightSource& base) {
+  CompressOptions o;
+  o.mode = "spectral";
+  o.target_error = 0.03;  // the q magnitude's residual is 0.5% of its module's energy
+  o.quantiser = "dependent";
+  o.passthrough = "spectral";
+  o.threads = 1;
+  return compress_adapter(golden_adapter_v7(), base, o);
+}
+
+TEST(Container, GoldenV7MagnitudesStillDecode) {
+  const Container c = parse_golden_spectral(kGoldenV7);
+  EXPECT_EQ(c.version, 7u);
+  ASSERT_EQ(c.passthrough_magnitude.size(), 2u);
+  const MagnitudeCode& q0 = c.passthrough_magnitude.at("base_model.model.layers.0.attn.q.lora_magnitude_vector");
+  const MagnitudeCode& v1 = c.passthrough_magnitude.at("base_model.model.layers.1.attn.v.lora_magnitude_vector");
+  EXPECT_GT(q0.step_code, 0);
+  EXPECT_EQ(v1.step_code, 0);
+  EXPECT_EQ(c.layers[q0.layer].module, "layers.0.attn.q");
+  EXPECT_EQ(c.layers[v1.layer].module, "layers.1.attn.v");
+  EXPECT_EQ(c.passthrough_layers.size(), 1u);  // the v6 head, still a layer of the stream
+  const Checkpoint base(kGoldenV7 + "_base.safetensors");
+  const PeftAdapter restored = decompress_container(c, base);
+  expect_golden_factors(restored, kGoldenV7 + "_spectral_expected.safetensors", 4);
+  const SafetensorsFile expected(kGoldenV7 + "_spectral_expected.safetensors");
+  ASSERT_EQ(restored.passthrough.size(), 4u);
+  EXPECT_EQ(restored.passthrough[0].second.data, expected.get("P0").copy().data);
+  EXPECT_EQ(restored.passthrough[2].second.data, expected.get("M0").copy().data);
+  EXPECT_EQ(restored.passthrough[3].second.data, expected.get("M1").copy().data);
+  EXPECT_EQ(restored.passthrough[2].second.dtype, DType::BF16);
+  EXPECT_EQ(serialize_container(c), bytes_of(kGoldenV7));
+  // The magnitudes need the base: none, or another one, is refused by name.
+  EXPECT_SOLAR_ERROR(decompress_container(c, InMemoryWeights("<none>")), ErrorKind::Mismatch,
+                     "needed by the DoRA magnitude of module layers.0.attn.q");
+  auto other = golden_base_v7_tensors();
+  other[0].second = philox_tensor(7, 0, 0, 24, 16, DType::F32);
+  InMemoryWeights wrong("wrong base");
+  for (const auto& [k, t] : other) wrong.add(k, TensorView{t.dtype, t.shape, t.data.data(), t.data.size()});
+  EXPECT_SOLAR_ERROR(decompress_container(c, wrong), ErrorKind::Mismatch, "differs from the base");
+}
+
+// A coded magnitude lands within half a step of the original, costs less than the exact vector,
+// and its layer's record names the W it was coded against.
+TEST(Container, DoraMagnitudesCodedAgainstTheBase) {
+  const auto tensors = golden_base_v7_tensors();
+  InMemoryWeights base("base");
+  for (const auto& [k, t] : tensors) base.add(k, TensorView{t.dtype, t.shape, t.data.data(), t.data.size()});
+  const PeftAdapter a = golden_adapter_v7();
+  CompressOptions o;
+  o.mode = "spectral";
+  o.target_error = 0.01;
+  o.threads = 1;
+  const Container c = compress_adapter(a, base, o);
+  const auto bytes = serialize_container(c);
+  const PeftAdapter back = decompress_container(parse_container(bytes.data(), bytes.size(), "c"), base);
+  const MagnitudeCode& code = c.passthrough_magnitude.at(a.passthrough[2].first);
+  ASSERT_GT(code.step_code, 0);
+  const std::vector<float> want = a.passthrough[2].second.to_f32(), got = back.passthrough[2].second.to_f32();
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_LE(std::fabs(got[i] - want[i]), 0.5 * step_of_code(code.step_code) * (1 + 1e-6)) << i;
+  EXPECT_EQ(c.layers[code.layer].base_key, "layers.0.attn.q.weight");
+  EXPECT_NE(c.layers[code.layer].base_fingerprint, 0u);
+  // The same file with the magnitudes verbatim is larger; without a base they stay verbatim.
+  o.dora_magnitudes = "exact";
+  const Container exact = compress_adapter(a, base, o);
+  EXPECT_TRUE(exact.passthrough_magnitude.empty());
+  EXPECT_GT(serialize_container(exact).size(), bytes.size());
+  o.dora_magnitudes = "coded";
+  std::string warned;
+  o.warn = [&](const std::string& m) { warned += m; };
+  const Container no_base = compress_adapter(a, InMemoryWeights("<none>"), o);
+  EXPECT_TRUE(no_base.passthrough_magnitude.empty());
+  EXPECT_NE(warned.find("2 DoRA magnitude vector(s) stored exactly"), std::string::npos) << warned;
+  o.dora_magnitudes = "fp8";
+  EXPECT_SOLAR_ERROR(compress_adapter(a, base, o), ErrorKind::InvalidInput, "unknown DoRA magnitude coding");
+}
+
+// A tighter target spends more on the magnitude: its error falls as the plan's does.
+TEST(Container, DoraMagnitudeStepFollowsTheTarget) {
+  const auto tensors = golden_base_v7_tensors();
+  InMemoryWeights base("base");
+  for (const auto& [k, t] : tensors) base.add(k, TensorView{t.dtype, t.shape, t.data.data(), t.data.size()});
+  const PeftAdapter a = golden_adapter_v7();
+  const std::string key = a.passthrough[2].first;
+  int previous = 256;
+  for (double target : {0.3, 0.1, 0.03, 0.01}) {
+    CompressOptions o;
+    o.mode = "spectral";
+    o.target_error = target;
+    o.threads = 1;
+    const int t = compress_adapter(a, base, o).passthrough_magnitude.at(key).step_code;
+    if (t > 0) EXPECT_LT(t, previous) << target;
+    previous = t > 0 ? t : previous;
+  }
+  EXPECT_LT(previous, 256) << "no target coded the residual";
+}
+
+// Malformed v7 entries are refused with the tensor named.
+TEST(Container, MalformedMagnitudeEntriesAreRefused) {
+  const auto bytes = bytes_of(kGoldenV7);
+  const Container c = parse_container(bytes.data(), bytes.size(), "v7");
+  Container older = c;
+  older.version = 6;
+  EXPECT_SOLAR_ERROR(serialize_container(older), ErrorKind::InvalidInput, "need format version 7");
+  EXPECT_SOLAR_ERROR(parse_container(relabelled(bytes, 6).data(), bytes.size(), "v6"), ErrorKind::Format,
+                     "'magnitude' needs format version 7");
+  Container twice = c;
+  twice.passthrough.push_back({"base_model.model.copy.lora_magnitude_vector", c.passthrough[3].second});
+  twice.passthrough_magnitude["base_model.model.copy.lora_magnitude_vector"] = c.passthrough_magnitude.at(c.passthrough[3].first);
+  const auto twice_bytes = serialize_container(twice);
+  EXPECT_SOLAR_ERROR(parse_container(twice_bytes.data(), twice_bytes.size(), "t"), ErrorKind::Format, "already predicts magnitude");
+  Container no_base = c;
+  for (auto& l : no_base.layers) l.base_key.clear();
+  const auto nb = serialize_container(no_base);
+  EXPECT_SOLAR_ERROR(parse_container(nb.data(), nb.size(), "nb"), ErrorKind::Format, "names no base weight");
+}
+
 // Run with --gtest_also_run_disabled_tests --gtest_filter='*Regenerate*' only when the format
-// version changes. The v1 to v5 files are frozen (this build writes v6).
+// version changes. The v1 to v6 files are frozen (this build writes v7).
 TEST(Container, DISABLED_RegenerateGoldenFiles) {
-  const Container c = spectral_container_v6();
-  write_container(kGoldenV6 + "_spectral.solar", c);
-  const PeftAdapter r = decompress_container(c, InMemoryWeights("<none>"));
+  const auto tensors = golden_base_v7_tensors();
+  write_safetensors(kGoldenV7 + "_base.safetensors", tensors);
+  const Checkpoint base(kGoldenV7 + "_base.safetensors");
+  const Container c = spectral_container_v7(base);
+  write_container(kGoldenV7 + "_spectral.solar", c);
+  const PeftAdapter r = decompress_container(c, base);
   std::vector<std::pair<std::string, Tensor>> t;
   for (size_t i = 0; i < r.modules.size(); ++i) {
     t.emplace_back("A" + std::to_string(i), r.modules[i].A);
     t.emplace_back("B" + std::to_string(i), r.modules[i].B);
   }
   t.emplace_back("P0", r.passthrough[0].second);
-  write_safetensors(kGoldenV6 + "_spectral_expected.safetensors", t);
+  t.emplace_back("M0", r.passthrough[2].second);
+  t.emplace_back("M1", r.passthrough[3].second);
+  write_safetensors(kGoldenV7 + "_spectral_expected.safetensors", t);
 }
 
 }  // namespace

@@ -210,3 +210,15 @@ def test_entropy_check_reads_every_coded_integer_and_prices_it(stories_adapter):
     kt = sum(ec._kt_bits(g) for g in groups) / 8
     assert 0.6 * stream < emp < kt < 1.2 * stream
     assert ec._empirical_bits([0, 0, 1, -1]) == 6.0  # 2 x 1 bit + 2 x 2 bits
+
+
+def test_dora_check_scores_coded_against_exact_magnitudes_at_equal_bytes(stories_ckpt):
+    """bench.dora_check on a few windows: both files at the budget, the coded one keeping more of
+    the DoRA adapter's gain (at 2,500 B the exact magnitudes leave the layers ~1,300 B fewer)."""
+    from bench import dora_check
+
+    rows = dora_check.main(["--bytes", "2500", "--no-calib", "--windows", "4"])
+    by = {r["magnitudes"]: r for r in rows}
+    assert set(by) == {"coded", "exact"}
+    assert all(r["bytes"] <= 2500 for r in rows)
+    assert by["coded"]["retention"] > by["exact"]["retention"] + 0.1, rows

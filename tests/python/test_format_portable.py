@@ -1,11 +1,13 @@
 """docs/FORMAT.md is complete for the spectral mode: a decoder written from the document alone, in
 plain Python (container, metadata, range coder, adaptive integer model, uniform and dependent
-quantisation, passthrough tensors exact, int8-coded and coded as layers, the v5 stream syntax),
-must restore the golden v2 to v6 files to exactly the tensors the C++ core does.
+quantisation, passthrough tensors exact, int8-coded and coded as layers, the v5 stream syntax, DoRA
+magnitudes coded against the base), must restore the golden v2 to v7 files to exactly the tensors
+the C++ core does.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,12 @@ from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def torch_int16():
+    import torch
+
+    return torch.int16
 
 
 # --- Layout ---------------------------------------------------------------------------------------
@@ -207,11 +215,36 @@ def decode_spectral(version: int, meta: dict, payload: bytes) -> list[tuple[np.n
 
 # --- Passthrough tensors -------------------------------------------------------------------------
 
-DTYPES = {"F32": np.float32, "F16": np.float16}
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16 as its bit patterns
 
 
-def decode_passthrough(version: int, meta: dict, payload: bytes, layers: list) -> dict[str, np.ndarray]:
-    """Every passthrough tensor, by key, in its own dtype (`layers`: decode_spectral's output)."""
+def to_dtype(values: np.ndarray, name: str) -> np.ndarray:
+    """float32 values converted to a safetensors dtype, rounding to nearest even."""
+    if name != "BF16":
+        return values.astype(DTYPES[name])
+    bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def decode_magnitude(blob: bytes, w: np.ndarray) -> np.ndarray:
+    """v7: a DoRA magnitude, the residual from the row norms of the canonical W (float32 values)."""
+    norms = []
+    for row in w.astype(np.float32):
+        acc = 0.0
+        for x in row.tolist():  # binary64, j = 0, 1, ... in order
+            acc += x * x
+        norms.append(math.sqrt(acc))
+    d = RangeDecoder(blob)
+    t = d.direct(8)
+    if t == 0:
+        return np.array(norms, np.float64).astype(np.float32)
+    model, step = IntModel(), 2.0 ** ((t - 200) / 8)
+    return np.array([n + step * model.decode(d) for n in norms], np.float64).astype(np.float32)
+
+
+def decode_passthrough(version: int, meta: dict, payload: bytes, layers: list, base: dict | None = None) -> dict[str, np.ndarray]:
+    """Every passthrough tensor, by key, in its own dtype (`layers`: decode_spectral's output;
+    `base`: the base weights by name, for v7 magnitudes)."""
     pos = sum(sum(layer.get("blobs", [])) for layer in meta["layers"])
     out = {}
     for entry in meta["passthrough"]:
@@ -227,6 +260,12 @@ def decode_passthrough(version: int, meta: dict, payload: bytes, layers: list) -
         blob = payload[pos:pos + entry["blob"]]
         pos += entry["blob"]
         numel = int(np.prod(shape))
+        if entry.get("coding") == "magnitude":
+            assert version >= 7 and len(shape) == 1
+            layer = meta["layers"][entry["layer"]]
+            w = base[layer["base"]]
+            out[entry["key"]] = to_dtype(decode_magnitude(blob, w.T if layer.get("transpose") else w), entry["dtype"])
+            continue
         if entry.get("coding") == "int8":
             assert version >= 4 and len(shape) >= 2
             rows = shape[0]
@@ -245,22 +284,35 @@ def decode_passthrough(version: int, meta: dict, payload: bytes, layers: list) -
 
 
 @pytest.mark.parametrize("name", ["golden_v2_spectral", "golden_v3_spectral", "golden_v4_spectral", "golden_v5_spectral",
-                                  "golden_v6_spectral"])
+                                  "golden_v6_spectral", "golden_v7_spectral"])
 def test_independent_decoder_restores_the_golden_files(name):
     version, meta, payload = parse((FIXTURES / f"{name}.solar").read_bytes())
     assert version == int(name[8])
     restored = decode_spectral(version, meta, payload)
-    expected = load_file(str(FIXTURES / f"{name}_expected.safetensors"))
+    if version >= 7:  # BF16 magnitudes: compared as bit patterns
+        from safetensors.torch import load_file as load_torch
+
+        expected = {k: (v.view(torch_int16()).numpy().view(np.uint16) if str(v.dtype) == "torch.bfloat16" else v.numpy())
+                    for k, v in load_torch(str(FIXTURES / f"{name}_expected.safetensors")).items()}
+    else:
+        expected = load_file(str(FIXTURES / f"{name}_expected.safetensors"))
     lora = restored[:4] if version >= 6 else restored  # v6: the fifth layer is the head
     for i, (a, b, _) in enumerate(lora):
         np.testing.assert_array_equal(a, expected[f"A{i}"])
         np.testing.assert_array_equal(b, expected[f"B{i}"])
     assert any(dq for _, _, dq in restored) == (version >= 3)  # the v3 and v4 files exercise the trellis
-    passthrough = decode_passthrough(version, meta, payload, restored)
-    if version >= 5:  # four layers in two groups, the last one dropped
+    base = load_file(str(FIXTURES / "golden_v7_base.safetensors")) if version >= 7 else None
+    passthrough = decode_passthrough(version, meta, payload, restored, base)
+    if version >= 5:  # four layers in two groups (v5, v6: the last one dropped)
         assert [layer["module"] for layer in meta["layers"]][:4] == ["layers.0.attn.q", "layers.0.attn.v", "layers.1.attn.q", "layers.1.attn.v"]
-        assert not restored[3][0].any() and not restored[3][1].any()
-    if version >= 6:  # the head coded as a fifth layer of the stream, the vector exact
+        assert (not restored[3][0].any() and not restored[3][1].any()) == (version < 7)
+    if version >= 7:  # the v6 head and vector, then two magnitudes: one coded, one at step code 0
+        assert [e.get("coding") for e in meta["passthrough"]] == ["layer", None, "magnitude", "magnitude"]
+        mags = meta["passthrough"][2:]
+        np.testing.assert_array_equal(passthrough[mags[0]["key"]], expected["M0"])
+        np.testing.assert_array_equal(passthrough[mags[1]["key"]], expected["M1"])
+        np.testing.assert_array_equal(passthrough["base_model.model.head.weight"], expected["P0"])
+    elif version >= 6:  # the head coded as a fifth layer of the stream, the vector exact
         assert [e.get("coding") for e in meta["passthrough"]] == ["layer", None] and meta["passthrough"][0]["layer"] == 4
         assert restored[4][0].any()
         np.testing.assert_array_equal(passthrough["base_model.model.head.weight"], expected["P0"])
@@ -273,13 +325,13 @@ def test_independent_decoder_restores_the_golden_files(name):
 
 
 def test_independent_decoder_matches_the_core_on_a_real_adapter(stories_adapter, tmp_path):
-    """A file of the real stories260K adapter as this build writes it (v6), the trellis quantiser
+    """A file of the real stories260K adapter as this build writes it (v7), the trellis quantiser
     offered without statistics."""
     import solar
 
     packed = solar.compress(stories_adapter, None, mode="spectral", target_error=0.3, quantiser="dependent")
     version, meta, payload = parse(packed.to_bytes())
-    assert version == 6
+    assert version == 7
     restored = decode_spectral(version, meta, payload)
     used = [dq for _, _, dq in restored]
     assert any(used) and [layer["stream"]["quantiser"] == "dependent" for layer in packed.report()["layers"]] == used
