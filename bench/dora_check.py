@@ -1,21 +1,28 @@
-"""DoRA magnitudes coded against the base (format v7) against stored exactly, on a real DoRA adapter.
+"""DoRA magnitudes coded against the base (format v7) against stored exactly, on real DoRA adapters.
 
-stories260K with DoRA r=4 on wq,wv, trained like the LoRA fixture on TinyShakespeare
-(`python -m bench.fixtures.train_stories_lora --dora`, tests/fixtures/stories260k_dora_r4);
-retention of the held-out loss gain (the benchmark's 64 validation windows) and file bytes, for
+Two fixtures trained like the LoRA ones with PEFT's use_dora=True:
+stories260K r=4 on wq,wv on TinyShakespeare (`python -m bench.fixtures.train_stories_lora --dora`,
+tests/fixtures/stories260k_dora_r4; held-out loss on the benchmark's 64 validation windows) and
+all-MiniLM-L6-v2 r=8 on query,value on SST-2 with its trained classifier head
+(`python -m bench.fixtures.train_minilm_sst2 --dora --no-probe`, tests/fixtures/minilm_sst2_dora_r8;
+the dev set, the smaller of loss and accuracy retention, the head coded with the layers:
+`--passthrough spectral`). Retention of the fine-tuning gain and file bytes for
 `solar compress --dora-magnitudes coded` (the default) and `exact`, data-free and with K-FAC
-statistics of the DoRA model (32 training windows, as the LoRA fixture's), at the same file sizes
-(`--target-bytes`; a size below a file's smallest encoding is reported as such).
-The base model is the adapter disabled (DoRA's magnitudes start at W's row norms). Against them,
-the baselines a DoRA user would otherwise pick, files written by bench.baselines: per-channel
-int8 / int4 / int3 and SVD rank cuts of B A then int4 / int3, each with the magnitudes as fp16
-(their best shot: the fixture stores them in F32).
+statistics of the DoRA model (as bench.calibration takes them for the LoRA fixtures: 32 training
+windows; the last 512 SST-2 training sentences, held out from training), at the same file sizes
+(`--target-bytes`; a size below a file's smallest encoding is reported as such). The reference
+"no adapter" is each B zeroed and each magnitude at W's row norms (where DoRA starts it: the
+weight is W), the trained head kept. Against them, the baselines a DoRA user would otherwise pick,
+files written by bench.baselines: per-channel int8 / int4 / int3 and SVD rank cuts of B A then
+int4 / int3, each with the magnitudes as fp16 (their best shot: the fixtures store them in F32)
+and the head as its bits' rows (as the benchmark's "matched" passthrough).
 
-    python -m bench.dora_check [--bytes 1600 2000 2500 3000 3500 4500]
+    python -m bench.dora_check [--models stories260k minilm_sst2] [--bytes ...]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import tempfile
@@ -25,120 +32,172 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+MAG = ".lora_magnitude_vector"
+PREFIX = "base_model.model."
+BUDGETS = {"stories260k": [1600, 2000, 2500, 3000, 3500, 4500],
+           "minilm_sst2": [2000, 3000, 4500, 6500, 9000, 13000, 18000, 24000]}
 
-def dora_dir() -> Path:
+
+def dora_dir(model: str) -> Path:
     from bench.fixtures.paths import fixtures_dir
 
-    return fixtures_dir() / "stories260k_dora_r4"
+    return fixtures_dir() / {"stories260k": "stories260k_dora_r4", "minilm_sst2": "minilm_sst2_dora_r8"}[model]
 
 
-def calibration_stats(out: Path) -> Path:
-    """K-FAC statistics of the DoRA model on 32 training windows (bench.calibration's recipe)."""
+def make_task(model: str, windows: int | None):
+    from bench.evaluate import MiniLMTask, StoriesTask
+
+    if model == "stories260k":
+        return StoriesTask(windows=windows or 64, adapter_dir=dora_dir(model))
+    return MiniLMTask(dev_limit=windows, adapter_dir=dora_dir(model))
+
+
+def calibration_stats(model: str) -> Path:
+    """K-FAC statistics of the DoRA model, on bench.calibration's data for the LoRA fixture."""
     import torch.nn.functional as F
     from peft import PeftModel
 
     import solar
-    from bench.calibration import cached
-    from bench.fixtures.paths import stories260k_dir
-    from bench.fixtures.stories import Tokenizer, load_stories260k
-    from bench.fixtures.train_stories_lora import shakespeare_splits
+    from bench.calibration import CACHE, cached
 
     def make(tmp: Path) -> None:
         torch.manual_seed(0)
-        train, _ = shakespeare_splits(Tokenizer(str(stories260k_dir() / "tok512.bin")))
-        model = PeftModel.from_pretrained(load_stories260k(), str(dora_dir()))
-        g = torch.Generator().manual_seed(0)
-        starts = torch.randint(0, len(train) - 257, (32,), generator=g).tolist()
+        if model == "stories260k":
+            from bench.fixtures.paths import stories260k_dir
+            from bench.fixtures.stories import Tokenizer, load_stories260k
+            from bench.fixtures.train_stories_lora import shakespeare_splits
 
-        def lm_loss(m, batch):
-            x = batch["input_ids"]
-            logits = m(x[:, :-1])
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            train, _ = shakespeare_splits(Tokenizer(str(stories260k_dir() / "tok512.bin")))
+            peft_model = PeftModel.from_pretrained(load_stories260k(), str(dora_dir(model)))
+            g = torch.Generator().manual_seed(0)
+            starts = torch.randint(0, len(train) - 257, (32,), generator=g).tolist()
 
-        solar.calibrate(model, [{"input_ids": train[s: s + 257][None]} for s in starts], loss_fn=lm_loss, out=tmp)
+            def lm_loss(m, batch):
+                x = batch["input_ids"]
+                logits = m(x[:, :-1])
+                return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
-    return cached(out, make)
+            solar.calibrate(peft_model, [{"input_ids": train[s: s + 257][None]} for s in starts], loss_fn=lm_loss, out=tmp)
+            return
+        from bench.fixtures.train_minilm_sst2 import load_base_model, load_sst2, load_tokenizer
+
+        tok = load_tokenizer()
+        peft_model = PeftModel.from_pretrained(load_base_model(), str(dora_dir(model)))
+        examples = load_sst2("train")[-512:]
+        batches = []
+        for i in range(0, len(examples), 32):
+            chunk = examples[i: i + 32]
+            enc = tok([t for t, _ in chunk], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            enc["labels"] = torch.tensor([y for _, y in chunk])
+            batches.append(dict(enc))
+        solar.calibrate(peft_model, batches, out=tmp)
+
+    return cached(CACHE / f"{model}_dora_kfac.safetensors", make)
 
 
-def baselines(task, base: dict, lora: dict, workdir: Path):
+def no_adapter(task, sd: dict) -> dict:
+    """The adapter's state dict with every B zeroed and every magnitude at W's row norms."""
+    out = {}
+    for key, t in sd.items():
+        if ".lora_B." in key:
+            t = torch.zeros_like(t)
+        elif key.endswith(MAG):
+            layer = task.model.get_submodule(key[: -len(MAG)])
+            t = layer.base_layer.weight.float().norm(dim=1).to(t.dtype)
+        out[key] = t
+    return out
+
+
+def score(task, refs: tuple[dict, dict], sd: dict) -> float:
+    """Retention of the fine-tuning gain: the smaller over the task's metrics."""
+    from bench.evaluate import retention
+
+    ret = retention(*refs, task.evaluate(sd))
+    return min(ret[m] for m in task.metrics)
+
+
+def baselines(model: str, task, refs: tuple[dict, dict], workdir: Path):
     """(name, file bytes, retention) of the baselines, magnitudes cast to fp16."""
     from bench import baselines as bl
     from bench.adapters import load_adapter
-    from bench.evaluate import retention
 
-    adapter = load_adapter(dora_dir())
-    adapter.passthrough = {k: v.half() if k.endswith(".lora_magnitude_vector") else v for k, v in adapter.passthrough.items()}
-    methods = [("int8 per-channel", bl.encode_quant, bl.decode_quant, {"bits": 8}),
-               ("int4 per-channel", bl.encode_quant, bl.decode_quant, {"bits": 4}),
-               ("int3 per-channel", bl.encode_quant, bl.decode_quant, {"bits": 3}),
-               ("SVD rank 2 int4", bl.encode_svd, bl.decode_quant, {"rank": 2, "bits": 4}),
-               ("SVD rank 3 int4", bl.encode_svd, bl.decode_quant, {"rank": 3, "bits": 4}),
-               ("SVD rank 3 int3", bl.encode_svd, bl.decode_quant, {"rank": 3, "bits": 3})]
-    for name, encode, decode, params in methods:
+    adapter = load_adapter(dora_dir(model))
+    adapter.passthrough = {k: v.half() if k.endswith(MAG) else v for k, v in adapter.passthrough.items()}
+    adapter.passthrough_coding = "matched"
+    methods = [("int8 per-channel", bl.encode_quant, {"bits": 8}), ("int4 per-channel", bl.encode_quant, {"bits": 4}),
+               ("int3 per-channel", bl.encode_quant, {"bits": 3}), ("SVD rank 1 int4", bl.encode_svd, {"rank": 1, "bits": 4}),
+               ("SVD rank 2 int4", bl.encode_svd, {"rank": 2, "bits": 4}), ("SVD rank 3 int4", bl.encode_svd, {"rank": 3, "bits": 4}),
+               ("SVD rank 2 int3", bl.encode_svd, {"rank": 2, "bits": 3})]
+    for name, encode, params in methods:
         path = workdir / "baseline.bin"
         encode(adapter, path, **params)
-        sd = {k: v.float() if k.endswith(".lora_magnitude_vector") else v for k, v in decode(adapter, path).items()}
-        yield name, path.stat().st_size, retention(base, lora, task.evaluate(sd))["loss"]
+        sd = {k: v.float() if k.endswith(MAG) else v for k, v in bl.decode_quant(adapter, path).items()}
+        yield name, path.stat().st_size, score(task, refs, sd)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def run_model(model: str, budgets: list[int], windows: int | None, calib: bool, cli: str) -> list[dict]:
     from safetensors.torch import load_file
 
-    from bench.calibration import CACHE
-    from bench.evaluate import StoriesTask, retention
-    from bench.run import find_cli
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bytes", type=int, nargs="+", default=[1600, 2000, 2500, 3000, 3500, 4500])
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--no-calib", action="store_true", help="data-free only")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(2)
-    cli = find_cli()
-    task = StoriesTask(windows=args.windows, adapter_dir=dora_dir())
-    with task.model.disable_adapter():  # the base model: DoRA's zeroed B and initial magnitudes
-        base = {m: float(v.sum() / w.sum()) for m, (v, w) in task._per_example().items()}
-    lora = task.evaluate(load_file(str(dora_dir() / "adapter_model.safetensors")))
-    fp16 = None
-    print(f"DoRA stories260K: base loss {base['loss']:.4f}, adapted {lora['loss']:.4f}")
-    families = {"data-free": []}
-    if not args.no_calib:
-        families["K-FAC"] = ["--calib", str(calibration_stats(CACHE / "stories260k_dora_kfac.safetensors"))]
+    task = make_task(model, windows)
+    trained = load_file(str(dora_dir(model) / "adapter_model.safetensors"))
+    refs = (task.evaluate(no_adapter(task, trained)), task.evaluate(trained))
+    print(f"\nDoRA {model}: no adapter {refs[0]}, adapted {refs[1]}")
+    flags = ["--passthrough", "spectral"] if model == "minilm_sst2" else []
     rows = []
     with tempfile.TemporaryDirectory() as td:
         print("| baseline (magnitudes fp16) | bytes | retention |")
         print("|---|---:|---:|")
-        for name, size, ret in baselines(task, base, lora, Path(td)):
-            rows.append({"statistics": "baseline", "method": name, "bytes": size, "retention": ret})
+        for name, size, ret in baselines(model, task, refs, Path(td)):
+            rows.append({"model": model, "statistics": "baseline", "method": name, "bytes": size, "retention": ret})
             print(f"| {name} | {size:,} | {100 * ret:.2f}% |", flush=True)
+        families = {"data-free": []}
+        if calib:
+            families["K-FAC"] = ["--calib", str(calibration_stats(model))]
         print("| statistics | --target-bytes | magnitudes | bytes | % of fp16 | retention |")
         print("|---|---:|---|---:|---:|---:|")
-        for family, flags in families.items():
-            for t in args.bytes:
+        for family, stats in families.items():
+            for budget in budgets:
                 for mags in ("coded", "exact"):
                     out = f"{td}/a.solar"
-                    run = subprocess.run([cli, "compress", "--adapter", str(dora_dir()), "--base", str(task.base_path), "--out",
-                                          out, "-q", "--no-verify", "--target-bytes", str(t), "--dora-magnitudes", mags, *flags],
+                    run = subprocess.run([cli, "compress", "--adapter", str(dora_dir(model)), "--base", str(task.base_path),
+                                          "--out", out, "-q", "--no-verify", "--target-bytes", str(budget),
+                                          "--dora-magnitudes", mags, *flags, *stats],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                    row = {"model": model, "statistics": family, "target_bytes": budget, "magnitudes": mags}
                     if run.returncode != 0:
                         if "below the smallest file" not in run.stderr:
                             raise RuntimeError(run.stderr)
-                        rows.append({"statistics": family, "target_bytes": t, "magnitudes": mags, "bytes": None})
-                        print(f"| {family} | {t:,} | {mags} | below its smallest file | | |", flush=True)
+                        rows.append({**row, "bytes": None})
+                        print(f"| {family} | {budget:,} | {mags} | below its smallest file | | |", flush=True)
                         continue
-                    if fp16 is None:
-                        import json
-
-                        rep = json.loads(subprocess.run([cli, "inspect", "--json", out], check=True, capture_output=True,
-                                                        text=True).stdout)
-                        fp16 = rep["peft_fp16_bytes"]
+                    report = json.loads(subprocess.run([cli, "inspect", "--json", out], check=True, capture_output=True,
+                                                       text=True).stdout)
                     subprocess.run([cli, "decompress", out, "--base", str(task.base_path), "--out", f"{td}/r", "-q"],
                                    check=True, stdout=subprocess.DEVNULL)
                     size = Path(out).stat().st_size
-                    ret = retention(base, lora, task.evaluate(load_file(f"{td}/r/adapter_model.safetensors")))["loss"]
-                    rows.append({"statistics": family, "target_bytes": t, "magnitudes": mags, "bytes": size,
-                                 "fp16_share": size / fp16, "retention": ret})
-                    print(f"| {family} | {t:,} | {mags} | {size:,} | {100 * size / fp16:.1f}% | {100 * ret:.2f}% |", flush=True)
+                    ret = score(task, refs, load_file(f"{td}/r/adapter_model.safetensors"))
+                    rows.append({**row, "bytes": size, "fp16_share": size / report["peft_fp16_bytes"], "retention": ret})
+                    print(f"| {family} | {budget:,} | {mags} | {size:,} | {100 * size / report['peft_fp16_bytes']:.1f}% | "
+                          f"{100 * ret:.2f}% |", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from bench.run import find_cli
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["stories260k", "minilm_sst2"], choices=sorted(BUDGETS))
+    ap.add_argument("--bytes", type=int, nargs="+", default=None, help="file sizes (default: per model)")
+    ap.add_argument("--windows", type=int, default=None, help="evaluation windows / dev sentences (default: all the benchmark's)")
+    ap.add_argument("--no-calib", action="store_true", help="data-free only")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    cli = find_cli()
+    rows = []
+    for model in args.models:
+        if not (dora_dir(model) / "adapter_model.safetensors").is_file():
+            raise SystemExit(f"{dora_dir(model)}: no DoRA fixture (see this module's docstring for the command that trains it)")
+        rows += run_model(model, args.bytes or BUDGETS[model], args.windows, not args.no_calib, cli)
     return rows
 
 

@@ -14,9 +14,14 @@ is judged on; on data it was not trained on it does not, and dropping a componen
 4. stories260K (its calibration windows are training text) and SmolLM2 (the last 64 pairs of
    valid.txt, partly training data, which the benchmark calibrated on until 2026-11-30; 64 and 256
    pairs the fixture never trained on, the benchmark's since), tuning splits: K-FAC against K-FAC +
-   first order from the same data.
+   first order from the same data;
+5. stories260K with held-out text: first-order statistics from validation windows the benchmark
+   does not score (the first 104 of the 209 after its 64), scored on the other 105 and on the
+   benchmark's 64: K-FAC from the 32 training windows (the benchmark's), K-FAC from the held-out
+   windows with and without their first-order entries, and the training windows' K-FAC with the
+   held-out windows' first-order entries.
 
-    python -m bench.first_order_check [--parts 1 2 3 4] [--budget 4300]
+    python -m bench.first_order_check [--parts 1 2 3 4 5] [--budget 4300]
 """
 from __future__ import annotations
 
@@ -172,9 +177,64 @@ def other_models() -> None:
                     print(f"   {source}, {label}: " + "; ".join(cells), flush=True)
 
 
+STORIES_HELD_OUT = 104  # validation windows after the benchmark's 64 used for calibration in part 5
+
+
+def stories_held_out(budgets: list[int]) -> None:
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    import solar
+    from bench.balance_check import references, retention_cells, tuning_task
+    from bench.calibration import CACHE, cached, ensure
+    from bench.evaluate import StoriesTask
+    from bench.fixtures.paths import fixtures_dir, stories260k_dir
+    from bench.fixtures.stories import Tokenizer, eval_windows, load_stories260k
+    from bench.fixtures.train_stories_lora import shakespeare_splits
+    from bench.run import find_cli
+
+    _, val = shakespeare_splits(Tokenizer(str(stories260k_dir() / "tok512.bin")))
+    windows = eval_windows(val, 256)
+    scored = StoriesTask().windows
+    calib = windows[scored: scored + STORIES_HELD_OUT]
+
+    def make(out: Path) -> None:
+        torch.manual_seed(0)
+        model = PeftModel.from_pretrained(load_stories260k(), str(fixtures_dir() / "stories260k_lora_r4"))
+
+        def lm_loss(m, batch):
+            x = batch["input_ids"]
+            logits = m(x[:, :-1])
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+        solar.calibrate(model, [{"input_ids": calib[i: i + 8]} for i in range(0, len(calib), 8)], loss_fn=lm_loss,
+                        first_order=True, out=out)
+
+    held = cached(CACHE / f"stories260k_first_order_check_held_out_{STORIES_HELD_OUT}.safetensors", make)
+    train = ensure("stories260k")
+    tune = tuning_task("stories260k")
+    tune.data = windows[scored + STORIES_HELD_OUT:]
+    cli = find_cli()
+    with tempfile.TemporaryDirectory() as td:
+        mixed = dict(load_file(str(train)))
+        mixed.update({k: v for k, v in load_file(str(held)).items() if k.endswith(".update_gradient") or k.startswith("solar.")})
+        save_file(mixed, f"{td}/mixed.safetensors")
+        files = {"K-FAC, training windows (the benchmark's)": str(train),
+                 "K-FAC, held-out windows": str(_kfac_only(held, Path(td) / "held_kfac.safetensors")),
+                 "K-FAC + first order, held-out windows": str(held),
+                 "K-FAC of the training windows + first order of the held-out ones": f"{td}/mixed.safetensors"}
+        for split, task in (("the other held-out windows", tune), ("the benchmark's 64 windows", StoriesTask())):
+            refs = references(task)
+            print(f"5. stories260K, {split} ({len(task.data)}): " + ", ".join(f"{b} B" for b in budgets), flush=True)
+            for label, path in files.items():
+                cells = retention_cells(task, cli, budgets, ["--calib", path], refs, td)
+                print(f"   {label}: " + "; ".join(cells), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     ap.add_argument("--budget", type=int, default=4300, help="file size of part 2")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -182,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         minilm_parts(args.parts, args.budget)
     if 4 in args.parts:
         other_models()
+    if 5 in args.parts:
+        stories_held_out([1000, 1100, 1200, 1284, 1400, 1600])
 
 
 if __name__ == "__main__":

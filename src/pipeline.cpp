@@ -302,6 +302,14 @@ void plan_and_fill(Container& c, const LayerCodec& codec, const std::vector<std:
   assign(plan_budget(candidates, budget));
 }
 
+// The base tensor `key` (m x n after the layer's transpose) must fit the layer's update.
+void require_base_shape(const WeightSource& base, const LayerRecord& l, const std::string& key, int64_t m, int64_t n) {
+  if (m != l.shape.m || n != l.shape.n)
+    throw Error(ErrorKind::Mismatch, base.describe(),
+                "module " + l.module + ": LoRA update is " + dims(l.shape.m, l.shape.n) + " (out x in) but base tensor '" + key +
+                    "' is " + dims(m, n) + (l.transpose_base ? " after the fan_in_fan_out transpose" : ""));
+}
+
 // The canonical W a layer record names (its `base`, `transpose` and `fingerprint`), checked
 // against the record; `user` says what needs it, for the error when the base lacks it.
 std::vector<float> recorded_base(const WeightSource& base, const LayerRecord& l, const std::string& user) {
@@ -358,6 +366,49 @@ std::vector<double> magnitude_weights(const std::vector<float>& w, int64_t m, in
   if (output_moment)
     for (int64_t i = 0; i < m; ++i) out[static_cast<size_t>(i)] *= (*output_moment)(i, i);
   return out;
+}
+
+// The DoRA magnitudes to code against their module's W (v7), with their operating points; the
+// others stay exact (with a warning when the base lacks their W). Sets the layer records' base.
+std::vector<MagnitudeItem> magnitude_items(Container& c, const std::vector<LoraModule>& modules, size_t lora_count,
+                                           const WeightSource& base, const CompressOptions& options, bool planned) {
+  if (options.dora_magnitudes != "coded" && options.dora_magnitudes != "exact")
+    throw Error(ErrorKind::InvalidInput, "compress", "unknown DoRA magnitude coding '" + options.dora_magnitudes + "' (available: coded, exact)");
+  std::vector<MagnitudeItem> magnitudes;
+  if (options.dora_magnitudes != "coded" || !planned) return magnitudes;
+  std::vector<std::string> exact_magnitudes;
+  for (const auto& [key, t] : c.passthrough) {
+    const std::string path = dora_magnitude_module(key, c.key_prefix);
+    if (path.empty() || c.passthrough_layers.contains(key) || c.passthrough_int8.contains(key)) continue;
+    size_t li = 0;
+    while (li < lora_count && modules[li].path != path) ++li;
+    if (li == lora_count || !is_float(t.dtype) || t.shape.size() != 1 || t.shape[0] != c.layers[li].shape.m) continue;
+    const std::vector<float> m = t.to_f32();
+    if (!std::all_of(m.begin(), m.end(), [](float x) { return std::isfinite(x); })) continue;
+    LayerRecord& l = c.layers[li];
+    std::string base_key;
+    try {
+      base_key = resolve_base_key(base, path);
+    } catch (const Error&) {
+      exact_magnitudes.push_back(key);
+      continue;
+    }
+    int64_t rows = 0, cols = 0;
+    const std::vector<float> w = canonical_base(base, base_key, l.transpose_base, &rows, &cols);
+    require_base_shape(base, l, base_key, rows, cols);
+    l.base_key = base_key;
+    l.base_fingerprint = fingerprint_f32(w);
+    MagnitudeItem item{key, li, row_norms(w, rows, cols), {}, {}};
+    for (size_t i = 0; i < m.size(); ++i) item.residual.push_back(static_cast<double>(m[i]) - item.norms[i]);
+    const std::optional<Matrix> sig = input_weighting(options, base, path, l, l.transpose_base);
+    const std::optional<Matrix> gm = output_weighting(options, path, l);
+    item.candidates = magnitude_candidates(item.residual, magnitude_weights(w, rows, cols, item.norms, sig, gm));
+    magnitudes.push_back(std::move(item));
+  }
+  if (!exact_magnitudes.empty() && options.warn)
+    options.warn(std::to_string(exact_magnitudes.size()) + " DoRA magnitude vector(s) stored exactly (e.g. " + exact_magnitudes.front() +
+                 "): the base has no weight for their modules; give the base model to code them with the layers");
+  return magnitudes;
 }
 
 }  // namespace
@@ -448,53 +499,10 @@ Container compress_adapter(const PeftAdapter& adapter, const WeightSource& base,
     const TensorView v = base.get(l.base_key);
     if (v.shape.size() != 2)
       throw Error(ErrorKind::Mismatch, base.describe(), "tensor '" + l.base_key + "' for module " + mod.path + " is not 2-D");
-    const int64_t m = transpose ? v.shape[1] : v.shape[0], n = transpose ? v.shape[0] : v.shape[1];
-    if (m != l.shape.m || n != l.shape.n)
-      throw Error(ErrorKind::Mismatch, base.describe(),
-                  "module " + mod.path + ": LoRA update is " + dims(l.shape.m, l.shape.n) + " (out x in) but base tensor '" +
-                      l.base_key + "' is " + dims(m, n) + (transpose ? " after the fan_in_fan_out transpose" : ""));
+    require_base_shape(base, l, l.base_key, transpose ? v.shape[1] : v.shape[0], transpose ? v.shape[0] : v.shape[1]);
   }
 
-  if (options.dora_magnitudes != "coded" && options.dora_magnitudes != "exact")
-    throw Error(ErrorKind::InvalidInput, "compress", "unknown DoRA magnitude coding '" + options.dora_magnitudes + "' (available: coded, exact)");
-  // DoRA magnitudes to code against their module's W (v7); the others stay exact.
-  std::vector<MagnitudeItem> magnitudes;
-  std::vector<std::string> exact_magnitudes;
-  for (const auto& [key, t] : c.passthrough) {
-    const std::string path = dora_magnitude_module(key, adapter.key_prefix);
-    if (path.empty() || c.passthrough_layers.contains(key) || c.passthrough_int8.contains(key)) continue;
-    size_t li = 0;
-    while (li < lora_count && modules[li].path != path) ++li;
-    if (li == lora_count || !is_float(t.dtype) || t.shape.size() != 1 || t.shape[0] != c.layers[li].shape.m) continue;
-    const std::vector<float> m = t.to_f32();
-    if (!std::all_of(m.begin(), m.end(), [](float x) { return std::isfinite(x); })) continue;
-    if (options.dora_magnitudes != "coded" || !codec->plans_budget()) continue;
-    LayerRecord& l = c.layers[li];
-    std::string base_key;
-    try {
-      base_key = resolve_base_key(base, path);
-    } catch (const Error&) {
-      exact_magnitudes.push_back(key);
-      continue;
-    }
-    int64_t rows = 0, cols = 0;
-    const std::vector<float> w = canonical_base(base, base_key, l.transpose_base, &rows, &cols);
-    if (rows != l.shape.m || cols != l.shape.n)
-      throw Error(ErrorKind::Mismatch, base.describe(),
-                  "module " + path + ": LoRA update is " + dims(l.shape.m, l.shape.n) + " (out x in) but base tensor '" + base_key +
-                      "' is " + dims(rows, cols) + (l.transpose_base ? " after the fan_in_fan_out transpose" : ""));
-    l.base_key = base_key;
-    l.base_fingerprint = fingerprint_f32(w);
-    MagnitudeItem item{key, li, row_norms(w, rows, cols), {}, {}};
-    for (size_t i = 0; i < m.size(); ++i) item.residual.push_back(static_cast<double>(m[i]) - item.norms[i]);
-    const std::optional<Matrix> sig = input_weighting(options, base, path, l, l.transpose_base);
-    const std::optional<Matrix> gm = output_weighting(options, path, l);
-    item.candidates = magnitude_candidates(item.residual, magnitude_weights(w, rows, cols, item.norms, sig, gm));
-    magnitudes.push_back(std::move(item));
-  }
-  if (!exact_magnitudes.empty() && options.warn)
-    options.warn(std::to_string(exact_magnitudes.size()) + " DoRA magnitude vector(s) stored exactly (e.g. " + exact_magnitudes.front() +
-                 "): the base has no weight for their modules; give the base model to code them with the layers");
+  std::vector<MagnitudeItem> magnitudes = magnitude_items(c, modules, lora_count, base, options, codec->plans_budget());
 
   Reporter report(options.progress);
   Reporter warn_once(options.warn);

@@ -102,3 +102,26 @@ def test_coded_magnitudes_need_the_base(stories_ckpt):
     original = load_file(str(DORA / "adapter_model.safetensors"))
     key = next(k for k in original if k.endswith(MAG))
     assert torch.equal(restored[key], original[key])
+
+
+def test_real_minilm_dora_adapter_with_its_head_round_trips_through_peft(tmp_path):
+    """MiniLM r=8 DoRA with a trained classifier head (modules_to_save), head coded in the stream:
+    real PEFT loads the restored directory and its logits follow the adapted model's."""
+    from peft import PeftModel
+
+    from bench.fixtures.paths import minilm_dir
+    from bench.fixtures.train_minilm_sst2 import load_base_model, load_tokenizer
+
+    adapter = FIXTURES / "minilm_sst2_dora_r8"
+    packed = solar.compress(adapter, minilm_dir(), target_bytes=9000, passthrough="spectral")
+    report = packed.report()
+    assert packed.nbytes <= 9000 and report["passthrough_magnitude_tensors"] == 12
+    out = solar.restore_to_dir(packed, minilm_dir(), tmp_path / "restored")
+    enc = load_tokenizer()(["a gorgeous, witty film", "flat and lifeless"], padding=True, return_tensors="pt")
+    models = [PeftModel.from_pretrained(load_base_model(), str(d)).eval() for d in (adapter, out)]
+    with torch.no_grad():
+        want, got = (m(**enc).logits for m in models)
+        with models[0].disable_adapter():
+            frozen = models[0](**enc).logits
+    assert float((got - want).norm() / (want - frozen).norm()) < 0.25
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
