@@ -66,6 +66,8 @@ SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes) {
   r.passthrough_int8_tensors = c.passthrough_int8.size();
   r.passthrough_layer_tensors = c.passthrough_layers.size();
   r.passthrough_magnitude_tensors = c.passthrough_magnitude.size();
+  for (const auto& [key, code] : c.passthrough_magnitude)
+    r.magnitudes.push_back({key, c.layers.at(code.layer).module, code.step_code, magnitude_blob(code).size()});
   r.peft_fp32_bytes = peft_file_bytes(c, DType::F32);
   r.peft_fp16_bytes = peft_file_bytes(c, DType::F16);
   return r;
@@ -76,6 +78,9 @@ nlohmann::json SizeReport::to_json() const {
   for (const Layer& l : layers)
     L.push_back({{"module", l.module}, {"mode", l.mode}, {"shape", {l.shape.m, l.shape.n, l.shape.r}},
                  {"params", l.params}, {"payload_bytes", l.payload_bytes}, {"stream", l.stream}});
+  nlohmann::json M = nlohmann::json::array();
+  for (const Magnitude& m : magnitudes)
+    M.push_back({{"key", m.key}, {"module", m.module}, {"step_code", m.step_code}, {"blob_bytes", m.blob_bytes}});
   return {{"version", version},
           {"file_bytes", file_bytes},
           {"header_bytes", header_bytes},
@@ -91,7 +96,8 @@ nlohmann::json SizeReport::to_json() const {
           {"peft_fp32_bytes", peft_fp32_bytes},
           {"peft_fp16_bytes", peft_fp16_bytes},
           {"ratio_vs_fp16", peft_fp16_bytes ? static_cast<double>(file_bytes) / static_cast<double>(peft_fp16_bytes) : 0.0},
-          {"layers", L}};
+          {"layers", L},
+          {"magnitudes", M}};
 }
 
 }  // namespace solar

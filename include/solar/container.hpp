@@ -91,6 +91,13 @@ struct SizeReport {
   size_t peft_fp32_bytes = 0;     // adapter_model.safetensors with LoRA factors in F32
   size_t peft_fp16_bytes = 0;     // ... in F16 (passthrough tensors as they are)
   std::vector<Layer> layers;
+  struct Magnitude {  // v7: a DoRA magnitude coded against its layer's W
+    std::string key;
+    std::string module;    // its layer's
+    int step_code = 0;     // 0: no residual (W's row norms)
+    size_t blob_bytes = 0;
+  };
+  std::vector<Magnitude> magnitudes;
   nlohmann::json to_json() const;
 };
 SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes);

@@ -111,6 +111,8 @@ CONFIG_TARGET_BYTES = "solar.target-bytes"
 _PEFT_PREFIX = "base_model.model."
 # <module path>.lora_A[.<adapter name>].weight
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# <module path>.lora_magnitude_vector[.<adapter name>][.weight]: a DoRA magnitude
+_MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 # Name of the key layout entry carried in the payload's adapter config.
 _META = "solar_flower"
 
@@ -155,6 +157,14 @@ def _peft_key(record_key: str) -> str:
     if not module.startswith(_PEFT_PREFIX):
         module = _PEFT_PREFIX + module
     return f"{module}.lora_{m.group('which')}.weight"
+
+
+def _magnitude_peft_key(record_key: str) -> str:
+    """PEFT's saved key of a DoRA magnitude (base_model.model.<path>.lora_magnitude_vector)."""
+    module = _MAGNITUDE_KEY.match(record_key).group("module")
+    if not module.startswith(_PEFT_PREFIX):
+        module = _PEFT_PREFIX + module
+    return f"{module}.lora_magnitude_vector"
 
 
 def _layout(lora_keys: list[str]) -> Optional[dict]:
@@ -216,7 +226,9 @@ def encode_arrays(
     there were no LoRA pairs). ``codec`` goes to :func:`solar.compress` (mode, target_error, ...).
     With ``passthrough="int8"`` the float16/float32 arrays of 2 or more dimensions besides the
     factors (a ``modules_to_save`` head) go into the payload too, as int8 rows; with
-    ``passthrough="spectral"`` they go into it coded with the layers (format v6)."""
+    ``passthrough="spectral"`` they go into it coded with the layers (format v6). With a
+    ``base`` and a spectral mode, a DoRA model's magnitude vectors go into it too, coded against
+    the base's row norms (format v7; ``dora_magnitudes="exact"`` sends them as they are)."""
     keys = list(arrays)
     pairs, others = _split_lora(keys)
     if not pairs:
@@ -226,20 +238,32 @@ def encode_arrays(
         candidates = {k: _np(arrays[k]) for k in others}
         heads = {k: v for k, v in candidates.items() if v.dtype in (np.float16, np.float32) and v.ndim >= 2}
         others = [k for k in others if k not in heads]
+    magnitudes: dict = {}
+    if base is not None and codec.get("dora_magnitudes", "coded") == "coded" and str(codec.get("mode", "spectral")).startswith("spectral"):
+        for k in others:
+            m = _MAGNITUDE_KEY.match(k)
+            if m and m.group("module") in pairs:
+                v = _np(arrays[k])
+                if v.ndim == 1 and v.dtype in (np.float16, np.float32):
+                    magnitudes[k] = v
+        others = [k for k in others if k not in magnitudes]
     others = set(others)
-    lora_keys = [k for k in keys if k not in others and k not in heads]
+    lora_keys = [k for k in keys if k not in others and k not in heads and k not in magnitudes]
     # The codec takes F32/F16/BF16 factors; float64 ones are sent as float32.
     lora = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in ((k, _np(arrays[k])) for k in lora_keys)}
     layout = _layout(lora_keys)
     config = _lora_config(peft_config, lora, pairs)
+    if magnitudes:  # their record keys, in order: the payload restores them under PEFT's
+        layout = {**(layout or {}), "magnitudes": list(magnitudes)}
     if layout is not None:
         config[_META] = layout
     state = {_peft_key(k): lora[k] for k in lora_keys}
     state.update(heads)  # under their own keys
+    state.update({_magnitude_peft_key(k): v for k, v in magnitudes.items()})
     packed = api.compress((state, config), base, **codec)
     out: dict = {}
     for k in keys:
-        if k in lora or k in heads:
+        if k in lora or k in heads or k in magnitudes:
             if PAYLOAD_KEY not in out:
                 out[PAYLOAD_KEY] = packed
         else:
@@ -266,7 +290,8 @@ def decode_arrays(payload: Any, base: Any = None, *, threads: int = 0) -> dict:
     else:
         mapping = {k: _record_key(k, layout) for k in lora}
     out = {mapping[k]: _np(tensors[k]) for k in lora}
-    out.update({k: _np(v) for k, v in tensors.items() if not _LORA_KEY.match(k)})
+    magnitudes = {_magnitude_peft_key(r): r for r in (layout or {}).get("magnitudes", [])}
+    out.update({magnitudes.get(k, k): _np(v) for k, v in tensors.items() if not _LORA_KEY.match(k)})
     return out
 
 

@@ -13,6 +13,7 @@
 #include "solar/peft_adapter.hpp"
 #include "solar/pipeline.hpp"
 #include "solar/safetensors.hpp"
+#include "adapter_factory.hpp"
 #include "test_support.hpp"
 
 namespace solar {
@@ -149,6 +150,41 @@ TEST(CApi, CompressGivesTheCoreBytesWithinTheBudget) {
   EXPECT_EQ(std::vector<uint8_t>(out, out + size),
             serialize_container(compress_adapter(read_peft_adapter(kStories), InMemoryWeights(), o)));
   solar_free(out);
+}
+
+// DoRA: with a base the default codes the magnitudes against it (the C++ path's bytes), and the
+// file then needs the base to restore; "exact" keeps them verbatim.
+TEST(CApi, DoraMagnitudesAreCodedWithABase) {
+  const std::string dora = kFixtures + "/stories260k_dora_r4", ckpt = test::stories_checkpoint();
+  if (ckpt.empty()) GTEST_SKIP() << "../shared/data is absent";
+  Err err;
+  solar_weights* base = nullptr;
+  ASSERT_EQ(solar_weights_open(ckpt.c_str(), &base, err.text, sizeof err.text), SOLAR_OK) << err.str();
+  solar_compress_params p = solar_compress_default_params();
+  p.target_bytes = 2500;
+  uint8_t* out = nullptr;
+  size_t size = 0;
+  ASSERT_EQ(solar_compress(dora.c_str(), base, &p, &out, &size, err.text, sizeof err.text), SOLAR_OK) << err.str();
+  CompressOptions o;
+  o.mode = "spectral";
+  o.target_bytes = 2500;
+  const Checkpoint ck(ckpt);
+  const Container c = compress_adapter(read_peft_adapter(dora), ck, o);
+  EXPECT_EQ(c.passthrough_magnitude.size(), 10u);
+  EXPECT_EQ(std::vector<uint8_t>(out, out + size), serialize_container(c));
+  solar_adapter* a = nullptr;
+  EXPECT_EQ(solar_restore(out, size, nullptr, 1, &a, err.text, sizeof err.text), SOLAR_ERROR_MISMATCH);
+  EXPECT_NE(err.str().find("DoRA magnitude"), std::string::npos) << err.str();
+  ASSERT_EQ(solar_restore(out, size, base, 1, &a, err.text, sizeof err.text), SOLAR_OK) << err.str();
+  EXPECT_EQ(solar_adapter_tensor_count(a), 30u);  // 10 modules' A, B and magnitude
+  solar_adapter_free(a);
+  solar_free(out);
+  p.dora_magnitudes = "exact";
+  ASSERT_EQ(solar_compress(dora.c_str(), base, &p, &out, &size, err.text, sizeof err.text), SOLAR_OK) << err.str();
+  ASSERT_EQ(solar_restore(out, size, nullptr, 1, &a, err.text, sizeof err.text), SOLAR_OK) << err.str();
+  solar_adapter_free(a);
+  solar_free(out);
+  solar_weights_free(base);
 }
 
 // A runtime applying the update itself gets PEFT's scaling per module, patterns and rsLoRA included.

@@ -2,6 +2,7 @@
 #include <sys/wait.h>
 
 #include <array>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 
@@ -141,6 +142,39 @@ TEST_F(Cli, DefaultIsSpectralAndPaperOptionsImplyPaper) {
   const PeftAdapter a = read_peft_adapter(dir_.file("adapter")), b = read_peft_adapter(dir_.file("dr"));
   for (size_t k = 0; k < a.modules.size(); ++k)
     EXPECT_LT(relative_delta_error(a.modules[k].A, a.modules[k].B, b.modules[k].A, b.modules[k].B), 0.1);
+}
+
+// The real DoRA fixture: magnitudes coded against --base, shown by inspect, needing the base to
+// come back; without --base at compress they stay exact, with a warning.
+TEST_F(Cli, DoraMagnitudesAreCodedAgainstTheBase) {
+  const std::string dora = std::string(SOLAR_SOURCE_DIR) + "/tests/fixtures/stories260k_dora_r4";
+  const CliResult c = run("compress --base " + base_ + " --adapter " + dora + " --out " + dir_.file("d.solar") + " --target-bytes 2500", dir_);
+  ASSERT_EQ(c.code, 0) << c.err;
+  EXPECT_LE(std::filesystem::file_size(dir_.file("d.solar")), 2500u);
+  const CliResult i = run("inspect " + dir_.file("d.solar"), dir_);
+  ASSERT_EQ(i.code, 0) << i.err;
+  EXPECT_NE(i.out.find("10 DoRA magnitudes coded against the base"), std::string::npos) << i.out;
+  EXPECT_NE(i.out.find("DoRA magnitude of layers.4.attention.wv"), std::string::npos) << i.out;
+  const CliResult no_base = run("decompress " + dir_.file("d.solar") + " --out " + dir_.file("r") + " -q", dir_);
+  EXPECT_EQ(no_base.code, 1);
+  EXPECT_NE(no_base.err.find("needed by the DoRA magnitude of module layers.0.attention.wq"), std::string::npos) << no_base.err;
+  EXPECT_FALSE(std::filesystem::exists(dir_.file("r")));
+  const CliResult d = run("decompress " + dir_.file("d.solar") + " --base " + base_ + " --out " + dir_.file("r") + " -q", dir_);
+  ASSERT_EQ(d.code, 0) << d.err;
+  const PeftAdapter original = read_peft_adapter(dora), restored = read_peft_adapter(dir_.file("r"));
+  ASSERT_EQ(restored.passthrough.size(), 10u);
+  for (size_t k = 0; k < 10; ++k) {
+    const std::vector<float> a = original.passthrough[k].second.to_f32(), b = restored.passthrough[k].second.to_f32();
+    double num = 0, den = 0;
+    for (size_t j = 0; j < a.size(); ++j) {
+      num += (a[j] - b[j]) * (a[j] - b[j]);
+      den += a[j] * a[j];
+    }
+    EXPECT_LT(std::sqrt(num / den), 0.05) << original.passthrough[k].first;
+  }
+  const CliResult free = run("compress --adapter " + dora + " --out " + dir_.file("f.solar") + " -q", dir_);
+  ASSERT_EQ(free.code, 0) << free.err;
+  EXPECT_NE(free.err.find("10 DoRA magnitude vector(s) stored exactly"), std::string::npos) << free.err;
 }
 
 }  // namespace

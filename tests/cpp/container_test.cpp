@@ -727,6 +727,14 @@ TEST(Container, SpectralPassthroughChoosesWhatItCodes) {
   EXPECT_SOLAR_ERROR(compress_adapter(a, InMemoryWeights("<none>"), o), ErrorKind::InvalidInput, "needs mode spectral");
 }
 
+// This build (v7) writes the v6 writer's golden file again, but for the version byte: an adapter
+// without DoRA magnitudes is coded as before, plan included.
+TEST(Container, V7WithoutMagnitudesIsV6ButForTheVersionByte) {
+  const Container c = spectral_container_v6();
+  EXPECT_EQ(c.version, 7u);
+  EXPECT_EQ(serialize_container(c), relabelled(bytes_of(kGoldenV6), 7));
+}
+
 // Format v7: the v6 adapter with DoRA magnitudes on two layers, against a base of Philox
 // weights (seed 2029): layers.0.attn.q's moved by training-sized amounts (coded with a residual),
 // in BF16; layers.1.attn.v's left at W's row norms (step code 0).

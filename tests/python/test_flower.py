@@ -441,3 +441,34 @@ def test_fedavg_delta_mean_is_taken_reply_by_reply():
                 for n, a in (("s", s_arrays), ("h", h_arrays))}
         assert np.linalg.norm(prod["s"] - prod["h"]) < 1e-4 * np.linalg.norm(prod["h"])
     assert s_peak < h_peak / 4, (s_peak, h_peak)
+
+
+def test_dora_magnitudes_ride_in_the_payload_when_client_and_server_have_the_base(stories_ckpt):
+    """A DoRA client (the real stories260K DoRA fixture, keys as its model names them): with the
+    base, the mod codes the magnitudes into the payload against W's row norms (format v7) and the
+    server restores them under their own keys; without it they travel as plain arrays."""
+    from peft import PeftModel
+
+    from bench.fixtures.stories import load_stories260k
+
+    model = PeftModel.from_pretrained(load_stories260k(stories_ckpt), str(REPO / "tests" / "fixtures" / "stories260k_dora_r4"))
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items() if ".lora_" in k}
+    mags = [k for k in state if ".lora_magnitude_vector." in k]
+    assert len(mags) == 10 and mags[0].endswith(".lora_magnitude_vector.default.weight")
+    with_base = run_mod(solar_mod("spectral", target_error=0.05, threads=1, base=stories_ckpt), record(state))
+    without = run_mod(solar_mod("spectral", target_error=0.05, threads=1), record(state))
+    assert list(with_base.content["arrays"].keys()) == [PAYLOAD_KEY]
+    assert list(without.content["arrays"].keys()) == [PAYLOAD_KEY, *mags]
+    assert message_nbytes(with_base) < message_nbytes(without) - 1000  # 1,920 B of F32 magnitudes
+    payload = bytes(with_base.content["arrays"][PAYLOAD_KEY].data)
+    assert solar.load(payload).report()["passthrough_magnitude_tensors"] == 10
+    back = decode_arrays(payload, stories_ckpt)
+    assert set(back) == set(state)
+    for k in mags:
+        assert np.linalg.norm(back[k] - state[k]) / np.linalg.norm(state[k]) < 0.05, k
+    with pytest.raises(solar.SolarError, match="DoRA magnitude"):
+        decode_arrays(payload)
+    strat = SolarStrategy(FedAvg(), base=stories_ckpt, aggregation="delta")
+    out, _ = strat.aggregate_train(1, [with_base])
+    assert set(out.keys()) == set(state)
+    np.testing.assert_allclose(out[mags[0]].numpy(), back[mags[0]], rtol=1e-6)
