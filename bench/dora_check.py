@@ -18,6 +18,7 @@ int4 / int3, each with the magnitudes as fp16 (their best shot: the fixtures sto
 and the head as its bits' rows (as the benchmark's "matched" passthrough).
 
     python -m bench.dora_check [--models stories260k minilm_sst2] [--bytes ...]
+    python -m bench.dora_check --speed 4096   # what coding a magnitude adds to a calibrated layer's time
 """
 from __future__ import annotations
 
@@ -182,6 +183,37 @@ def run_model(model: str, budgets: list[int], windows: int | None, calib: bool, 
     return rows
 
 
+def speed(n: int, rank: int = 16, repeats: int = 2) -> list[dict]:
+    """One n x n rank-`rank` DoRA layer (random W, factors, magnitudes 1% off W's row norms, SPD
+    statistics), compressed on one thread at --target-error 0.1 with K-FAC statistics, magnitudes
+    exact then coded, `repeats` times: the coded magnitude's cost is the difference."""
+    import time
+
+    import numpy as np
+
+    import solar
+
+    g = np.random.default_rng(0)
+    w = (g.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
+    p = "base_model.model.layer.proj"
+    state = {p + ".lora_A.weight": (g.standard_normal((rank, n)) / np.sqrt(n)).astype(np.float32),
+             p + ".lora_B.weight": (g.standard_normal((n, rank)) * 0.01).astype(np.float32),
+             p + MAG: (np.linalg.norm(w, axis=1) * (1 + 0.01 * g.standard_normal(n))).astype(np.float32)}
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["proj"], "use_dora": True}
+    moments = [g.standard_normal((n, 256)).astype(np.float32) for _ in range(2)]
+    calib = {f"layer.proj.{name}": (x @ x.T / 256 + 0.01 * np.eye(n, dtype=np.float32)).astype(np.float32)
+             for name, x in zip(("input_moment", "output_grad_moment"), moments)}
+    rows = []
+    for _ in range(repeats):
+        for mags in ("exact", "coded"):
+            t0 = time.perf_counter()
+            c = solar.compress((state, config), {"layer.proj.weight": w}, target_error=0.1, calibration=calib, threads=1,
+                               dora_magnitudes=mags)
+            rows.append({"n": n, "magnitudes": mags, "seconds": time.perf_counter() - t0, "bytes": c.nbytes})
+            print(f"{n}x{n} r={rank}, magnitudes {mags}: {rows[-1]['seconds']:.1f} s, {c.nbytes:,} B", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     from bench.run import find_cli
 
@@ -190,8 +222,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--bytes", type=int, nargs="+", default=None, help="file sizes (default: per model)")
     ap.add_argument("--windows", type=int, default=None, help="evaluation windows / dev sentences (default: all the benchmark's)")
     ap.add_argument("--no-calib", action="store_true", help="data-free only")
+    ap.add_argument("--speed", type=int, default=None, metavar="N", help="time one synthetic N x N layer instead")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
+    if args.speed:
+        return speed(args.speed)
     cli = find_cli()
     rows = []
     for model in args.models:

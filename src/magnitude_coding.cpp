@@ -13,7 +13,7 @@ namespace {
 constexpr const char* kMagnitudeSuffixes[] = {".lora_magnitude_vector", ".lora_magnitude_vector.weight"};
 constexpr int kStepCodeBits = 8;
 constexpr double kMaxLevel = 1 << 24;  // finer steps than this many levels a row are not offered
-constexpr int kOctavesOffered = 14;   // step codes tried below the coarsest useful one: 8 a octave
+constexpr int kOctavesOffered = 14;   // how far below the coarsest useful step the points go (8 codes an octave)
 
 template <class Coder>
 void code_magnitude(Coder& e, const MagnitudeCode& code) {

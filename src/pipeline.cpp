@@ -375,7 +375,13 @@ std::vector<MagnitudeItem> magnitude_items(Container& c, const std::vector<LoraM
   if (options.dora_magnitudes != "coded" && options.dora_magnitudes != "exact")
     throw Error(ErrorKind::InvalidInput, "compress", "unknown DoRA magnitude coding '" + options.dora_magnitudes + "' (available: coded, exact)");
   std::vector<MagnitudeItem> magnitudes;
-  if (options.dora_magnitudes != "coded" || !planned) return magnitudes;
+  if (options.dora_magnitudes != "coded") return magnitudes;
+  if (!planned) {
+    const auto is_magnitude = [&](const auto& entry) { return !dora_magnitude_module(entry.first, c.key_prefix).empty(); };
+    if (options.warn && std::any_of(c.passthrough.begin(), c.passthrough.end(), is_magnitude))
+      options.warn("DoRA magnitudes stored exactly: mode " + options.mode + " does not plan them (the spectral modes code them against the base)");
+    return magnitudes;
+  }
   std::vector<std::string> exact_magnitudes;
   for (const auto& [key, t] : c.passthrough) {
     const std::string path = dora_magnitude_module(key, c.key_prefix);

@@ -836,6 +836,13 @@ TEST(Container, DoraMagnitudesCodedAgainstTheBase) {
   EXPECT_NE(warned.find("2 DoRA magnitude vector(s) stored exactly"), std::string::npos) << warned;
   o.dora_magnitudes = "fp8";
   EXPECT_SOLAR_ERROR(compress_adapter(a, base, o), ErrorKind::InvalidInput, "unknown DoRA magnitude coding");
+  // The paper's mode plans no budget: its magnitudes stay exact, and it says so.
+  o.dora_magnitudes = "coded";
+  o.mode = "paper";
+  o.paper.pool_a = o.paper.pool_b = 40;
+  warned.clear();
+  EXPECT_TRUE(compress_adapter(a, base, o).passthrough_magnitude.empty());
+  EXPECT_NE(warned.find("mode paper does not plan them"), std::string::npos) << warned;
 }
 
 // A tighter target spends more on the magnitude: its error falls as the plan's does.

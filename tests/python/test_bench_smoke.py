@@ -223,3 +223,11 @@ def test_dora_check_scores_coded_against_exact_magnitudes_at_equal_bytes(stories
     assert set(by) == {"coded", "exact"}
     assert all(r["bytes"] <= 2500 for r in by.values())
     assert by["coded"]["retention"] > by["exact"]["retention"] + 0.1, rows
+
+
+def test_dora_speed_times_one_layer_with_and_without_coded_magnitudes():
+    from bench import dora_check
+
+    rows = dora_check.speed(64, rank=4, repeats=1)
+    assert [r["magnitudes"] for r in rows] == ["exact", "coded"]
+    assert all(r["seconds"] > 0 for r in rows) and rows[1]["bytes"] < rows[0]["bytes"]
