@@ -144,6 +144,7 @@ int run_inspect(const InspectArgs& a) {
   for (const auto& m : r.magnitudes)
     std::printf("  DoRA magnitude of %-38s %s %8zu B\n", m.module.c_str(),
                 m.step_code ? ("step 2^(" + std::to_string(m.step_code - 200) + "/8)").c_str() : "W's row norms  ", m.blob_bytes);
+  std::printf("restoring needs the base model: %s\n", r.needs_base.empty() ? "no" : ("yes (" + r.needs_base + ")").c_str());
   std::printf("header+checksum %zu B, metadata %zu B (raw %zu), payload %zu B (raw %zu)\n", r.header_bytes, r.metadata_bytes,
               r.metadata_raw_bytes, r.payload_bytes, r.payload_raw_bytes);
   std::printf("total %zu bytes; as a PEFT file: fp32 %zu, fp16 %zu bytes; ratio to fp16 %.4f (%.1fx smaller)\n", r.file_bytes,

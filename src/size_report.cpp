@@ -68,6 +68,11 @@ SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes) {
   r.passthrough_magnitude_tensors = c.passthrough_magnitude.size();
   for (const auto& [key, code] : c.passthrough_magnitude)
     r.magnitudes.push_back({key, c.layers.at(code.layer).module, code.step_code, magnitude_blob(code).size()});
+  std::set<std::string> base_modes;
+  for (const LayerRecord& l : c.layers)
+    if (make_decoder(l.mode, "layer " + l.module)->needs_base()) base_modes.insert(l.mode);
+  for (const std::string& mode : base_modes) r.needs_base += (r.needs_base.empty() ? "" : ", ") + mode + " layers";
+  if (!c.passthrough_magnitude.empty()) r.needs_base += std::string(r.needs_base.empty() ? "" : ", ") + "DoRA magnitudes";
   r.peft_fp32_bytes = peft_file_bytes(c, DType::F32);
   r.peft_fp16_bytes = peft_file_bytes(c, DType::F16);
   return r;
@@ -97,7 +102,9 @@ nlohmann::json SizeReport::to_json() const {
           {"peft_fp16_bytes", peft_fp16_bytes},
           {"ratio_vs_fp16", peft_fp16_bytes ? static_cast<double>(file_bytes) / static_cast<double>(peft_fp16_bytes) : 0.0},
           {"layers", L},
-          {"magnitudes", M}};
+          {"magnitudes", M},
+          {"needs_base", !needs_base.empty()},
+          {"needs_base_for", needs_base}};
 }
 
 }  // namespace solar

@@ -98,6 +98,9 @@ struct SizeReport {
     size_t blob_bytes = 0;
   };
   std::vector<Magnitude> magnitudes;
+  // Restoring reads the base model: layers of a mode that uses W (paper, spectral-w) or coded
+  // DoRA magnitudes; the reason, for people ("" when it does not).
+  std::string needs_base;
   nlohmann::json to_json() const;
 };
 SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes);

@@ -59,8 +59,10 @@ class CompressedAdapter:
 
         Keys: file_bytes, header_bytes, metadata_bytes, metadata_raw_bytes, payload_bytes,
         payload_raw_bytes, passthrough_raw_bytes, lora_params, peft_fp32_bytes, peft_fp16_bytes,
-        ratio_vs_fp16, layers (module, mode, shape [out, in, r], params, payload_bytes).
-        Same as ``solar inspect --json``.
+        ratio_vs_fp16, layers (module, mode, shape [out, in, r], params, payload_bytes),
+        magnitudes (coded DoRA magnitudes: key, module, step_code, blob_bytes), needs_base (whether
+        :func:`restore` reads the base model) and needs_base_for (why: "paper layers",
+        "DoRA magnitudes", ...). Same as ``solar inspect --json``.
         """
         return json.loads(self._c.report_json())
 

@@ -155,6 +155,7 @@ TEST_F(Cli, DoraMagnitudesAreCodedAgainstTheBase) {
   ASSERT_EQ(i.code, 0) << i.err;
   EXPECT_NE(i.out.find("10 DoRA magnitudes coded against the base"), std::string::npos) << i.out;
   EXPECT_NE(i.out.find("DoRA magnitude of layers.4.attention.wv"), std::string::npos) << i.out;
+  EXPECT_NE(i.out.find("restoring needs the base model: yes (DoRA magnitudes)"), std::string::npos) << i.out;
   const CliResult no_base = run("decompress " + dir_.file("d.solar") + " --out " + dir_.file("r") + " -q", dir_);
   EXPECT_EQ(no_base.code, 1);
   EXPECT_NE(no_base.err.find("needed by the DoRA magnitude of module layers.0.attention.wq"), std::string::npos) << no_base.err;

@@ -735,6 +735,17 @@ TEST(Container, V7WithoutMagnitudesIsV6ButForTheVersionByte) {
   EXPECT_EQ(serialize_container(c), relabelled(bytes_of(kGoldenV6), 7));
 }
 
+// What restoring a file reads, as inspect reports it.
+TEST(Container, SizeReportSaysWhenRestoringNeedsTheBase) {
+  const auto needs = [](const std::string& file) {
+    const auto bytes = test::read_bytes(SOLAR_SOURCE_DIR "/tests/fixtures/" + file);
+    return size_report(parse_container(bytes.data(), bytes.size(), file), bytes).needs_base;
+  };
+  EXPECT_EQ(needs("golden_v6_spectral.solar"), "");
+  EXPECT_EQ(needs("golden_v1.solar"), "paper layers");
+  EXPECT_EQ(needs("golden_v7_spectral.solar"), "DoRA magnitudes");
+}
+
 // Format v7: the v6 adapter with DoRA magnitudes on two layers, against a base of Philox
 // weights (seed 2029): layers.0.attn.q's moved by training-sized amounts (coded with a residual),
 // in BF16; layers.1.attn.v's left at W's row norms (step code 0).

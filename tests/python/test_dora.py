@@ -96,8 +96,9 @@ def test_coded_magnitudes_need_the_base(stories_ckpt):
     with pytest.raises(solar.SolarError, match="DoRA magnitude of module layers.0.attention.wq"):
         solar.restore(packed, None)
     # Without a base at compress time they stay exact (and the file restores without one).
+    assert packed.report()["needs_base"] and packed.report()["needs_base_for"] == "DoRA magnitudes"
     free = solar.compress(DORA, None, target_error=0.1)
-    assert free.report()["passthrough_magnitude_tensors"] == 0
+    assert free.report()["passthrough_magnitude_tensors"] == 0 and not free.report()["needs_base"]
     restored = solar.restore(free, None)
     original = load_file(str(DORA / "adapter_model.safetensors"))
     key = next(k for k in original if k.endswith(MAG))
