@@ -54,9 +54,19 @@ def stats_path(model: str, first_order: bool | None = None, earlier: bool = Fals
     return CACHE / f"{model}_kfac.safetensors"
 
 
-def _stories(out: Path, first_order: bool = False, earlier: bool = False) -> None:
-    import torch
+def stories_lm_loss(m, batch):
+    """stories260K's next-token loss on a batch of windows ({"input_ids": (b, seq_len + 1)})."""
     import torch.nn.functional as F
+
+    x = batch["input_ids"]
+    logits = m(x[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+
+# Each calibrator takes `adapter_dir` to calibrate another adapter of the same model on the same
+# data (bench.dora_check: the DoRA fixtures); by default the benchmark's LoRA fixture.
+def _stories(out: Path, first_order: bool = False, earlier: bool = False, adapter_dir: Path | None = None) -> None:
+    import torch
     from peft import PeftModel
 
     import solar
@@ -66,20 +76,14 @@ def _stories(out: Path, first_order: bool = False, earlier: bool = False) -> Non
 
     tok = Tokenizer(str(stories260k_dir() / "tok512.bin"))
     train, _ = shakespeare_splits(tok)
-    model = PeftModel.from_pretrained(load_stories260k(), str(fixtures_dir() / "stories260k_lora_r4"))
+    model = PeftModel.from_pretrained(load_stories260k(), str(adapter_dir or fixtures_dir() / "stories260k_lora_r4"))
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, len(train) - 257, (32,), generator=g).tolist()
     batches = [{"input_ids": train[s: s + 257][None]} for s in starts]
-
-    def lm_loss(m, batch):
-        x = batch["input_ids"]
-        logits = m(x[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-
-    solar.calibrate(model, batches, loss_fn=lm_loss, first_order=first_order, out=out)
+    solar.calibrate(model, batches, loss_fn=stories_lm_loss, first_order=first_order, out=out)
 
 
-def _minilm(out: Path, first_order: bool = False, earlier: bool = False) -> None:
+def _minilm(out: Path, first_order: bool = False, earlier: bool = False, adapter_dir: Path | None = None) -> None:
     import torch
     from peft import PeftModel
 
@@ -88,7 +92,7 @@ def _minilm(out: Path, first_order: bool = False, earlier: bool = False) -> None
     from bench.fixtures.train_minilm_sst2 import load_base_model, load_sst2, load_tokenizer
 
     tok = load_tokenizer()
-    model = PeftModel.from_pretrained(load_base_model(), str(fixtures_dir() / "minilm_sst2_lora_r8"))
+    model = PeftModel.from_pretrained(load_base_model(), str(adapter_dir or fixtures_dir() / "minilm_sst2_lora_r8"))
     examples = load_sst2("train")[-512:]
 
     def batches():
@@ -101,7 +105,7 @@ def _minilm(out: Path, first_order: bool = False, earlier: bool = False) -> None
     solar.calibrate(model, batches(), first_order=first_order, out=out)
 
 
-def _smollm2(out: Path, first_order: bool = False, earlier: bool = False) -> None:
+def _smollm2(out: Path, first_order: bool = False, earlier: bool = False, adapter_dir: Path | None = None) -> None:
     from peft import PeftModel
 
     import solar
@@ -110,7 +114,7 @@ def _smollm2(out: Path, first_order: bool = False, earlier: bool = False) -> Non
                                                   load_tokenizer, target_loss)
 
     tok = load_tokenizer()
-    model = PeftModel.from_pretrained(load_base_model(), str(fixtures_dir() / "smollm2_e2e_lora_r8"))
+    model = PeftModel.from_pretrained(load_base_model(), str(adapter_dir or fixtures_dir() / "smollm2_e2e_lora_r8"))
     examples = calib_examples() if earlier else heldout_examples(256)
     batches = [collate(tok, examples[i: i + 16]) for i in range(0, len(examples), 16)]
     solar.calibrate(model, batches, loss_fn=target_loss, first_order=first_order, out=out)

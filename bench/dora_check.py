@@ -55,43 +55,11 @@ def make_task(model: str, windows: int | None):
 
 def calibration_stats(model: str) -> Path:
     """K-FAC statistics of the DoRA model, on bench.calibration's data for the LoRA fixture."""
-    import torch.nn.functional as F
-    from peft import PeftModel
-
-    import solar
-    from bench.calibration import CACHE, cached
+    from bench.calibration import CACHE, CALIBRATORS, cached
 
     def make(tmp: Path) -> None:
         torch.manual_seed(0)
-        if model == "stories260k":
-            from bench.fixtures.paths import stories260k_dir
-            from bench.fixtures.stories import Tokenizer, load_stories260k
-            from bench.fixtures.train_stories_lora import shakespeare_splits
-
-            train, _ = shakespeare_splits(Tokenizer(str(stories260k_dir() / "tok512.bin")))
-            peft_model = PeftModel.from_pretrained(load_stories260k(), str(dora_dir(model)))
-            g = torch.Generator().manual_seed(0)
-            starts = torch.randint(0, len(train) - 257, (32,), generator=g).tolist()
-
-            def lm_loss(m, batch):
-                x = batch["input_ids"]
-                logits = m(x[:, :-1])
-                return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-
-            solar.calibrate(peft_model, [{"input_ids": train[s: s + 257][None]} for s in starts], loss_fn=lm_loss, out=tmp)
-            return
-        from bench.fixtures.train_minilm_sst2 import load_base_model, load_sst2, load_tokenizer
-
-        tok = load_tokenizer()
-        peft_model = PeftModel.from_pretrained(load_base_model(), str(dora_dir(model)))
-        examples = load_sst2("train")[-512:]
-        batches = []
-        for i in range(0, len(examples), 32):
-            chunk = examples[i: i + 32]
-            enc = tok([t for t, _ in chunk], padding=True, truncation=True, max_length=64, return_tensors="pt")
-            enc["labels"] = torch.tensor([y for _, y in chunk])
-            batches.append(dict(enc))
-        solar.calibrate(peft_model, batches, out=tmp)
+        CALIBRATORS[model](tmp, adapter_dir=dora_dir(model))
 
     return cached(CACHE / f"{model}_dora_kfac.safetensors", make)
 

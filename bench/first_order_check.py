@@ -181,13 +181,12 @@ STORIES_HELD_OUT = 104  # validation windows after the benchmark's 64 used for c
 
 
 def stories_held_out(budgets: list[int]) -> None:
-    import torch.nn.functional as F
     from peft import PeftModel
     from safetensors.torch import load_file, save_file
 
     import solar
     from bench.balance_check import references, retention_cells, tuning_task
-    from bench.calibration import CACHE, cached, ensure
+    from bench.calibration import CACHE, cached, ensure, stories_lm_loss
     from bench.evaluate import StoriesTask
     from bench.fixtures.paths import fixtures_dir, stories260k_dir
     from bench.fixtures.stories import Tokenizer, eval_windows, load_stories260k
@@ -202,13 +201,7 @@ def stories_held_out(budgets: list[int]) -> None:
     def make(out: Path) -> None:
         torch.manual_seed(0)
         model = PeftModel.from_pretrained(load_stories260k(), str(fixtures_dir() / "stories260k_lora_r4"))
-
-        def lm_loss(m, batch):
-            x = batch["input_ids"]
-            logits = m(x[:, :-1])
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-
-        solar.calibrate(model, [{"input_ids": calib[i: i + 8]} for i in range(0, len(calib), 8)], loss_fn=lm_loss,
+        solar.calibrate(model, [{"input_ids": calib[i: i + 8]} for i in range(0, len(calib), 8)], loss_fn=stories_lm_loss,
                         first_order=True, out=out)
 
     held = cached(CACHE / f"stories260k_first_order_check_held_out_{STORIES_HELD_OUT}.safetensors", make)

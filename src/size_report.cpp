@@ -68,10 +68,10 @@ SizeReport size_report(const Container& c, const std::vector<uint8_t>& bytes) {
   r.passthrough_magnitude_tensors = c.passthrough_magnitude.size();
   for (const auto& [key, code] : c.passthrough_magnitude)
     r.magnitudes.push_back({key, c.layers.at(code.layer).module, code.step_code, magnitude_blob(code).size()});
-  std::set<std::string> base_modes;
-  for (const LayerRecord& l : c.layers)
-    if (make_decoder(l.mode, "layer " + l.module)->needs_base()) base_modes.insert(l.mode);
-  for (const std::string& mode : base_modes) r.needs_base += (r.needs_base.empty() ? "" : ", ") + mode + " layers";
+  std::set<std::string> modes;
+  for (const LayerRecord& l : c.layers) modes.insert(l.mode);
+  for (const std::string& mode : modes)
+    if (make_decoder(mode, "size report")->needs_base()) r.needs_base += (r.needs_base.empty() ? "" : ", ") + mode + " layers";
   if (!c.passthrough_magnitude.empty()) r.needs_base += std::string(r.needs_base.empty() ? "" : ", ") + "DoRA magnitudes";
   r.peft_fp32_bytes = peft_file_bytes(c, DType::F32);
   r.peft_fp16_bytes = peft_file_bytes(c, DType::F16);

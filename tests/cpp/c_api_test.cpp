@@ -42,6 +42,28 @@ std::vector<std::pair<std::string, Tensor>> tensors_of(const solar_adapter* a) {
   return out;
 }
 
+// The bytes solar_compress gives for `dir` (params NULL: the defaults); empty, with a test
+// failure naming the message, when it fails.
+std::vector<uint8_t> c_compress(const std::string& dir, const solar_weights* base, const solar_compress_params* params) {
+  uint8_t* out = nullptr;
+  size_t size = 0;
+  Err err;
+  const solar_status status = solar_compress(dir.c_str(), base, params, &out, &size, err.text, sizeof err.text);
+  if (status != SOLAR_OK) {
+    ADD_FAILURE() << "solar_compress: " << solar_status_name(status) << ": " << err.str();
+    return {};
+  }
+  std::vector<uint8_t> bytes(out, out + size);
+  solar_free(out);
+  return bytes;
+}
+
+// The same through the C++ pipeline, mode spectral.
+std::vector<uint8_t> core_compress(const PeftAdapter& adapter, const WeightSource& base, CompressOptions o) {
+  o.mode = "spectral";
+  return serialize_container(compress_adapter(adapter, base, o));
+}
+
 void expect_same_tensors(const std::vector<std::pair<std::string, Tensor>>& got,
                          const std::vector<std::pair<std::string, Tensor>>& want) {
   ASSERT_EQ(got.size(), want.size());
@@ -121,21 +143,16 @@ TEST(CApi, CompressGivesTheCoreBytesWithinTheBudget) {
   solar_compress_params p = solar_compress_default_params();
   p.target_bytes = 1500;
   p.threads = 2;
-  uint8_t* out = nullptr;
-  size_t size = 0;
   Err err;
-  ASSERT_EQ(solar_compress(kStories.c_str(), nullptr, &p, &out, &size, err.text, sizeof err.text), SOLAR_OK) << err.str();
+  const std::vector<uint8_t> bytes = c_compress(kStories, nullptr, &p);
   CompressOptions o;
-  o.mode = "spectral";
   o.target_bytes = 1500;
-  const auto want = serialize_container(compress_adapter(read_peft_adapter(kStories), InMemoryWeights(), o));
-  EXPECT_EQ(std::vector<uint8_t>(out, out + size), want);
-  EXPECT_LE(size, 1500u);
+  EXPECT_EQ(bytes, core_compress(read_peft_adapter(kStories), InMemoryWeights(), o));
+  EXPECT_LE(bytes.size(), 1500u);
 
   solar_adapter* a = nullptr;
-  ASSERT_EQ(solar_restore(out, size, nullptr, 0, &a, err.text, sizeof err.text), SOLAR_OK) << err.str();
+  ASSERT_EQ(solar_restore(bytes.data(), bytes.size(), nullptr, 0, &a, err.text, sizeof err.text), SOLAR_OK) << err.str();
   EXPECT_EQ(solar_adapter_tensor_count(a), 20u);  // 10 modules, A and B
-  solar_free(out);
 
   // Saved, it is a PEFT directory whose tensors are the ones handed out.
   const test::TempDir dir;
@@ -145,11 +162,8 @@ TEST(CApi, CompressGivesTheCoreBytesWithinTheBudget) {
   solar_adapter_free(a);
 
   // params = NULL is the default (target error 0.05), the same as the CLI's spectral default.
-  ASSERT_EQ(solar_compress(kStories.c_str(), nullptr, nullptr, &out, &size, err.text, sizeof err.text), SOLAR_OK);
   o.target_bytes.reset();
-  EXPECT_EQ(std::vector<uint8_t>(out, out + size),
-            serialize_container(compress_adapter(read_peft_adapter(kStories), InMemoryWeights(), o)));
-  solar_free(out);
+  EXPECT_EQ(c_compress(kStories, nullptr, nullptr), core_compress(read_peft_adapter(kStories), InMemoryWeights(), o));
 }
 
 // DoRA: with a base the default codes the magnitudes against it (the C++ path's bytes), and the
@@ -162,28 +176,24 @@ TEST(CApi, DoraMagnitudesAreCodedWithABase) {
   ASSERT_EQ(solar_weights_open(ckpt.c_str(), &base, err.text, sizeof err.text), SOLAR_OK) << err.str();
   solar_compress_params p = solar_compress_default_params();
   p.target_bytes = 2500;
-  uint8_t* out = nullptr;
-  size_t size = 0;
-  ASSERT_EQ(solar_compress(dora.c_str(), base, &p, &out, &size, err.text, sizeof err.text), SOLAR_OK) << err.str();
+  const std::vector<uint8_t> bytes = c_compress(dora, base, &p);
   CompressOptions o;
   o.mode = "spectral";
   o.target_bytes = 2500;
   const Checkpoint ck(ckpt);
   const Container c = compress_adapter(read_peft_adapter(dora), ck, o);
   EXPECT_EQ(c.passthrough_magnitude.size(), 10u);
-  EXPECT_EQ(std::vector<uint8_t>(out, out + size), serialize_container(c));
+  EXPECT_EQ(bytes, serialize_container(c));
   solar_adapter* a = nullptr;
-  EXPECT_EQ(solar_restore(out, size, nullptr, 1, &a, err.text, sizeof err.text), SOLAR_ERROR_MISMATCH);
+  EXPECT_EQ(solar_restore(bytes.data(), bytes.size(), nullptr, 1, &a, err.text, sizeof err.text), SOLAR_ERROR_MISMATCH);
   EXPECT_NE(err.str().find("DoRA magnitude"), std::string::npos) << err.str();
-  ASSERT_EQ(solar_restore(out, size, base, 1, &a, err.text, sizeof err.text), SOLAR_OK) << err.str();
+  ASSERT_EQ(solar_restore(bytes.data(), bytes.size(), base, 1, &a, err.text, sizeof err.text), SOLAR_OK) << err.str();
   EXPECT_EQ(solar_adapter_tensor_count(a), 30u);  // 10 modules' A, B and magnitude
   solar_adapter_free(a);
-  solar_free(out);
   p.dora_magnitudes = "exact";
-  ASSERT_EQ(solar_compress(dora.c_str(), base, &p, &out, &size, err.text, sizeof err.text), SOLAR_OK) << err.str();
-  ASSERT_EQ(solar_restore(out, size, nullptr, 1, &a, err.text, sizeof err.text), SOLAR_OK) << err.str();
+  const std::vector<uint8_t> exact = c_compress(dora, base, &p);
+  ASSERT_EQ(solar_restore(exact.data(), exact.size(), nullptr, 1, &a, err.text, sizeof err.text), SOLAR_OK) << err.str();
   solar_adapter_free(a);
-  solar_free(out);
   solar_weights_free(base);
 }
 
@@ -257,18 +267,13 @@ TEST(CApi, CalibrationStatisticsComeAsWeights) {
   solar_compress_params p = solar_compress_default_params();
   p.target_error = 0.3;
   p.calibration = calib;
-  uint8_t* out = nullptr;
-  size_t size = 0;
-  ASSERT_EQ(solar_compress(kStories.c_str(), nullptr, &p, &out, &size, err.text, sizeof err.text), SOLAR_OK) << err.str();
   CompressOptions o;
-  o.mode = "spectral";
   o.target_error = 0.3;
   o.calibration = &want_stats;
-  const auto want = serialize_container(compress_adapter(adapter, InMemoryWeights(), o));
-  EXPECT_EQ(std::vector<uint8_t>(out, out + size), want);
+  const auto want = core_compress(adapter, InMemoryWeights(), o);
+  EXPECT_EQ(c_compress(kStories, nullptr, &p), want);
   o.calibration = nullptr;
-  EXPECT_NE(want, serialize_container(compress_adapter(adapter, InMemoryWeights(), o)));  // the statistics count
-  solar_free(out);
+  EXPECT_NE(want, core_compress(adapter, InMemoryWeights(), o));  // the statistics count
   solar_weights_free(calib);
 }
 

@@ -19,12 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
-def torch_int16():
-    import torch
-
-    return torch.int16
-
-
 # --- Layout ---------------------------------------------------------------------------------------
 
 def leb128(data: bytes, pos: int) -> tuple[int, int]:
@@ -290,9 +284,10 @@ def test_independent_decoder_restores_the_golden_files(name):
     assert version == int(name[8])
     restored = decode_spectral(version, meta, payload)
     if version >= 7:  # BF16 magnitudes: compared as bit patterns
+        import torch
         from safetensors.torch import load_file as load_torch
 
-        expected = {k: (v.view(torch_int16()).numpy().view(np.uint16) if str(v.dtype) == "torch.bfloat16" else v.numpy())
+        expected = {k: (v.view(torch.int16).numpy().view(np.uint16) if v.dtype == torch.bfloat16 else v.numpy())
                     for k, v in load_torch(str(FIXTURES / f"{name}_expected.safetensors")).items()}
     else:
         expected = load_file(str(FIXTURES / f"{name}_expected.safetensors"))
