@@ -45,7 +45,7 @@ EXTRA_METHODS: list[Callable[[str, bool], list[Method]]] = []
 
 FAMILY_ORDER = ["peft", "int-quant", "svd-fp16", "svd+int8", "svd+int4", "svd+int3/2", "compeft", "nola",
                 "solar-paper", "solar-paper-refit", "solar-paper-omp", "solar-spectral", "solar-spectral-abs", "solar-spectral-w",
-                "solar-spectral-wgram", "solar-spectral-cal", "solar-spectral-selfcal"]
+                "solar-spectral-wgram", "solar-spectral-cal", "solar-spectral-selfcal", "solar-spectral-refine"]
 
 # Calibrated spectral: K-FAC statistics from bench/calibration.py (computed once, cached).
 # Finer steps where the retention levels of the headline (90 / 95 / 99 %) are crossed.
@@ -154,9 +154,33 @@ def methods_for(model: str, rank: int, smoke: bool = False) -> list[Method]:
     return ms
 
 
-# The families a user would aim by size (`--target-bytes`): data-free, calibrated, self-calibrated.
+# The families a user would aim by size (`--target-bytes`): data-free, calibrated, self-calibrated,
+# and calibrated with the model in the loop (`solar.refine`; half-size checks only, ~75 s a point).
 SPECTRAL_PREFIX = {"solar-spectral": "spectral", "solar-spectral-cal": "spectral+calib",
-                   "solar-spectral-selfcal": "spectral+selfcal"}
+                   "solar-spectral-selfcal": "spectral+selfcal", "solar-spectral-refine": "spectral+calib+refine"}
+# Where refine runs in the report: stories260K. On MiniLM it kept less of the gain than plain compress
+# at 4,325 B with every objective tried (bench.refine_check); SmolLM2's rounds take minutes each.
+REFINED = {"stories260k"}
+
+
+def _refine_encode(adapter, path, model: str, target_bytes: int) -> dict:
+    import solar
+    from bench.calibration import stats_path
+    from bench.refine_check import SETUPS
+
+    peft_model, batches, output_fn, options = SETUPS[model]()
+    if adapter.passthrough_coding != "matched":
+        options["passthrough"] = adapter.passthrough_coding
+    packed = solar.refine(peft_model, batches, None, target_bytes=target_bytes, output_fn=output_fn,
+                          calibration=str(stats_path(model)), **options)
+    packed.save(path)
+    return {"kl": packed.refinement["kl"], "best_round": packed.refinement["best"]}
+
+
+def _refine_decode(adapter, path) -> dict:
+    import solar
+
+    return solar.restore(path, None)
 
 
 def spectral_method(model: str, family: str, target_error: float | None = None,
@@ -164,6 +188,10 @@ def spectral_method(model: str, family: str, target_error: float | None = None,
     """A point of one of the SPECTRAL_PREFIX families, aimed by --target-error (named "t=...") or
     by --target-bytes (named "B=...")."""
     assert (target_error is None) != (target_bytes is None)
+    if family == "solar-spectral-refine":
+        assert target_bytes is not None, "refine is aimed by size only"
+        return Method(f"{SPECTRAL_PREFIX[family]} B={target_bytes}", family, codec=(_refine_encode, _refine_decode),
+                      params={"model": model, "target_bytes": target_bytes})
     args = ["--mode", "spectral"]
     if family == "solar-spectral-cal":
         from bench.calibration import stats_path

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from bench import report  # noqa: E402
 from bench.adapters import Adapter, load_adapter, passthrough_identical, relative_error  # noqa: E402
 from bench.evaluate import TASKS, Task, retention  # noqa: E402
-from bench.methods import SPECTRAL_PREFIX, Method, methods_for, spectral_method  # noqa: E402
+from bench.methods import REFINED, SPECTRAL_PREFIX, Method, methods_for, spectral_method  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -164,7 +164,7 @@ def train_seconds(task: Task) -> float | None:
 
 def ensure_statistics(model: str, task: Task, methods: list[Method]) -> None:
     """The statistics files the methods' commands read, computed once (cached)."""
-    if any(m.family == "solar-spectral-cal" for m in methods):
+    if any(m.family in ("solar-spectral-cal", "solar-spectral-refine") for m in methods):
         from bench.calibration import ensure
         ensure(model)  # the K-FAC statistics the calibrated points read
     if any(m.family == "solar-spectral-selfcal" for m in methods):
@@ -179,6 +179,8 @@ def half_size_methods(model: str, res: dict) -> list[tuple[Method, int]]:
     their budgets."""
     out, seen = [], set()
     fams = [f for f in SPECTRAL_PREFIX if any(p["family"] == f for p in res["points"])]
+    if model in REFINED and "solar-spectral-cal" in fams:  # refine has no grid: half-size checks only
+        fams.append("solar-spectral-refine")
     for lv in report.GOAL_LEVELS:
         sol, oth = report.cell_winners(res, lv)
         if not oth or (sol and 2 * sol["bytes"] <= oth["bytes"]):

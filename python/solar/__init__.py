@@ -10,6 +10,7 @@ command line tool, so both write identical files.
     packed.save("my-adapter.solar")
     stats = solar.self_calibrate(peft_model)   # causal LMs: statistics without data (or solar.calibrate)
     packed = solar.compress(peft_model, None, target_bytes=6000, calibration=stats)
+    packed = solar.refine(peft_model, batches, None, target_bytes=6000, calibration=stats)  # model in the loop
     print(packed.report()["ratio_vs_fp16"])
 
     tensors = solar.restore("my-adapter.solar", "base-model/")       # {PEFT key: torch.Tensor}
@@ -21,6 +22,7 @@ Errors are :class:`SolarError` subclasses carrying the core's message.
 from . import _ext
 from .api import CompressedAdapter, compress, load, restore, restore_to_dir, restore_to_peft
 from .calibrate import calibrate, sample_text, self_calibrate
+from .refine import refine
 from .errors import (
     CorruptError,
     FormatError,
@@ -45,6 +47,7 @@ __all__ = [
     "restore_to_peft",
     "calibrate",
     "self_calibrate",
+    "refine",
     "sample_text",
     "SolarError",
     "FormatError",

