@@ -10,6 +10,8 @@ split the other checks use (bench.balance_check.tuning_task), and the KL diverge
 own batches of round 0 (plain compress) and of the file kept.
 
     python -m bench.refine_check [--models stories260k minilm_sst2] [--steps 32] [--step-size 0.002]
+    python -m bench.refine_check --models stories260k --self   # no data: self-generated statistics and text
+    python -m bench.refine_check --models minilm_sst2 --bytes 4325 [--no-first-order] [--hidden]
 """
 from __future__ import annotations
 
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--step-size", type=float, default=0.002)
     ap.add_argument("--hidden", action="store_true",
                     help="MiniLM: match the last hidden states (squared distance) instead of the classifier's outputs")
+    ap.add_argument("--self", dest="self_text", action="store_true",
+                    help="stories260K without data: self-generated statistics (the solar-spectral-selfcal family's) "
+                         "and refine on 128 sequences the adapted model samples (solar.sample_text, seed 1)")
     ap.add_argument("--no-first-order", action="store_true",
                     help="MiniLM: K-FAC statistics without the first-order entries the benchmark's carry")
     args = ap.parse_args(argv)
@@ -83,6 +88,12 @@ def main(argv: list[str] | None = None) -> None:
         tasks = {"eval": TASKS[name](), "tuning": tuning_task(name)}
         refs = {k: references(t) for k, t in tasks.items()}
         stats = str(ensure(name, first_order=False if args.no_first_order else None))
+        if args.self_text:
+            from bench.self_calibration import SELF_CALIBRATED, ensure_self
+
+            stats = str(ensure_self(name))
+            ids = solar.sample_text(model, sequences=128, length=256, seed=1, **SELF_CALIBRATED[name])
+            batches = [ids[i: i + 32] for i in range(0, len(ids), 32)]
         base = str(tasks["eval"].base_path)
 
         def cells(packed) -> str:
