@@ -174,7 +174,7 @@ def _refine_encode(adapter, path, model: str, target_bytes: int) -> dict:
     packed = solar.refine(peft_model, batches, None, target_bytes=target_bytes, output_fn=output_fn,
                           calibration=str(stats_path(model)), **options)
     packed.save(path)
-    return {"kl": packed.refinement["kl"], "best_round": packed.refinement["best"]}
+    return {"divergence": packed.refinement["divergence"], "best_round": packed.refinement["best"]}
 
 
 def _refine_decode(adapter, path) -> dict:

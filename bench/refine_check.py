@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             refined = solar.refine(model, batches, base, target_bytes=budget, steps=args.steps, step_size=args.step_size,
                                    output_fn=output_fn, objective=objective, calibration=stats, **options)
             took = time.time() - t0
-            kl = refined.refinement["kl"]
+            kl = refined.refinement["divergence"]
             print(f"| {budget:,} | {cells(plain)} ({plain.nbytes:,} B) | {cells(refined)} ({refined.nbytes:,} B) | "
                   f"{kl[0]:.4f} → {kl[refined.refinement['best']]:.4f} (round {refined.refinement['best']}) | "
                   f"{took:.0f} s |", flush=True)

@@ -81,7 +81,7 @@ def refine(
             squared distance), summed over the last axis and averaged over positions.
         compress_options: passed on to :func:`solar.compress` (``calibration``, ``mode``, ...).
 
-    Returns the smallest-divergence file, with ``.refinement`` = ``{"kl": [...], "bytes": [...],
+    Returns the smallest-divergence file, with ``.refinement`` = ``{"divergence": [...], "bytes": [...],
     "best": i}`` for every round (round 0 is plain ``compress``).
     """
     import torch
@@ -185,7 +185,7 @@ def refine(
         for p in lora_params:
             p.requires_grad_(True)
         hooks = [m.register_forward_hook(capture(path)) for path, (m, _s, _a, _b) in layers.items()]
-        history = {"kl": [], "bytes": []}
+        history = {"divergence": [], "bytes": []}
         best = None
         for step in range(steps + 1):
             packed = compress((as_adapter(), peft_config), base, target_bytes=int(target_bytes), **compress_options)
@@ -201,7 +201,7 @@ def refine(
                     loss.backward()
                 divergence += float(loss.detach())
                 model.zero_grad(set_to_none=True)
-            history["kl"].append(divergence)
+            history["divergence"].append(divergence)
             history["bytes"].append(packed.nbytes)
             if best is None or divergence < best[0]:
                 best = (divergence, step, packed)
@@ -287,7 +287,7 @@ def cli_main(argv=None) -> int:
     except (OSError, ValueError, SolarError) as e:
         print(f"solar refine: error: {e}", file=sys.stderr)
         return 1
-    kl = packed.refinement["kl"]
+    kl = packed.refinement["divergence"]
     print(f"wrote {args.out} ({packed.nbytes} B; divergence {kl[0]:.4g} -> {kl[packed.refinement['best']]:.4g}, "
           f"round {packed.refinement['best']} of {args.steps})")
     return 0
