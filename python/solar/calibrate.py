@@ -321,6 +321,28 @@ def _text_batches(tokenizer, path: str, length: int, sequences: int) -> list:
     return [{"input_ids": windows[i: i + 4]} for i in range(0, count, 4)]
 
 
+def _add_model_arguments(ap) -> None:
+    """The options every ``python -m solar`` command takes to load a Hugging Face causal LM with its
+    PEFT adapter and to read (``--text``) or sample (``--self``) its text."""
+    ap.add_argument("--base-model", required=True, help="Hugging Face model directory (AutoModelForCausalLM)")
+    ap.add_argument("--gguf-file", help="a GGUF file inside --base-model to load (transformers gguf_file=)")
+    ap.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    ap.add_argument("--sequences", type=int, default=32, help="windows or sampled sequences (default 32)")
+    ap.add_argument("--length", type=int, default=256, help="tokens per window or sequence (default 256)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed for --self (default 0)")
+
+
+def _load_causal_lm(args):
+    """The adapted model (fp32, eval mode) and a loader of its tokenizer, from those options."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32, **extra)
+    return PeftModel.from_pretrained(model, args.adapter).eval(), (lambda: AutoTokenizer.from_pretrained(args.base_model, **extra))
+
+
 def cli_main(argv=None) -> int:
     """``python -m solar calibrate``: statistics for ``solar compress --calib`` from a Hugging Face
     causal LM and its PEFT adapter, from a text file or (``--self``) from the model's own text."""
@@ -328,17 +350,12 @@ def cli_main(argv=None) -> int:
     import sys
 
     ap = argparse.ArgumentParser(prog="python -m solar calibrate", description=cli_main.__doc__.split("\n\n")[0])
-    ap.add_argument("--base-model", required=True, help="Hugging Face model directory (AutoModelForCausalLM)")
-    ap.add_argument("--gguf-file", help="a GGUF file inside --base-model to load (transformers gguf_file=)")
-    ap.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    _add_model_arguments(ap)
     ap.add_argument("--out", required=True, help="statistics file to write (safetensors)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="UTF-8 text file to calibrate on (consecutive windows)")
     src.add_argument("--self", dest="self_generated", action="store_true",
                      help="no data: the adapted model writes its own calibration text")
-    ap.add_argument("--sequences", type=int, default=32, help="windows or sampled sequences (default 32)")
-    ap.add_argument("--length", type=int, default=256, help="tokens per window or sequence (default 256)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed for --self (default 0)")
     ap.add_argument("--first-order", action="store_true",
                     help="with --text the adapter was not trained on: also record mean gradients and the loss "
                          "curvature, so that the codec counts what dropping a component costs to first order")
@@ -350,19 +367,12 @@ def cli_main(argv=None) -> int:
         print("solar calibrate: error: --sequences and --length must be positive", file=sys.stderr)
         return 2
     try:
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32, **extra)
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        model, tokenizer = _load_causal_lm(args)
         tmp = args.out + ".tmp"
         if args.self_generated:
             self_calibrate(model, sequences=args.sequences, length=args.length, seed=args.seed, out=tmp)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(args.base_model, **extra)
-            calibrate(model, _text_batches(tokenizer, args.text, args.length, args.sequences),
+            calibrate(model, _text_batches(tokenizer(), args.text, args.length, args.sequences),
                       loss_fn=_next_token_loss, first_order=args.first_order, out=tmp)
         os.replace(tmp, args.out)  # atomic: a failed run leaves no half-written statistics
     except (OSError, ValueError) as e:

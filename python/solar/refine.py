@@ -238,13 +238,11 @@ def cli_main(argv=None) -> int:
     import os
     import sys
 
-    from .calibrate import _logits, _text_batches, sample_text
+    from .calibrate import _add_model_arguments, _load_causal_lm, _logits, _text_batches, sample_text
     from .errors import SolarError
 
     ap = argparse.ArgumentParser(prog="python -m solar refine", description=cli_main.__doc__.split("\n\n")[0])
-    ap.add_argument("--base-model", required=True, help="Hugging Face model directory (AutoModelForCausalLM)")
-    ap.add_argument("--gguf-file", help="a GGUF file inside --base-model to load (transformers gguf_file=)")
-    ap.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    _add_model_arguments(ap)
     ap.add_argument("--out", required=True, help=".solar file to write")
     ap.add_argument("--target-bytes", type=int, required=True, help="the file's size limit")
     src = ap.add_mutually_exclusive_group(required=True)
@@ -252,9 +250,6 @@ def cli_main(argv=None) -> int:
     src.add_argument("--self", dest="self_generated", action="store_true",
                      help="no data: the adapted model's own text (seeded samples)")
     ap.add_argument("--calib", help="calibration statistics (python -m solar calibrate) for the codec's metric")
-    ap.add_argument("--sequences", type=int, default=32, help="windows or sampled sequences (default 32)")
-    ap.add_argument("--length", type=int, default=256, help="tokens per window or sequence (default 256)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed for --self (default 0)")
     ap.add_argument("--steps", type=int, default=32, help="compress-restore rounds (default 32)")
     ap.add_argument("--step-size", type=float, default=0.002, help="share of each update moved per round")
     args = ap.parse_args(argv)
@@ -267,19 +262,12 @@ def cli_main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32, **extra)
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        model, tokenizer = _load_causal_lm(args)
         if args.self_generated:
             ids = sample_text(model, sequences=args.sequences, length=args.length, seed=args.seed)
             batches = [{"input_ids": ids[i: i + 4]} for i in range(0, ids.shape[0], 4)]
         else:
-            batches = _text_batches(AutoTokenizer.from_pretrained(args.base_model, **extra), args.text, args.length,
-                                    args.sequences)
+            batches = _text_batches(tokenizer(), args.text, args.length, args.sequences)
         packed = refine(model, batches, None, target_bytes=args.target_bytes, steps=args.steps,
                         step_size=args.step_size, output_fn=lambda m, b: _logits(m(input_ids=b["input_ids"])),
                         calibration=args.calib)
