@@ -45,7 +45,8 @@ EXTRA_METHODS: list[Callable[[str, bool], list[Method]]] = []
 
 FAMILY_ORDER = ["peft", "int-quant", "svd-fp16", "svd+int8", "svd+int4", "svd+int3/2", "compeft", "nola",
                 "solar-paper", "solar-paper-refit", "solar-paper-omp", "solar-spectral", "solar-spectral-abs", "solar-spectral-w",
-                "solar-spectral-wgram", "solar-spectral-cal", "solar-spectral-selfcal", "solar-spectral-refine"]
+                "solar-spectral-wgram", "solar-spectral-cal", "solar-spectral-selfcal", "solar-spectral-rw",
+                "solar-spectral-refine"]
 
 # Calibrated spectral: K-FAC statistics from bench/calibration.py (computed once, cached).
 # Finer steps where the retention levels of the headline (90 / 95 / 99 %) are crossed.
@@ -143,6 +144,10 @@ def methods_for(model: str, rank: int, smoke: bool = False) -> list[Method]:
                                       "--bits", "8", "--seed", "0"]))
         for t in SPECTRAL_CAL_TARGETS:
             ms.append(spectral_method(model, "solar-spectral-cal", target_error=t))
+        from bench.calibration import REWEIGH_BYTES
+        if model in REWEIGH_BYTES:  # the K-FAC statistics re-weighed with the model in the loop, once
+            for t in SPECTRAL_CAL_TARGETS:
+                ms.append(spectral_method(model, "solar-spectral-rw", target_error=t))
         from bench.self_calibration import SELF_CALIBRATED
         if model in SELF_CALIBRATED:  # causal LMs: statistics from the model's own samples, no data
             for t in SPECTRAL_CAL_TARGETS:
@@ -155,9 +160,11 @@ def methods_for(model: str, rank: int, smoke: bool = False) -> list[Method]:
 
 
 # The families a user would aim by size (`--target-bytes`): data-free, calibrated, self-calibrated,
-# and calibrated with the model in the loop (`solar.refine`; half-size checks only, ~75 s a point).
+# calibrated with statistics re-weighed by the model once (`solar.reweigh`), and calibrated with the
+# model in the loop for each file (`solar.refine`; half-size checks only, ~100 s a point).
 SPECTRAL_PREFIX = {"solar-spectral": "spectral", "solar-spectral-cal": "spectral+calib",
-                   "solar-spectral-selfcal": "spectral+selfcal", "solar-spectral-refine": "spectral+calib+refine"}
+                   "solar-spectral-selfcal": "spectral+selfcal", "solar-spectral-rw": "spectral+calib+reweigh",
+                   "solar-spectral-refine": "spectral+calib+refine"}
 # Where refine runs in the report: stories260K. On MiniLM it kept less of the gain than plain compress
 # at 4,325 B with every objective tried (bench.refine_check); SmolLM2's rounds take minutes each.
 REFINED = {"stories260k"}
@@ -199,6 +206,9 @@ def spectral_method(model: str, family: str, target_error: float | None = None,
     elif family == "solar-spectral-selfcal":
         from bench.self_calibration import self_stats_path
         args += ["--calib", str(self_stats_path(model))]
+    elif family == "solar-spectral-rw":
+        from bench.calibration import reweighed_path
+        args += ["--calib", str(reweighed_path(model))]
     if target_bytes is None:
         return Method(f"{SPECTRAL_PREFIX[family]} t={target_error:g}", family, cli=args + ["--target-error", f"{target_error:g}"])
     return Method(f"{SPECTRAL_PREFIX[family]} B={target_bytes}", family, cli=args + ["--target-bytes", str(target_bytes)])

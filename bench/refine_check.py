@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bytes", type=int, nargs="+", help="budgets (default: per model)")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--step-size", type=float, default=0.002)
+    ap.add_argument("--reweigh", type=int, default=3, help="re-weighing rounds before the gradient rounds")
     ap.add_argument("--hidden", action="store_true",
                     help="MiniLM: match the last hidden states (squared distance) instead of the classifier's outputs")
     ap.add_argument("--self", dest="self_text", action="store_true",
@@ -120,13 +121,15 @@ def main(argv: list[str] | None = None) -> None:
             return ", ".join(out)
 
         print(f"\n{name}: retention in % ({'loss / accuracy, ' if name == 'minilm_sst2' else ''}evaluation set, "
-              f"then tuning split); KL on refine's batches; {args.steps} rounds, step {args.step_size}")
+              f"then tuning split); KL on refine's batches; {args.reweigh} re-weighing and {args.steps} gradient rounds, "
+              f"step {args.step_size}")
         print("| bytes | compress | refine | KL compress → refine | refine time |")
         print("|---:|---|---|---|---:|")
         for budget in args.bytes or BUDGETS[name]:
             plain = solar.compress(model, base, target_bytes=budget, calibration=stats, **options)
             t0 = time.time()
             refined = solar.refine(model, batches, base, target_bytes=budget, steps=args.steps, step_size=args.step_size,
+                                   reweigh=args.reweigh,
                                    output_fn=output_fn, objective=objective, calibration=stats, **options)
             took = time.time() - t0
             kl = refined.refinement["divergence"]

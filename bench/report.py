@@ -199,7 +199,7 @@ def points_table(res: dict) -> str:
 COLORS = {"peft": "#7f7f7f", "int-quant": "#ff7f0e", "svd-fp16": "#2ca02c", "svd+int8": "#bcbd22",
           "svd+int4": "#17becf", "svd+int3/2": "#7fdbe8", "compeft": "#9467bd", "nola": "#8c564b", "solar-paper": "#e377c2",
           "solar-spectral": "#d62728", "solar-spectral-w": "#1f77b4", "solar-spectral-cal": "#000000",
-          "solar-spectral-selfcal": "#e6a000", "solar-spectral-refine": "#2ca02c"}
+          "solar-spectral-selfcal": "#e6a000", "solar-spectral-rw": "#9edae5", "solar-spectral-refine": "#2ca02c"}
 
 
 def plot(res: dict, path: Path) -> None:
@@ -341,9 +341,12 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
           "sentences are held out from its training, with first-order entries, `solar.calibrate(first_order=True)`; "
           "SmolLM2's from 256 pairs of its training file it never trained on) and, for the causal LMs, `spectral+selfcal` (K-FAC statistics of the "
           "adapted model's own sampled text, `solar.self_calibrate`, bench/self_calibration.py: no data; balance 0); "
+          "for stories260K `spectral+calib+reweigh` (the same K-FAC statistics with each layer re-weighed once by the "
+          "divergence its coding error causes on 128 training windows, `solar.reweigh` at 1,284 B, 3 rounds; then plain "
+          "`--calib` compress at every size); "
           "in stories260K's half-size checks also `spectral+calib+refine` (the calibrated points with the model in the "
-          "loop, `solar.refine`: 32 compress-restore rounds steered by the KL divergence to the adapted model on 128 "
-          "training windows, bench/refine_check.py). "
+          "loop, `solar.refine`: 3 re-weighing and 32 gradient rounds steered by the KL divergence to the adapted model "
+          "on 128 training windows, bench/refine_check.py). "
           "All spectral points use the CLI's default `--quantiser auto` (format v3): the uniform quantiser without "
           "statistics; with statistics, per layer the uniform or the dependent (trellis-coded) quantiser. `.solar` "
           "files are written in the format of the CLI that ran the point (v6 for MiniLM's points and SmolLM2's calibrated ones; stories260K's and SmolLM2's others were written in v5, which for adapters without heads gives the same bytes but for the version byte and checksum).",

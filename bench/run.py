@@ -170,6 +170,9 @@ def ensure_statistics(model: str, task: Task, methods: list[Method]) -> None:
     if any(m.family == "solar-spectral-selfcal" for m in methods):
         from bench.self_calibration import ensure_self
         ensure_self(model, task)  # statistics from the model's own text
+    if any(m.family == "solar-spectral-rw" for m in methods):
+        from bench.calibration import ensure_reweighed
+        ensure_reweighed(model)  # the K-FAC statistics re-weighed with the model in the loop
 
 
 def half_size_methods(model: str, res: dict) -> list[tuple[Method, int]]:

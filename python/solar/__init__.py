@@ -10,7 +10,8 @@ command line tool, so both write identical files.
     packed.save("my-adapter.solar")
     stats = solar.self_calibrate(peft_model)   # causal LMs: statistics without data (or solar.calibrate)
     packed = solar.compress(peft_model, None, target_bytes=6000, calibration=stats)
-    packed = solar.refine(peft_model, batches, None, target_bytes=6000, calibration=stats)  # model in the loop
+    stats = solar.reweigh(peft_model, batches, None, calibration=stats, target_bytes=6000)  # model in the loop, once
+    packed = solar.refine(peft_model, batches, None, target_bytes=6000, calibration=stats)  # ... for one file
     print(packed.report()["ratio_vs_fp16"])
 
     tensors = solar.restore("my-adapter.solar", "base-model/")       # {PEFT key: torch.Tensor}
@@ -22,7 +23,7 @@ Errors are :class:`SolarError` subclasses carrying the core's message.
 from . import _ext
 from .api import CompressedAdapter, compress, load, restore, restore_to_dir, restore_to_peft
 from .calibrate import calibrate, sample_text, self_calibrate
-from .refine import refine
+from .refine import refine, reweigh
 from .errors import (
     CorruptError,
     FormatError,
@@ -48,6 +49,7 @@ __all__ = [
     "calibrate",
     "self_calibrate",
     "refine",
+    "reweigh",
     "sample_text",
     "SolarError",
     "FormatError",

@@ -321,6 +321,19 @@ def _text_batches(tokenizer, path: str, length: int, sequences: int) -> list:
     return [{"input_ids": windows[i: i + 4]} for i in range(0, count, 4)]
 
 
+def _next_token_logits(model, batch):
+    return _logits(model(input_ids=batch["input_ids"]))
+
+
+def _cli_batches(args, model, tokenizer) -> list:
+    """The batches of the ``python -m solar`` commands: windows of ``--text``, or (``--self``)
+    sequences the adapted model samples (seeded), 4 to a batch."""
+    if args.self_generated:
+        ids = sample_text(model, sequences=args.sequences, length=args.length, seed=args.seed)
+        return [{"input_ids": ids[i: i + 4]} for i in range(0, ids.shape[0], 4)]
+    return _text_batches(tokenizer(), args.text, args.length, args.sequences)
+
+
 def _add_model_arguments(ap) -> None:
     """The options every ``python -m solar`` command takes to load a Hugging Face causal LM with its
     PEFT adapter and to read (``--text``) or sample (``--self``) its text."""
@@ -349,6 +362,8 @@ def cli_main(argv=None) -> int:
     import argparse
     import sys
 
+    from .errors import SolarError
+
     ap = argparse.ArgumentParser(prog="python -m solar calibrate", description=cli_main.__doc__.split("\n\n")[0])
     _add_model_arguments(ap)
     ap.add_argument("--out", required=True, help="statistics file to write (safetensors)")
@@ -359,23 +374,29 @@ def cli_main(argv=None) -> int:
     ap.add_argument("--first-order", action="store_true",
                     help="with --text the adapter was not trained on: also record mean gradients and the loss "
                          "curvature, so that the codec counts what dropping a component costs to first order")
+    ap.add_argument("--reweigh-bytes", type=int, metavar="B",
+                    help="then re-weigh the statistics' layers with the model in the loop, measured on files of B "
+                         "bytes (solar.reweigh; the weights carry over to other sizes)")
     args = ap.parse_args(argv)
     if args.text and not os.path.isfile(args.text):  # before minutes of model loading
         print(f"solar calibrate: error: {args.text}: no such text file", file=sys.stderr)
         return 1
-    if args.sequences < 1 or args.length < 1:
-        print("solar calibrate: error: --sequences and --length must be positive", file=sys.stderr)
+    if args.sequences < 1 or args.length < 1 or (args.reweigh_bytes is not None and args.reweigh_bytes < 1):
+        print("solar calibrate: error: --sequences, --length and --reweigh-bytes must be positive", file=sys.stderr)
         return 2
     try:
         model, tokenizer = _load_causal_lm(args)
         tmp = args.out + ".tmp"
-        if args.self_generated:
-            self_calibrate(model, sequences=args.sequences, length=args.length, seed=args.seed, out=tmp)
-        else:
-            calibrate(model, _text_batches(tokenizer(), args.text, args.length, args.sequences),
-                      loss_fn=_next_token_loss, first_order=args.first_order, out=tmp)
+        batches = _cli_batches(args, model, tokenizer)
+        stats = calibrate(model, batches, loss_fn=_next_token_loss, first_order=args.first_order and not args.self_generated,
+                          out=None if args.reweigh_bytes else tmp)
+        if args.reweigh_bytes:
+            from .refine import reweigh
+
+            reweigh(model, batches, None, calibration=stats, target_bytes=args.reweigh_bytes,
+                    output_fn=_next_token_logits, out=tmp)
         os.replace(tmp, args.out)  # atomic: a failed run leaves no half-written statistics
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SolarError) as e:
         print(f"solar calibrate: error: {e}", file=sys.stderr)
         return 1
     finally:

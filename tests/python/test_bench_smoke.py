@@ -77,18 +77,21 @@ def test_half_size_checks_aim_at_half_the_best_other_file_where_the_grid_misses(
     res = {"model": "m", "metrics": ["loss"], "adapter": {"fp16_tensor_bytes": 100_000, "passthrough_bytes": 0},
            "points": [pt("int4", "int-quant", 2_000, 0.985), pt("int8", "int-quant", 4_000, 0.999),
                       pt("s t=0.3", "solar-spectral", 900, 0.93), pt("s t=0.2", "solar-spectral", 1_200, 0.97),
-                      pt("c t=0.2", "solar-spectral-cal", 1_500, 0.992)]}
+                      pt("c t=0.2", "solar-spectral-cal", 1_500, 0.992), pt("r t=0.2", "solar-spectral-rw", 1_400, 0.99)]}
     todo = half_size_methods("stories260k", res)
     # 90-93%: 900 B vs 2,000 B (met); 94-97%: 1,200 vs 2,000 (missed: budget 1,000); 98%: 1,500 vs
     # 2,000 (missed, same budget); 99%: 1,500 vs 4,000 (met).
     # stories260K's calibrated family also runs with the model in the loop (solar.refine).
     assert sorted((m.family, b) for m, b in todo) == [("solar-spectral", 1_000), ("solar-spectral-cal", 1_000),
-                                                       ("solar-spectral-refine", 1_000)]
+                                                       ("solar-spectral-refine", 1_000), ("solar-spectral-rw", 1_000)]
     assert all(m.name.endswith("B=1000") for m, _ in todo)
     assert all(m.cli[-2:] == ["--target-bytes", "1000"] for m, _ in todo if m.family != "solar-spectral-refine")
+    reweighed = next(m for m, _ in todo if m.family == "solar-spectral-rw")
+    assert reweighed.cli[reweighed.cli.index("--calib") + 1].endswith("stories260k_kfac_reweighed.safetensors")
     refine = next(m for m, _ in todo if m.family == "solar-spectral-refine")
     assert refine.kind == "python" and refine.params == {"model": "stories260k", "target_bytes": 1_000}
-    assert sorted(m.family for m, _ in half_size_methods("minilm_sst2", res)) == ["solar-spectral", "solar-spectral-cal"]
+    assert sorted(m.family for m, _ in half_size_methods("minilm_sst2", res)) == ["solar-spectral", "solar-spectral-cal",
+                                                                                  "solar-spectral-rw"]
     text = goals_section([res])
     assert len(GOAL_LEVELS) == 10 and "met at 5 of 10 levels" in text and "m 94% (1.67×)" in text
 

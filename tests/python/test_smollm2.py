@@ -120,7 +120,27 @@ def test_python_m_solar_calibrate_self_and_text(smollm2, tmp_path):
         assert stats["model.layers.0.self_attn.q_proj.input_moment"].shape == (576, 576)
         assert stats["model.layers.1.self_attn.v_proj.output_grad_moment"].shape == (192, 192)
         assert float(stats["model.layers.1.self_attn.v_proj.output_grad_moment"].diagonal().sum()) > 0
+        if source == ["--text", str(text)]:
+            plain = stats
         out.unlink()
+    # --reweigh-bytes: the same statistics, each layer's input moment scaled by the weight its
+    # metadata records (solar.reweigh), the gradient moments as they were.
+    import json
+
+    from safetensors import safe_open
+
+    out = tmp_path / "stats.safetensors"
+    r = subprocess.run(common + ["--text", str(text), "--reweigh-bytes", "3000", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    stats = load_file(str(out))
+    with safe_open(str(out), "pt") as f:
+        weights = json.loads(f.metadata()["solar.layer_weights"])
+    assert set(stats) == expected and set(weights) == {k.rsplit(".", 1)[0] for k in expected}
+    for layer, w in weights.items():
+        assert torch.allclose(stats[f"{layer}.input_moment"], plain[f"{layer}.input_moment"] * w, rtol=1e-5)
+        assert torch.equal(stats[f"{layer}.output_grad_moment"], plain[f"{layer}.output_grad_moment"])
+    assert not (tmp_path / "stats.safetensors.tmp").exists()
     r = subprocess.run(common + ["--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x.safetensors")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "missing.txt" in r.stderr and not (tmp_path / "x.safetensors").exists()
