@@ -258,15 +258,14 @@ class _Loop:
                 logs[path] = math.log(actual / predicted)
         return logs
 
-    def reweigh(self, adapter, statistics, damping, rounds: int, with_grad_last: bool) -> dict:
+    def reweigh(self, adapter, statistics, damping, rounds: int) -> dict:
         """Round 0 compresses with ``statistics`` as they are; each of ``rounds`` more re-weighs
         the layers by the measured-to-predicted ratio of their divergence, averaged over the
         rounds so far. Returns the weights of the best file."""
         weights: dict = {}
         logs: dict = {}
         for r in range(rounds + 1):
-            restored = self.round(adapter, _weighted(statistics, weights) if weights else statistics, weights,
-                                  with_grad=with_grad_last and r == rounds)
+            restored = self.round(adapter, _weighted(statistics, weights), weights, with_grad=False)
             if r == rounds:
                 break
             for path, value in self.layer_ratios(restored, statistics, damping).items():
@@ -330,7 +329,7 @@ def reweigh(
     statistics, damping = _statistics_and_damping(calibration, compress_options)
     loop = _Loop("reweigh", model, batches, base, target_bytes, output_fn, objective, adapter_name, compress_options)
     with loop:
-        weights = loop.reweigh(loop.original, statistics, damping, rounds, with_grad_last=False)
+        weights = loop.reweigh(loop.original, statistics, damping, rounds)
     result = _weighted(statistics, weights)
     if out is not None:
         import json
@@ -420,10 +419,10 @@ def refine(
         else:
             statistics, damping = _statistics_and_damping(calibration, compress_options)
             reweighed = reweigh
-            weights = loop.reweigh(as_adapter(), statistics, damping, reweigh, with_grad_last=False)
+            weights = loop.reweigh(as_adapter(), statistics, damping, reweigh)
             if steps:
                 loop.measure(loop.best[4], with_grad=True)  # the gradient rounds start from the best file
-        calibration_used = None if statistics is None else (_weighted(statistics, weights) if weights else statistics)
+        calibration_used = None if statistics is None else _weighted(statistics, weights)
         for j in range(steps):
             # Every layer moves by the same share of its update: their gradients differ by orders
             # of magnitude, and the codec's choices depend on relative, not absolute, errors.
