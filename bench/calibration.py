@@ -154,7 +154,7 @@ def ensure(model: str, first_order: bool | None = None, earlier: bool = False) -
 
 # Models whose report carries the re-weighed family (solar.reweigh), with the file size the
 # weights are measured at: stories260K's half-size-check budget (half of int4's file). Not MiniLM:
-# there its 13 layers' measured ratios swing from round to round and the divergence did not fall
+# there its 12 LoRA layers' measured ratios swing from round to round and the divergence did not fall
 # (bench.refine_check --models minilm_sst2 --bytes 4325 --steps 0).
 REWEIGH_BYTES = {"stories260k": 1284}
 

@@ -376,7 +376,7 @@ def cli_main(argv=None) -> int:
                          "curvature, so that the codec counts what dropping a component costs to first order")
     ap.add_argument("--reweigh-bytes", type=int, metavar="B",
                     help="then re-weigh the statistics' layers with the model in the loop, measured on files of B "
-                         "bytes (solar.reweigh; the weights carry over to other sizes)")
+                         "bytes: the size the files will be shipped at (solar.reweigh)")
     args = ap.parse_args(argv)
     if args.text and not os.path.isfile(args.text):  # before minutes of model loading
         print(f"solar calibrate: error: {args.text}: no such text file", file=sys.stderr)

@@ -15,8 +15,9 @@ positions) costs more than its statistics say. Each round compresses, measures t
 each layer's coding error causes alone, divides it by what the statistics predict, and scales the
 layer's input moment by that ratio (relative to the layers' geometric mean: the plan is invariant
 to a common factor) for the next round. The re-weighed statistics are an ordinary statistics
-file: plain ``compress`` (and the CLI's ``--calib``) then uses them at any size. ``refine`` runs
-the same rounds first when it is given statistics.
+file: plain ``compress`` (and the CLI's ``--calib``) then uses them for files of the size they
+were measured at (on stories260K they also served smaller files, not larger ones). ``refine``
+runs the same rounds first when it is given statistics.
 """
 from __future__ import annotations
 
