@@ -3,7 +3,8 @@ line tool (which compresses and restores without PyTorch): statistics for ``sola
 --calib``, and compression with the model in the loop."""
 import sys
 
-USAGE = ("usage: python -m solar calibrate --base-model DIR --adapter DIR --out FILE (--text FILE | --self)\n"
+USAGE = ("usage: python -m solar calibrate --base-model DIR --adapter DIR --out FILE (--text FILE | --self) "
+         "[--reweigh-bytes B]\n"
          "       python -m solar refine --base-model DIR --adapter DIR --out FILE.solar --target-bytes B "
          "(--text FILE | --self) [--calib FILE]\n"
          "       (python -m solar <command> --help for the options)")
