@@ -9,7 +9,8 @@ fine-tuning gain (loss; MiniLM also accuracy) on the benchmark's evaluation set 
 split the other checks use (bench.balance_check.tuning_task), and the KL divergence on refine's
 own batches of round 0 (plain compress) and of the file kept.
 
-    python -m bench.refine_check [--models stories260k minilm_sst2] [--steps 32] [--step-size 0.002]
+    python -m bench.refine_check [--models stories260k minilm_sst2] [--steps 32] [--step-size 0.002] [--reweigh 3]
+    python -m bench.refine_check --models stories260k --steps 0   # re-weighing rounds alone (solar.reweigh's)
     python -m bench.refine_check --models stories260k --self   # no data: self-generated statistics and text
     python -m bench.refine_check --models minilm_sst2 --bytes 4325 [--no-first-order] [--hidden]
     python -m bench.refine_check --models smollm2_e2e --steps 16   # 32 of its held-out pairs, ~15 min a point
