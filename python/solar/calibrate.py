@@ -180,10 +180,21 @@ def calibrate(
     if curvature is not None:
         stats[CURVATURE_KEY] = torch.tensor([curvature], dtype=torch.float32)
     if out is not None:
-        from safetensors.torch import save_file
-
-        save_file(stats, os.fspath(out))
+        _save_statistics(stats, out)
     return stats
+
+
+def _save_statistics(stats: dict, out, metadata: Optional[dict] = None) -> None:
+    """Writes statistics as safetensors, atomically: a failed run leaves no half-written file."""
+    from safetensors.torch import save_file
+
+    tmp = os.fspath(out) + ".tmp"
+    try:
+        save_file({k: v.contiguous() for k, v in stats.items()}, tmp, metadata=metadata)
+        os.replace(tmp, os.fspath(out))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _curvature_along_adapter(model, lora_layers: dict, batches: list, loss_fn, loss_at_one: float,
@@ -386,21 +397,16 @@ def cli_main(argv=None) -> int:
         return 2
     try:
         model, tokenizer = _load_causal_lm(args)
-        tmp = args.out + ".tmp"
         batches = _cli_batches(args, model, tokenizer)
         stats = calibrate(model, batches, loss_fn=_next_token_loss, first_order=args.first_order and not args.self_generated,
-                          out=None if args.reweigh_bytes else tmp)
+                          out=None if args.reweigh_bytes else args.out)
         if args.reweigh_bytes:
             from .refine import reweigh
 
             reweigh(model, batches, None, calibration=stats, target_bytes=args.reweigh_bytes,
-                    output_fn=_next_token_logits, out=tmp)
-        os.replace(tmp, args.out)  # atomic: a failed run leaves no half-written statistics
+                    output_fn=_next_token_logits, out=args.out)
     except (OSError, ValueError, SolarError) as e:
         print(f"solar calibrate: error: {e}", file=sys.stderr)
         return 1
-    finally:
-        if os.path.exists(args.out + ".tmp"):
-            os.remove(args.out + ".tmp")
     print(f"wrote {args.out}")
     return 0

@@ -26,7 +26,7 @@ import os
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from .api import CompressedAdapter, compress, restore
-from .calibrate import _coded_modules, _logits
+from .calibrate import _coded_modules, _logits, _save_statistics
 
 # Teacher log-probabilities are kept in memory up to this many elements (1 GiB of float32);
 # beyond it they are recomputed for every batch of every step, with the adapter swapped in.
@@ -335,16 +335,7 @@ def reweigh(
     if out is not None:
         import json
 
-        from safetensors.torch import save_file
-
-        tmp = os.fspath(out) + ".tmp"
-        try:
-            save_file({k: v.contiguous() for k, v in result.items()}, tmp,
-                      metadata={"solar.layer_weights": json.dumps({p: weights.get(p, 1.0) for p in loop.layers})})
-            os.replace(tmp, os.fspath(out))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _save_statistics(result, out, {"solar.layer_weights": json.dumps({p: weights.get(p, 1.0) for p in loop.layers})})
     return result
 
 
