@@ -38,13 +38,20 @@ def _with_first_order(model: str, first_order: bool | None, earlier: bool) -> bo
     return model in FIRST_ORDER and not earlier if first_order is None else first_order
 
 
-def stats_path(model: str, first_order: bool | None = None, earlier: bool = False) -> Path:
+def stats_path(model: str, first_order: bool | None = None, earlier: bool = False, mixed: bool = False) -> Path:
     """The cached statistics; `first_order` defaults to the model being in FIRST_ORDER.
     `earlier`: the files the tuning-split checks recorded their figures with (MiniLM: without
-    first-order entries; SmolLM2: from the last 64 pairs of valid.txt, partly training data)."""
+    first-order entries; SmolLM2: from the last 64 pairs of valid.txt, partly training data).
+    `mixed`: the same data with the value projections' moments mixed by attention
+    (solar.calibrate's attention_mixing)."""
     first_order = _with_first_order(model, first_order, earlier)
     if first_order and (model not in HELD_OUT_DATA or earlier):
         raise ValueError(f"{model}: its calibration data is training data; no first-order statistics")
+    if mixed:
+        if earlier:
+            raise ValueError("attention-mixed statistics exist for the current calibration data only")
+        plain = stats_path(model, first_order)
+        return plain.with_name(plain.stem + "_mixed" + plain.suffix)
     if model == "minilm_sst2":
         # Also the classifier head's statistics (solar.calibrate records modules_to_save heads
         # since format v6).
@@ -65,7 +72,8 @@ def stories_lm_loss(m, batch):
 
 # Each calibrator takes `adapter_dir` to calibrate another adapter of the same model on the same
 # data (bench.dora_check: the DoRA fixtures); by default the benchmark's LoRA fixture.
-def _stories(out: Path, first_order: bool = False, earlier: bool = False, adapter_dir: Path | None = None) -> None:
+def _stories(out: Path, first_order: bool = False, earlier: bool = False, adapter_dir: Path | None = None,
+             mixed: bool = False) -> None:
     import torch
     from peft import PeftModel
 
@@ -80,10 +88,11 @@ def _stories(out: Path, first_order: bool = False, earlier: bool = False, adapte
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, len(train) - 257, (32,), generator=g).tolist()
     batches = [{"input_ids": train[s: s + 257][None]} for s in starts]
-    solar.calibrate(model, batches, loss_fn=stories_lm_loss, first_order=first_order, out=out)
+    solar.calibrate(model, batches, loss_fn=stories_lm_loss, first_order=first_order, attention_mixing=mixed, out=out)
 
 
-def _minilm(out: Path, first_order: bool = False, earlier: bool = False, adapter_dir: Path | None = None) -> None:
+def _minilm(out: Path, first_order: bool = False, earlier: bool = False, adapter_dir: Path | None = None,
+            mixed: bool = False) -> None:
     import torch
     from peft import PeftModel
 
@@ -102,10 +111,11 @@ def _minilm(out: Path, first_order: bool = False, earlier: bool = False, adapter
             enc["labels"] = torch.tensor([y for _, y in chunk])
             yield dict(enc)
 
-    solar.calibrate(model, batches(), first_order=first_order, out=out)
+    solar.calibrate(model, batches(), first_order=first_order, attention_mixing=mixed, out=out)
 
 
-def _smollm2(out: Path, first_order: bool = False, earlier: bool = False, adapter_dir: Path | None = None) -> None:
+def _smollm2(out: Path, first_order: bool = False, earlier: bool = False, adapter_dir: Path | None = None,
+             mixed: bool = False) -> None:
     from peft import PeftModel
 
     import solar
@@ -117,7 +127,7 @@ def _smollm2(out: Path, first_order: bool = False, earlier: bool = False, adapte
     model = PeftModel.from_pretrained(load_base_model(), str(adapter_dir or fixtures_dir() / "smollm2_e2e_lora_r8"))
     examples = calib_examples() if earlier else heldout_examples(256)
     batches = [collate(tok, examples[i: i + 16]) for i in range(0, len(examples), 16)]
-    solar.calibrate(model, batches, loss_fn=target_loss, first_order=first_order, out=out)
+    solar.calibrate(model, batches, loss_fn=target_loss, first_order=first_order, attention_mixing=mixed, out=out)
 
 
 # Each writes the statistics to `out`; `earlier` selects the data the tuning-split checks recorded
@@ -138,16 +148,16 @@ def cached(out: Path, make) -> Path:
     return out
 
 
-def ensure(model: str, first_order: bool | None = None, earlier: bool = False) -> Path:
+def ensure(model: str, first_order: bool | None = None, earlier: bool = False, mixed: bool = False) -> Path:
     """The statistics file for `model` (see stats_path), computed once."""
-    path = stats_path(model, first_order, earlier)
+    path = stats_path(model, first_order, earlier, mixed)
     first_order = _with_first_order(model, first_order, earlier)
 
     def make(tmp: Path) -> None:
         import torch
 
         torch.manual_seed(0)
-        CALIBRATORS[model](tmp, first_order=first_order, earlier=earlier)
+        CALIBRATORS[model](tmp, first_order=first_order, earlier=earlier, mixed=mixed)
 
     return cached(path, make)
 

@@ -49,7 +49,7 @@ def _variant_files(model: str, task, kfac: dict, td: Path) -> list[tuple[str, li
         norms = {k: torch.diag(base[f"layers.{k.split('.')[1]}.attention_norm.weight"].double() ** 2).float()
                  for k in kfac if k.endswith("input_moment")}
         out.append(("norm gains", write("norms", norms)))
-        out.append(("self-generated", write("self", solar.self_calibrate(task.model, bos_token_id=1))))
+        out.append(("self-generated", write("self", solar.self_calibrate(task.model, bos_token_id=1, attention_mixing=False))))
     else:
         from bench.fixtures.train_minilm_sst2 import load_tokenizer
 
@@ -67,7 +67,7 @@ def _variant_files(model: str, task, kfac: dict, td: Path) -> list[tuple[str, li
                 enc["labels"] = torch.multinomial(p, 1, generator=gen)[:, 0]
                 yield dict(enc)
 
-        out.append(("random words", write("random_words", solar.calibrate(task.model, batches()))))
+        out.append(("random words", write("random_words", solar.calibrate(task.model, batches(), attention_mixing=False))))
     return out
 
 

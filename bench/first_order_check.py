@@ -145,7 +145,7 @@ def _smollm2_stats(examples: list, out: Path) -> None:
     tok = load_tokenizer()
     model = PeftModel.from_pretrained(load_base_model(), str(fixtures_dir() / "smollm2_e2e_lora_r8"))
     batches = [collate(tok, examples[i: i + 16]) for i in range(0, len(examples), 16)]
-    solar.calibrate(model, batches, loss_fn=target_loss, first_order=True, out=out)
+    solar.calibrate(model, batches, loss_fn=target_loss, first_order=True, attention_mixing=False, out=out)
 
 
 def other_models() -> None:
@@ -202,7 +202,7 @@ def stories_held_out(budgets: list[int]) -> None:
         torch.manual_seed(0)
         model = PeftModel.from_pretrained(load_stories260k(), str(fixtures_dir() / "stories260k_lora_r4"))
         solar.calibrate(model, [{"input_ids": calib[i: i + 8]} for i in range(0, len(calib), 8)], loss_fn=stories_lm_loss,
-                        first_order=True, out=out)
+                        first_order=True, attention_mixing=False, out=out)
 
     held = cached(CACHE / f"stories260k_first_order_check_held_out_{STORIES_HELD_OUT}.safetensors", make)
     train = ensure("stories260k")

@@ -49,7 +49,8 @@ def _summed_stats() -> dict:
         logits = m(x[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
 
-    return solar.calibrate(model, [{"input_ids": train[s: s + 257][None]} for s in starts], loss_fn=summed_loss)
+    return solar.calibrate(model, [{"input_ids": train[s: s + 257][None]} for s in starts], loss_fn=summed_loss,
+                           attention_mixing=False)
 
 
 def main(argv: list[str] | None = None) -> None:

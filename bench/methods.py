@@ -45,8 +45,8 @@ EXTRA_METHODS: list[Callable[[str, bool], list[Method]]] = []
 
 FAMILY_ORDER = ["peft", "int-quant", "svd-fp16", "svd+int8", "svd+int4", "svd+int3/2", "compeft", "nola",
                 "solar-paper", "solar-paper-refit", "solar-paper-omp", "solar-spectral", "solar-spectral-abs", "solar-spectral-w",
-                "solar-spectral-wgram", "solar-spectral-cal", "solar-spectral-selfcal", "solar-spectral-rw",
-                "solar-spectral-refine"]
+                "solar-spectral-wgram", "solar-spectral-cal", "solar-spectral-mix", "solar-spectral-selfcal",
+                "solar-spectral-rw", "solar-spectral-refine"]
 
 # Calibrated spectral: K-FAC statistics from bench/calibration.py (computed once, cached).
 # Finer steps where the retention levels of the headline (90 / 95 / 99 %) are crossed.
@@ -144,6 +144,8 @@ def methods_for(model: str, rank: int, smoke: bool = False) -> list[Method]:
                                       "--bits", "8", "--seed", "0"]))
         for t in SPECTRAL_CAL_TARGETS:
             ms.append(spectral_method(model, "solar-spectral-cal", target_error=t))
+        for t in SPECTRAL_CAL_TARGETS:  # the same data, value projections' moments mixed by attention
+            ms.append(spectral_method(model, "solar-spectral-mix", target_error=t))
         from bench.calibration import REWEIGH_BYTES
         if model in REWEIGH_BYTES:  # the K-FAC statistics re-weighed with the model in the loop, once
             for t in SPECTRAL_CAL_TARGETS:
@@ -159,10 +161,12 @@ def methods_for(model: str, rank: int, smoke: bool = False) -> list[Method]:
     return ms
 
 
-# The families a user would aim by size (`--target-bytes`): data-free, calibrated, self-calibrated,
+# The families a user would aim by size (`--target-bytes`): data-free, calibrated, calibrated with
+# attention-mixed value statistics (`solar.calibrate(attention_mixing=True)`), self-calibrated,
 # calibrated with statistics re-weighed by the model once (`solar.reweigh`), and calibrated with the
 # model in the loop for each file (`solar.refine`; half-size checks only, ~100 s a point).
 SPECTRAL_PREFIX = {"solar-spectral": "spectral", "solar-spectral-cal": "spectral+calib",
+                   "solar-spectral-mix": "spectral+calib+mix",
                    "solar-spectral-selfcal": "spectral+selfcal", "solar-spectral-rw": "spectral+calib+reweigh",
                    "solar-spectral-refine": "spectral+calib+refine"}
 # Where refine runs in the report: stories260K. On MiniLM it kept less of the gain than plain compress
@@ -203,6 +207,9 @@ def spectral_method(model: str, family: str, target_error: float | None = None,
     if family == "solar-spectral-cal":
         from bench.calibration import stats_path
         args += ["--calib", str(stats_path(model))]
+    elif family == "solar-spectral-mix":
+        from bench.calibration import stats_path
+        args += ["--calib", str(stats_path(model, mixed=True))]
     elif family == "solar-spectral-selfcal":
         from bench.self_calibration import self_stats_path
         args += ["--calib", str(self_stats_path(model))]
@@ -223,7 +230,7 @@ def method_of_point(model: str, rank: int, smoke: bool, point: dict) -> Method:
 
 def _in_subset(m: Method, subsets: dict[str, list[float]]) -> bool:
     """Whether a point's target (t=..., d=...) is in its family's subset (families not listed: all)."""
-    family = "solar-spectral-cal" if m.family == "solar-spectral-selfcal" else m.family
+    family = "solar-spectral-cal" if m.family in ("solar-spectral-selfcal", "solar-spectral-mix") else m.family
     if family not in subsets:
         return True
     value = float(m.name.rsplit("=", 1)[1])

@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--self", dest="self_text", action="store_true",
                     help="stories260K without data: self-generated statistics (the solar-spectral-selfcal family's) "
                          "and refine on 128 sequences the adapted model samples (solar.sample_text, seed 1)")
+    ap.add_argument("--stats", help="a statistics file to use instead of the benchmark's K-FAC ones")
     ap.add_argument("--no-first-order", action="store_true",
                     help="MiniLM: K-FAC statistics without the first-order entries the benchmark's carry")
     args = ap.parse_args(argv)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             output_fn, objective = (lambda m, b: m(**b, output_hidden_states=True).hidden_states[-1]), "mse"
         tasks = {"eval": TASKS[name](), "tuning": tuning_task(name)}
         refs = {k: references(t) for k, t in tasks.items()}
-        stats = str(ensure(name, first_order=False if args.no_first_order else None))
+        stats = args.stats or str(ensure(name, first_order=False if args.no_first_order else None))
         if args.self_text:
             from bench.self_calibration import SELF_CALIBRATED, ensure_self
 

@@ -199,7 +199,7 @@ def points_table(res: dict) -> str:
 COLORS = {"peft": "#7f7f7f", "int-quant": "#ff7f0e", "svd-fp16": "#2ca02c", "svd+int8": "#bcbd22",
           "svd+int4": "#17becf", "svd+int3/2": "#7fdbe8", "compeft": "#9467bd", "nola": "#8c564b", "solar-paper": "#e377c2",
           "solar-spectral": "#d62728", "solar-spectral-w": "#1f77b4", "solar-spectral-cal": "#000000",
-          "solar-spectral-selfcal": "#e6a000", "solar-spectral-rw": "#9edae5", "solar-spectral-refine": "#2ca02c"}
+          "solar-spectral-mix": "#ff00aa", "solar-spectral-selfcal": "#e6a000", "solar-spectral-rw": "#9edae5", "solar-spectral-refine": "#2ca02c"}
 
 
 def plot(res: dict, path: Path) -> None:
@@ -339,7 +339,10 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
           "basis), `spectral base-gram` (errors weighted by WᵀW), `spectral+calib` (K-FAC statistics from "
           "bench/calibration.py; balance 0; stories260K's from its training windows; MiniLM's, whose calibration "
           "sentences are held out from its training, with first-order entries, `solar.calibrate(first_order=True)`; "
-          "SmolLM2's from 256 pairs of its training file it never trained on) and, for the causal LMs, `spectral+selfcal` (K-FAC statistics of the "
+          "SmolLM2's from 256 pairs of its training file it never trained on), `spectral+calib+mix` (the same data and "
+          "statistics but for the value projections', whose moments are taken as attention sees them: inputs mixed by "
+          "each head's attention weights, gradients at the attention output, `solar.calibrate(attention_mixing=True)`) "
+          "and, for the causal LMs, `spectral+selfcal` (K-FAC statistics of the "
           "adapted model's own sampled text, `solar.self_calibrate`, bench/self_calibration.py: no data; balance 0); "
           "for stories260K `spectral+calib+reweigh` (the same K-FAC statistics with each layer re-weighed once by the "
           "divergence its coding error causes on 128 training windows, `solar.reweigh` at 1,284 B, 3 rounds; then plain "

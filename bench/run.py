@@ -167,6 +167,9 @@ def ensure_statistics(model: str, task: Task, methods: list[Method]) -> None:
     if any(m.family in ("solar-spectral-cal", "solar-spectral-refine") for m in methods):
         from bench.calibration import ensure
         ensure(model)  # the K-FAC statistics the calibrated points read
+    if any(m.family == "solar-spectral-mix" for m in methods):
+        from bench.calibration import ensure
+        ensure(model, mixed=True)  # the same, value projections' moments mixed by attention
     if any(m.family == "solar-spectral-selfcal" for m in methods):
         from bench.self_calibration import ensure_self
         ensure_self(model, task)  # statistics from the model's own text

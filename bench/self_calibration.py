@@ -30,7 +30,7 @@ def ensure_self(model: str, task=None) -> Path:
         import solar
         from bench.evaluate import TASKS
 
-        solar.self_calibrate((task or TASKS[model]()).model, out=tmp, **SELF_CALIBRATED[model])
+        solar.self_calibrate((task or TASKS[model]()).model, attention_mixing=False, out=tmp, **SELF_CALIBRATED[model])
 
     return cached(self_stats_path(model), make)
 

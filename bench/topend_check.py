@@ -156,7 +156,7 @@ def true_fisher_stats(out: Path) -> None:
         target = torch.full((logits.shape[0],), batch["fisher_label"])
         return (weight * torch.nn.functional.cross_entropy(logits, target, reduction="none")).mean()
 
-    solar.calibrate(model, batches(), loss_fn=loss_fn, out=out)
+    solar.calibrate(model, batches(), loss_fn=loss_fn, attention_mixing=False, out=out)
 
 
 def main(argv: list[str] | None = None) -> None:
