@@ -69,8 +69,11 @@ class AttentionMixing:
 
     def __init__(self, mask: Callable[[], Optional[object]]):
         self._mask = mask
-        self._recent: list = []  # (name, input, output) of coded modules since the last attention call
-        self._sums: dict = {}    # name -> [sum x̄ x̄^T, sum of per-head g g^T blocks (or None), rows]
+        # name -> (input, output) of each coded module's latest call since the last attention call
+        # (one entry per module at most, however many calls pass without attention).
+        self._recent: dict = {}
+        # name -> [sum of x̄ x̄^T, sum of g g^T per key/value head (or None), rows, key/value heads, head dim]
+        self._sums: dict = {}
         self._original = None
 
     def __enter__(self):
@@ -99,14 +102,15 @@ class AttentionMixing:
         return False
 
     def record(self, name: str, inputs, output) -> None:
-        self._recent.append((name, inputs, output))
+        self._recent.pop(name, None)  # re-inserted last: the dict's order is the calls' order
+        self._recent[name] = (inputs, output)
 
     def _observe(self, query, key, value, attn_mask, is_causal, scale, out) -> None:
         import torch
 
         if query.dim() != 4 or query.shape[-2] < 2:  # one query position (decoding): nothing to mix
             return
-        for name, x, output in reversed(self._recent):
+        for name, (x, output) in reversed(self._recent.items()):
             heads = _as_value_heads(output, value)
             if heads is None or not torch.equal(heads, value):
                 continue
