@@ -14,6 +14,7 @@ own batches of round 0 (plain compress) and of the file kept.
     python -m bench.refine_check --models stories260k --self   # no data: self-generated statistics and text
     python -m bench.refine_check --models minilm_sst2 --bytes 4325 [--no-first-order] [--hidden]
     python -m bench.refine_check --models smollm2_e2e --steps 16   # 32 of its held-out pairs, ~15 min a point
+    python -m bench.refine_check --models stories260k --bytes 1284 --reweigh 0 --stats FILE   # other statistics
 """
 from __future__ import annotations
 
