@@ -272,7 +272,9 @@ def run_model(model: str, args, cli: str, cli_src: str) -> dict:
         if old["adapter"]["passthrough_bytes"] and was != adapter.passthrough_coding:
             raise SystemExit(f"{path} holds points with --passthrough {was}: re-run every family, or pass --passthrough {was}")
         names = {p["name"] for p in points}
-        rerun = set(args.only or [])  # a re-run family replaces all its old points (its grid may have changed)
+        # A re-run family replaces all its old points (its grid may have changed); with --match only
+        # the matched points are re-run, and the family's others stay.
+        rerun = set() if args.match else set(args.only or [])
         out["points"] = [p for p in old["points"] if p["name"] not in names and p["family"] not in rerun] + points
         out["run"]["partial_reruns"] = old["run"].get("partial_reruns", []) + [
             {"date": out["run"]["date"], "points": sorted(names), "seconds": round(time.time() - t_start, 1)}]
