@@ -7,6 +7,8 @@ Kronecker-factored Fisher approximation (K-FAC): an update error E then costs ab
 tr(G E S E^T) / 2 in loss per token when the loss is summed over tokens (with a mean loss, as
 ``model(**batch).loss``, G carries a constant factor 1 / tokens², which changes no choice the
 codec makes: its targets are relative). The codec minimises it instead of the Frobenius norm.
+For value projections (by default) both moments are taken where their error arrives, at the
+attention output, with the inputs mixed by the attention weights (:mod:`solar.attention_mixing`).
 Only this file's tensors leave the machine that computes them; the receiver never needs them.
 """
 from __future__ import annotations
