@@ -43,19 +43,21 @@ def attention_weights(query, key, attn_mask=None, is_causal: bool = False, scale
     return torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
 
 
-def _as_value_heads(output, value):
-    """The coded module's ``output`` (B, T, m) as attention heads (B, heads, T, m / heads) repeated to
-    ``value``'s head count, or None if it cannot be ``value``."""
+def _is_value(output, value) -> bool:
+    """Whether ``value`` (B, heads, T, d) is the coded module's ``output`` (B, T, m) viewed as m / d
+    key/value heads, each repeated for the query heads it serves (compared as views: no copy)."""
+    import torch
+
     if output.dim() != 3 or value.dim() != 4 or output.dtype != value.dtype:
-        return None
+        return False
     B, heads, T, d = value.shape
     if output.shape[0] != B or output.shape[1] != T or output.shape[2] % d:
-        return None
+        return False
     kv = output.shape[2] // d
     if heads % kv:
-        return None
-    out = output.detach().reshape(B, T, kv, d).transpose(1, 2)
-    return out.repeat_interleave(heads // kv, dim=1) if heads != kv else out
+        return False
+    out = output.detach().reshape(B, T, kv, d).transpose(1, 2).unsqueeze(2)
+    return torch.equal(out.expand(B, kv, heads // kv, T, d), value.unflatten(1, (kv, heads // kv)))
 
 
 class AttentionMixing:
@@ -106,13 +108,10 @@ class AttentionMixing:
         self._recent[name] = (inputs, output)
 
     def _observe(self, query, key, value, attn_mask, is_causal, scale, out) -> None:
-        import torch
-
         if query.dim() != 4 or query.shape[-2] < 2:  # one query position (decoding): nothing to mix
             return
         for name, (x, output) in reversed(self._recent.items()):
-            heads = _as_value_heads(output, value)
-            if heads is None or not torch.equal(heads, value):
+            if not _is_value(output, value):
                 continue
             B, H, L, d = query.shape[0], query.shape[1], query.shape[2], value.shape[-1]
             kv_heads = output.shape[2] // d
