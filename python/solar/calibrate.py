@@ -26,6 +26,16 @@ CURVATURE_KEY = "solar.loss_curvature"  # kLossCurvatureKey in include/solar/pip
 MIXED_KEY = "solar.attention_mixed"  # metadata: the modules whose moments attention mixed (JSON list)
 
 
+class Statistics(dict):
+    """Calibration statistics: a dict of tensors, and in ``metadata`` the notes a statistics file
+    carries with them (e.g. which modules' moments attention mixed), so that a step that changes
+    the tensors (:func:`solar.reweigh`) can keep them."""
+
+    def __init__(self, tensors=(), metadata: Optional[Mapping[str, str]] = None):
+        super().__init__(tensors)
+        self.metadata = dict(metadata or {})
+
+
 def _coded_modules(model) -> dict:
     """Module path (as in the adapter's keys, without PEFT's prefix) -> module, for LoRA layers
     and for ``modules_to_save`` copies of linear layers (a classifier head: the codec's
@@ -88,7 +98,8 @@ def calibrate(
         out: if given, the statistics are also saved there as safetensors (``--calib`` of the CLI).
 
     Returns ``{"<module>.input_moment": Tensor(n, n), "<module>.output_grad_moment": Tensor(m, m)}``
-    (and the first-order entries) in float32.
+    (and the first-order entries) in float32, as a dict whose ``metadata`` holds what the file's
+    metadata holds (``solar.attention_mixed``: the modules whose moments attention mixed).
     """
     import contextlib
 
@@ -183,7 +194,7 @@ def calibrate(
         if curvature is not None and sums_grad.get(name) is not None:
             # The gradient of the mean batch loss (dL/dW = sum over rows of g x^T per batch).
             stats[f"{name}.update_gradient"] = (sums_grad[name] / len(state["losses"])).float().contiguous()
-    metadata = None
+    metadata = {}
     if mixing is not None:
         mixed = mixing.statistics(state["tokens"])
         _use_mixed_moments(stats, mixed, warn=attention_mixing is True)
@@ -192,7 +203,7 @@ def calibrate(
         stats[CURVATURE_KEY] = torch.tensor([curvature], dtype=torch.float32)
     if out is not None:
         _save_statistics(stats, out, metadata)
-    return stats
+    return Statistics(stats, metadata)
 
 
 def _calibration_passes(model, batches, state: dict, pending_x: dict, gradients: bool, loss_fn) -> None:
@@ -238,7 +249,7 @@ def _save_statistics(stats: dict, out, metadata: Optional[dict] = None) -> None:
 
     tmp = os.fspath(out) + ".tmp"
     try:
-        save_file({k: v.contiguous() for k, v in stats.items()}, tmp, metadata=metadata)
+        save_file({k: v.contiguous() for k, v in stats.items()}, tmp, metadata=metadata or None)
         os.replace(tmp, os.fspath(out))
     finally:
         if os.path.exists(tmp):

@@ -26,7 +26,7 @@ import os
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from .api import CompressedAdapter, compress, restore
-from .calibrate import _coded_modules, _logits, _save_statistics
+from .calibrate import Statistics, _coded_modules, _logits, _save_statistics
 
 # Teacher log-probabilities are kept in memory up to this many elements (1 GiB of float32);
 # beyond it they are recomputed for every batch of every step, with the adapter swapped in.
@@ -67,14 +67,20 @@ def _damped(moment, damping):
     return m + damping * m.diagonal().mean() * torch.eye(m.shape[0], dtype=m.dtype)
 
 
-def _load_statistics(calibration) -> dict:
+def _load_statistics(calibration) -> Statistics:
+    """The tensors of a statistics dict or file, with its metadata (a plain dict has none)."""
     import torch
 
     if isinstance(calibration, Mapping):
-        return {k: torch.as_tensor(v) for k, v in calibration.items()}
+        return Statistics({k: torch.as_tensor(v) for k, v in calibration.items()},
+                          getattr(calibration, "metadata", None))
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    return load_file(os.fspath(calibration))
+    path = os.fspath(calibration)
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    return Statistics(load_file(path), metadata)
 
 
 def _weighted(statistics: dict, weights: dict) -> dict:
@@ -321,7 +327,8 @@ def reweigh(
         compress_options: passed on to :func:`solar.compress`.
 
     Returns the statistics: a dict of tensors with the input's keys, each LoRA layer's input
-    moment scaled by its weight (all weights 1 if no round beat round 0).
+    moment scaled by its weight (all weights 1 if no round beat round 0), whose ``metadata`` (as
+    the file's) is the input's with the weights added.
     """
     if calibration is None:
         raise ValueError("reweigh: calibration statistics are needed (solar.calibrate)")
@@ -331,11 +338,14 @@ def reweigh(
     loop = _Loop("reweigh", model, batches, base, target_bytes, output_fn, objective, adapter_name, compress_options)
     with loop:
         weights = loop.reweigh(loop.original, statistics, damping, rounds)
-    result = _weighted(statistics, weights)
-    if out is not None:
-        import json
+    import json
 
-        _save_statistics(result, out, {"solar.layer_weights": json.dumps({p: weights.get(p, 1.0) for p in loop.layers})})
+    # The input's notes (which modules attention mixed) stay true of the re-weighed tensors.
+    metadata = {**statistics.metadata,
+                "solar.layer_weights": json.dumps({p: weights.get(p, 1.0) for p in loop.layers})}
+    result = Statistics(_weighted(statistics, weights), metadata)
+    if out is not None:
+        _save_statistics(result, out, metadata)
     return result
 
 

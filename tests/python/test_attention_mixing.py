@@ -144,6 +144,38 @@ def test_stories_value_moments_are_the_attention_mixed_ones(stories, tmp_path):
     assert price(mixed, "layers.4.attention.wv") > 1.5 * price(plain, "layers.4.attention.wv")
 
 
+def test_reweighed_statistics_keep_the_note_of_what_attention_mixed(stories, tmp_path):
+    """solar.reweigh scales the tensors; the file it writes (and the dict it returns) still says
+    which modules' moments attention mixed, whether the statistics came as a dict or a file."""
+    import json
+
+    from safetensors import safe_open
+
+    model, batches, loss_fn = stories
+    mixed = solar.calibrate(model, batches, loss_fn=loss_fn, out=tmp_path / "mixed.safetensors")
+    values = [f"layers.{i}.attention.wv" for i in range(5)]
+    assert json.loads(mixed.metadata["solar.attention_mixed"]) == values
+
+    def next_token(m, b):
+        return m(b["input_ids"][:, :-1])
+
+    for source in (mixed, tmp_path / "mixed.safetensors"):
+        out = tmp_path / "reweighed.safetensors"
+        weighted = solar.reweigh(model, batches, None, calibration=source, target_bytes=1284, rounds=1,
+                                 output_fn=next_token, out=out)
+        with safe_open(str(out), "pt") as f:
+            metadata = f.metadata()
+        for notes in (metadata, weighted.metadata):
+            assert json.loads(notes["solar.attention_mixed"]) == values
+            assert set(json.loads(notes["solar.layer_weights"])) == {f"layers.{i}.attention.{w}" for i in range(5)
+                                                                     for w in ("wq", "wv")}
+    # Plain statistics carry no such note, and the re-weighed ones do not invent one.
+    plain = solar.calibrate(model, batches, loss_fn=loss_fn, attention_mixing=False)
+    assert "solar.attention_mixed" not in plain.metadata
+    weighted = solar.reweigh(model, batches, None, calibration=plain, target_bytes=1284, rounds=0, output_fn=next_token)
+    assert set(weighted.metadata) == {"solar.layer_weights"}
+
+
 def test_minilm_padded_batches_mix_the_real_tokens_only():
     """BERT through Hugging Face's "sdpa" attention: every layer's value projection is found, and
     a padded batch gives the same mixed input moments as its sentences one by one (padded keys get
