@@ -19,6 +19,12 @@ labels drawn from the adapted model's own distribution (4 draws per window) inst
 next tokens, so that G estimates the Fisher of the KL divergence; plain `compress` at five sizes
 against the benchmark's statistics.
 
+Part 4, nearest Kronecker product: K-FAC's S ⊗ G is the product of the means of x xᵀ and g gᵀ; the
+per-position Fisher mean(x xᵀ ⊗ g gᵀ) has a nearest Kronecker product A ⊗ B in Frobenius norm
+(alternating least squares from S, G; 5 sweeps) that keeps the positions where large inputs meet
+large gradients together. Same windows and loss as the benchmark's statistics; for every layer, and
+for the query projections only with the value projections' attention-mixed moments.
+
 Retention of the fine-tuning gain in % on the benchmark's evaluation set / the tuning split.
 
     python -m bench.coupling_check [--parts 1 2 3] [--eta 0.05 0.15 0.3] [--rounds 8]
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench.refine_check import stories_setup
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
+    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
     ap.add_argument("--eta", type=float, nargs="+", default=[0.05, 0.15, 0.3])
     ap.add_argument("--rounds", type=int, default=8)
     args = ap.parse_args(argv)
@@ -139,8 +145,19 @@ def main(argv: list[str] | None = None) -> None:
                 kl = " ".join(f"{x:.4f}" for x in loop.history["divergence"])
                 print(f"| {eta} | {kl} | {loop.best[1]} | {cells(loop.best[2])} | {loop.best[2].nbytes:,} |", flush=True)
 
-    if 3 in args.parts:
-        import torch.nn.functional as F
+    budgets = [1100, 1200, 1284, 1400, 1620]
+
+    def compare(rows) -> None:
+        print("| statistics | " + " | ".join(f"{b:,} B" for b in budgets) + " |")
+        print("|---|" + "---|" * len(budgets))
+        for label, st in rows:
+            row = []
+            for b in budgets:
+                packed = solar.compress(model, base, target_bytes=b, calibration=st)
+                row.append(f"{cells(packed)} ({packed.nbytes:,})")
+            print(f"| {label} | " + " | ".join(row) + " |", flush=True)
+
+    if 3 in args.parts or 4 in args.parts:
         from peft import PeftModel
 
         from bench.fixtures.paths import fixtures_dir, stories260k_dir
@@ -151,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
         peft_model = PeftModel.from_pretrained(load_stories260k(), str(fixtures_dir() / "stories260k_lora_r4"))
         g = torch.Generator().manual_seed(0)  # bench.calibration's windows
         starts = torch.randint(0, len(train) - 257, (32,), generator=g).tolist()
+
+    if 3 in args.parts:
+        import torch.nn.functional as F
+
         draws = torch.Generator().manual_seed(123)
 
         def sampled_loss(m, batch):
@@ -163,16 +184,53 @@ def main(argv: list[str] | None = None) -> None:
 
         true_fisher = solar.calibrate(peft_model, [{"input_ids": train[s: s + 257][None].repeat(4, 1)} for s in starts],
                                       loss_fn=sampled_loss)
-        budgets = [1100, 1200, 1284, 1400, 1620]
         print("\npart 3: plain compress, retention (bytes)")
-        print("| statistics | " + " | ".join(f"{b:,} B" for b in budgets) + " |")
-        print("|---|" + "---|" * len(budgets))
-        for label, st in (("benchmark's (next tokens, attention-mixed)", mixed), ("true Fisher (sampled labels, 4 draws)", true_fisher)):
-            row = []
-            for b in budgets:
-                packed = solar.compress(model, base, target_bytes=b, calibration=st)
-                row.append(f"{cells(packed)} ({packed.nbytes:,})")
-            print(f"| {label} | " + " | ".join(row) + " |", flush=True)
+        compare([("benchmark's (next tokens, attention-mixed)", mixed), ("true Fisher (sampled labels, 4 draws)", true_fisher)])
+
+    if 4 in args.parts:
+        from solar.calibrate import _coded_modules
+
+        from bench.calibration import stories_lm_loss
+
+        rows_x: dict = {}
+        rows_g: dict = {}
+
+        def capture(path):
+            def hook(_mod, inputs, output):
+                rows_x.setdefault(path, []).append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double())
+                output.register_hook(lambda grad: rows_g.setdefault(path, []).append(grad.reshape(-1, grad.shape[-1]).double()))
+            return hook
+
+        modules = _coded_modules(peft_model)
+        for n, q in peft_model.named_parameters():
+            q.requires_grad_("lora_" in n)
+        hooks = [m.register_forward_hook(capture(p)) for p, m in modules.items()]
+        try:
+            for s in starts:
+                stories_lm_loss(peft_model, {"input_ids": train[s: s + 257][None]}).backward()
+        finally:
+            for h in hooks:
+                h.remove()
+        plain = solar.calibrate(peft_model, [{"input_ids": train[s: s + 257][None]} for s in starts],
+                                loss_fn=stories_lm_loss, attention_mixing=False)
+        mixed_stats = _statistics_and_damping(mixed, {})[0]
+        nearest, queries = {}, {}
+        for p in modules:
+            x, gr = torch.cat(rows_x[p]), torch.cat(rows_g[p])
+            rows = x.shape[0]
+            S_, G_ = x.T @ x / rows, gr.T @ gr / rows
+            assert torch.allclose(S_.float(), plain[f"{p}.input_moment"], rtol=1e-4, atol=1e-7)  # K-FAC's own
+            A, B = S_.clone(), G_.clone()
+            for _ in range(5):
+                A = (x * ((gr @ B) * gr).sum(1)[:, None]).T @ x / rows / float((B * B).sum())
+                B = (gr * ((x @ A) * x).sum(1)[:, None]).T @ gr / rows / float((A * A).sum())
+            c = float(A.trace() / S_.trace())
+            nearest[f"{p}.input_moment"], nearest[f"{p}.output_grad_moment"] = (A / c).float(), (B * c).float()
+            for k in (f"{p}.input_moment", f"{p}.output_grad_moment"):
+                queries[k] = nearest[k] if ".wq" in p else mixed_stats[k]
+        print("\npart 4: plain compress, retention (bytes)")
+        compare([("K-FAC (plain moments)", plain), ("nearest Kronecker product, every layer", nearest),
+                 ("benchmark's (attention-mixed)", mixed), ("nearest Kronecker product for queries, mixed values", queries)])
 
 
 if __name__ == "__main__":
