@@ -21,6 +21,7 @@ runs the same rounds first when it is given statistics.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -75,12 +76,9 @@ def _load_statistics(calibration) -> Statistics:
         return Statistics({k: torch.as_tensor(v) for k, v in calibration.items()},
                           getattr(calibration, "metadata", None))
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    path = os.fspath(calibration)
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata()
-    return Statistics(load_file(path), metadata)
+    with safe_open(os.fspath(calibration), "pt") as f:
+        return Statistics({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
 
 
 def _weighted(statistics: dict, weights: dict) -> dict:
@@ -338,8 +336,6 @@ def reweigh(
     loop = _Loop("reweigh", model, batches, base, target_bytes, output_fn, objective, adapter_name, compress_options)
     with loop:
         weights = loop.reweigh(loop.original, statistics, damping, rounds)
-    import json
-
     # The input's notes (which modules attention mixed) stay true of the re-weighed tensors.
     metadata = {**statistics.metadata,
                 "solar.layer_weights": json.dumps({p: weights.get(p, 1.0) for p in loop.layers})}
