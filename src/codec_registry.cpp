@@ -54,6 +54,43 @@ std::vector<ModeStream> read_streams(const Container& c) {
   return out;
 }
 
+std::vector<std::vector<int32_t>> stream_symbols(const Container& c) {
+  std::vector<std::vector<int32_t>> out(c.layers.size());
+  for (ModeStream& s : read_streams(c))
+    for (size_t k = 0; k < s.layers.size(); ++k) out[s.layers[k]] = std::move(s.symbols[k]);
+  return out;
+}
+
+Container with_stream_symbols(Container c, const std::vector<std::vector<int32_t>>& symbols) {
+  const std::string where = "with_stream_symbols";
+  if (c.version != kFormatVersion)
+    throw Error(ErrorKind::InvalidInput, where,
+                "only files of format version " + std::to_string(kFormatVersion) + " can be re-coded (this one is version " +
+                    std::to_string(c.version) + ")");
+  if (symbols.size() != c.layers.size())
+    throw Error(ErrorKind::InvalidInput, where,
+                std::to_string(symbols.size()) + " symbol lists for " + std::to_string(c.layers.size()) + " layers");
+  std::vector<bool> streamed(c.layers.size(), false);
+  for (ModeStream& s : read_streams(c)) {
+    std::vector<std::vector<int32_t>> given;
+    for (size_t i : s.layers) {
+      given.push_back(symbols[i]);
+      streamed[i] = true;
+    }
+    std::vector<uint8_t> blob;
+    try {
+      blob = s.codec->write_stream(s.stream_layers, given);
+    } catch (const Error& e) {
+      throw Error(ErrorKind::InvalidInput, where, e.what());
+    }
+    c.layers[s.layers.front()].encoded.blobs = {std::move(blob)};
+  }
+  for (size_t i = 0; i < c.layers.size(); ++i)
+    if (!streamed[i] && !symbols[i].empty())
+      throw Error(ErrorKind::InvalidInput, where, "layer " + c.layers[i].module + " is not in a stream; its symbol list must be empty");
+  return c;
+}
+
 std::unique_ptr<LayerCodec> make_decoder(const std::string& mode, const std::string& where) {
   if (mode == "paper") return make_paper_codec(PaperOptions{});
   if (mode == "spectral") return make_spectral_codec(false);

@@ -775,6 +775,13 @@ class SpectralCodec final : public LayerCodec {
     if (k < 0 || k > s.r || sym.size() != static_cast<size_t>(k == 0 ? 1 : kHead + (s.m + s.n) * k))
       throw Error(ErrorKind::InvalidInput, "spectral stream", "symbols do not match the layer's shape");
     if (k == 0) return put_header(e, m, l, 0, 0, 0, false);
+    // Symbols may come from a caller (with_stream_symbols), not only from this encoder: refuse
+    // what no decoder reads back rather than code it wrongly.
+    if (sym[1] < 0 || sym[1] > 255 || sym[2] < 0 || sym[2] > 255 || (sym[3] != 0 && sym[3] != 1))
+      throw Error(ErrorKind::InvalidInput, "spectral stream", "step codes must be 0 to 255 and the quantiser flag 0 or 1");
+    for (size_t i = kHead; i < sym.size(); ++i)
+      if (sym[i] <= -(1 << 30) || sym[i] >= (1 << 30))
+        throw Error(ErrorKind::InvalidInput, "spectral stream", "an integer is out of the coder's range (|v| < 2^30)");
     const bool dependent = sym[3] != 0;
     if (dependent && m.version < 3) throw Error(ErrorKind::InvalidInput, "spectral stream", "format v2 has no dependent quantisation");
     const bool positive_lead = m.version >= 5;

@@ -116,6 +116,15 @@ struct ModeStream {
 };
 std::vector<ModeStream> read_streams(const Container& c);
 
+// The integers a decoder reads from a container's shared streams, by layer index (each layer's
+// symbols in its mode's stream syntax, docs/FORMAT.md; empty for a layer no stream holds).
+std::vector<std::vector<int32_t>> stream_symbols(const Container& c);
+// The container with its streams re-coded from `symbols` (by layer index, as stream_symbols gives
+// them), everything else kept: for an encoder that chooses the integers itself (solar.polish).
+// Only for containers of this build's format version. Throws InvalidInput when a layer's symbols
+// do not follow its stream's syntax, or a layer outside the streams has any.
+Container with_stream_symbols(Container c, const std::vector<std::vector<int32_t>>& symbols);
+
 uint32_t fingerprint_f32(const std::vector<float>& values);
 
 // The parsed fixed part of a container (no allocation, no checksum check).

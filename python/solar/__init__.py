@@ -12,6 +12,7 @@ command line tool, so both write identical files.
     packed = solar.compress(peft_model, None, target_bytes=6000, calibration=stats)
     stats = solar.reweigh(peft_model, batches, None, calibration=stats, target_bytes=6000)  # model in the loop, once
     packed = solar.refine(peft_model, batches, None, target_bytes=6000, calibration=stats)  # ... for one file
+    packed = solar.polish(peft_model, batches, packed)   # its uniform-quantiser integers, against the model
     print(packed.report()["ratio_vs_fp16"])
 
     tensors = solar.restore("my-adapter.solar", "base-model/")       # {PEFT key: torch.Tensor}
@@ -23,6 +24,7 @@ Errors are :class:`SolarError` subclasses carrying the core's message.
 from . import _ext
 from .api import CompressedAdapter, compress, load, restore, restore_to_dir, restore_to_peft
 from .calibrate import calibrate, sample_text, self_calibrate
+from .polish import polish
 from .refine import refine, reweigh
 from .errors import (
     CorruptError,
@@ -50,6 +52,7 @@ __all__ = [
     "self_calibrate",
     "refine",
     "reweigh",
+    "polish",
     "sample_text",
     "SolarError",
     "FormatError",

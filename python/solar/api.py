@@ -30,7 +30,8 @@ class CompressedAdapter:
     :func:`restore`, :func:`restore_to_dir` or :func:`restore_to_peft`.
     """
 
-    # refinement: what solar.refine measured on its way to this file (None otherwise).
+    # refinement: what solar.refine (and solar.polish, under "polish") measured on its way to
+    # this file (None otherwise).
     __slots__ = ("_c", "refinement")
 
     def __init__(self, _compressed: "_ext.Compressed"):

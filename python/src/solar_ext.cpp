@@ -334,7 +334,16 @@ NB_MODULE(_ext, m) {
       .def("peft_config_json", [](const Compressed& c) { return c.container.peft_config.dump(); })
       .def_prop_ro("seed", [](const Compressed& c) { return c.container.seed; })
       .def_prop_ro("producer", [](const Compressed& c) { return c.container.producer; })
-      .def_prop_ro("key_prefix", [](const Compressed& c) { return c.container.key_prefix; });
+      .def_prop_ro("key_prefix", [](const Compressed& c) { return c.container.key_prefix; })
+      .def("stream_symbols", [](const Compressed& c) { return solar::stream_symbols(c.container); },
+           "The integers of the shared streams, one list per layer (empty for layers outside them).")
+      .def("with_stream_symbols", [](const Compressed& c, const std::vector<std::vector<int32_t>>& symbols) {
+        Compressed out;
+        nb::gil_scoped_release nogil;
+        out.container = solar::with_stream_symbols(c.container, symbols);
+        out.bytes = solar::serialize_container(out.container);
+        return out;
+      }, "symbols"_a, "A new container whose streams are re-coded from these symbols.");
 
   m.def("compress", &compress, "adapter"_a, "base"_a, "mode"_a, "pool_a"_a.none(), "pool_b"_a.none(), "keep"_a.none(),
         "keep_fraction"_a.none(), "bits"_a.none(), "seed"_a, "noise"_a.none(), "threads"_a, "target_bytes"_a.none(),

@@ -1,6 +1,7 @@
 // End-to-end compress/decompress on the real stories260K checkpoint.
 #include "solar/pipeline.hpp"
 
+#include <cmath>
 #include <filesystem>
 
 #include <gtest/gtest.h>
@@ -166,6 +167,64 @@ TEST_F(Stories, RealTrainedAdapterRoundTrips) {
   o.paper.bits = 32;
   const PeftAdapter back = decompress_container(compress_adapter(adapter, *base_, o), *base_);
   EXPECT_LT(worst_error(adapter, back), 1e-4);
+}
+
+// An encoder that chooses the integers itself (solar.polish) re-codes the stream from them: the
+// same symbols give the same bytes, a changed integer decodes as changed, and symbols that break
+// the syntax are refused, naming the problem.
+TEST(Pipeline, StreamsAreReCodedFromGivenSymbols) {
+  const PeftAdapter adapter = read_peft_adapter(SOLAR_SOURCE_DIR "/tests/fixtures/stories260k_lora_r4");
+  CompressOptions o;
+  o.mode = "spectral";
+  o.target_bytes = 1500;
+  const Container c = compress_adapter(adapter, InMemoryWeights(), o);
+  const std::vector<uint8_t> bytes = serialize_container(c);
+  std::vector<std::vector<int32_t>> sym = stream_symbols(c);
+  ASSERT_EQ(sym.size(), c.layers.size());
+  EXPECT_EQ(serialize_container(with_stream_symbols(c, sym)), bytes);
+
+  // Layer 0's first X integer (symbols: k, tx, ty, D, X column by column, then Y): one step more.
+  ASSERT_GT(sym[0].size(), 4u);
+  ASSERT_EQ(sym[0][3], 0) << "a uniform-quantiser layer: its level is its integer";
+  const int64_t m = c.layers[0].shape.m;
+  size_t at = 4;
+  while (at < 4 + static_cast<size_t>(m) && sym[0][at] == 0) ++at;  // the column's leading integer, positive
+  ASSERT_LT(at, 4u + static_cast<size_t>(m));
+  const std::vector<std::vector<int32_t>> before = sym;
+  sym[0][at] += 1;
+  const Container changed = with_stream_symbols(c, sym);
+  const auto changed_bytes = serialize_container(changed);
+  const Container parsed = parse_container(changed_bytes.data(), changed_bytes.size(), "mem");
+  EXPECT_EQ(stream_symbols(parsed), sym);
+  const PeftAdapter a = decompress_container(c, InMemoryWeights());
+  const PeftAdapter b = decompress_container(parsed, InMemoryWeights());
+  const std::vector<float> b0 = a.modules[0].B.to_f32(), b1 = b.modules[0].B.to_f32();
+  const double step = std::pow(2.0, (sym[0][1] - 200) / 8.0);
+  const size_t row = at - 4;  // B~[:, 0] = step(tx) X[:, 0]; B is m x r, row-major
+  EXPECT_NEAR(b1[row * c.layers[0].shape.r] - b0[row * c.layers[0].shape.r], step, 1e-6 * std::max(1.0, step));
+  for (size_t i = 1; i < a.modules.size(); ++i) EXPECT_EQ(a.modules[i].A.data, b.modules[i].A.data);
+
+  auto refused = [&](std::vector<std::vector<int32_t>> s, const std::string& what) {
+    EXPECT_SOLAR_ERROR(with_stream_symbols(c, s), ErrorKind::InvalidInput, what);
+  };
+  auto s = before;
+  s[0][at] = -s[0][at];  // the leading integer's sign is not coded: it must be positive
+  refused(s, "first non-zero integer must be positive");
+  s = before;
+  s[0].pop_back();
+  refused(s, "do not match the layer's shape");
+  s = before;
+  s[0][1] = 256;
+  refused(s, "step codes");
+  s = before;
+  s[0].back() = 1 << 30;
+  refused(s, "out of the coder's range");
+  s = before;
+  s.pop_back();
+  refused(s, "symbol lists for");
+  Container old = c;
+  old.version = 6;
+  EXPECT_SOLAR_ERROR(with_stream_symbols(old, before), ErrorKind::InvalidInput, "version 6");
 }
 
 // PEFT takes the first rank_pattern / alpha_pattern key that matches, in the file's order; a
