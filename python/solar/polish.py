@@ -10,7 +10,7 @@ it and zeros kept zero, so that the rate stays about where it was. The iterate w
 divergence on the batches whose re-coded file fits is returned (same steps, same components, same
 everything else); the decoder is unchanged. The iterates do not fall steadily: Adam moves every
 integer by about ``lr`` per step, so for the first ~0.5 / ``lr`` steps nothing rounds differently
-and then many integers cross at once (on stories260K the divergence rose 3–10× before falling
+and then many integers cross at once (on stories260K the divergence rose 2.5–10× before falling
 below the start), hence the best iterate, not the last. Trellis-coded layers keep their
 integers: one of them cannot move alone (its parity chooses the quantiser of every later integer
 of its column).
@@ -106,6 +106,9 @@ def polish(
         if loop._cached is None:
             raise ValueError("polish: the adapted model's outputs on these batches are too large to keep in memory; "
                              "pass fewer or smaller batches")
+        for hook in loop._hooks:  # refine's per-layer gradient capture: polish needs none of it
+            hook.remove()
+        loop._hooks = []
         set_peft_model_state_dict(loop.model, restored, adapter_name=loop.name)
         weights = {p: (loop.layers[p][0].lora_A[loop.name], loop.layers[p][0].lora_B[loop.name]) for p in free}
         saved = {p: (a._parameters.pop("weight"), b._parameters.pop("weight")) for p, (a, b) in weights.items()}
