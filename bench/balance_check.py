@@ -64,6 +64,21 @@ def references(task) -> tuple[dict, dict]:
     return base, task.evaluate(lora)
 
 
+def stories_loss_retention():
+    """packed -> stories260K's loss retention in % on the benchmark's evaluation set and the tuning
+    split, as "eval / tuning" (the model-in-the-loop checks' cells; spectral files need no base)."""
+    import solar
+    from bench.evaluate import TASKS, retention
+
+    tasks = {"eval": TASKS["stories260k"](), "tuning": tuning_task("stories260k")}
+    refs = {k: references(t) for k, t in tasks.items()}
+
+    def cells(packed) -> str:
+        state = {k: v.float() for k, v in solar.restore(packed, None).items()}
+        return " / ".join(f"{100 * retention(*refs[s], t.evaluate(state))['loss']:.2f}" for s, t in tasks.items())
+    return cells
+
+
 def print_table_head(model: str, refs: tuple[dict, dict], columns: list[str], budgets: list[int]) -> None:
     """The model's reference metrics, then a markdown table head: `columns`, then one per budget."""
     print(f"\n{model}, tuning split: base {refs[0]}, LoRA {refs[1]}")

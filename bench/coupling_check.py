@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     import solar
     from solar.refine import _damped, _Loop, _statistics_and_damping
 
-    from bench.balance_check import references, tuning_task
+    from bench.balance_check import stories_loss_retention
     from bench.calibration import ensure
-    from bench.evaluate import TASKS, retention
+    from bench.evaluate import TASKS
     from bench.refine_check import stories_setup
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -58,14 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     model, batches, output_fn, _ = stories_setup()
-    tasks = {"eval": TASKS["stories260k"](), "tuning": tuning_task("stories260k")}
-    refs = {k: references(t) for k, t in tasks.items()}
-    base = str(tasks["eval"].base_path)
+    cells = stories_loss_retention()
+    base = str(TASKS["stories260k"]().base_path)
     mixed = str(ensure("stories260k", mixed=True))
-
-    def cells(packed) -> str:
-        restored = {k: v.float() for k, v in solar.restore(packed, base).items()}
-        return " / ".join(f"{100 * retention(*refs[s], t.evaluate(restored))['loss']:.2f}" for s, t in tasks.items())
 
     stats, damping = _statistics_and_damping(mixed, {})
     loop = _Loop("coupling_check", model, batches, None, BYTES, output_fn, "kl", None, {})

@@ -28,9 +28,8 @@ BYTES = 1284
 def main(argv: list[str] | None = None) -> None:
     import solar
 
-    from bench.balance_check import references, tuning_task
+    from bench.balance_check import stories_loss_retention
     from bench.calibration import ensure
-    from bench.evaluate import TASKS, retention
     from bench.refine_check import stories_setup
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -39,12 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     model, batches, output_fn, _ = stories_setup()
-    tasks = {"eval": TASKS["stories260k"](), "tuning": tuning_task("stories260k")}
-    refs = {k: references(t) for k, t in tasks.items()}
-
-    def cells(packed) -> str:
-        state = {k: v.float() for k, v in solar.restore(packed, None).items()}
-        return " / ".join(f"{100 * retention(*refs[s], t.evaluate(state))['loss']:.2f}" for s, t in tasks.items())
+    cells = stories_loss_retention()
 
     mixed = str(ensure("stories260k", mixed=True))
     print(f"stories260K, {BYTES:,} B; retention in % (evaluation / tuning); polish: {args.steps} steps, lr {args.lr}")
