@@ -57,7 +57,8 @@ def polish(
         lr: Adam's learning rate, in steps of the quantiser (0.5 / lr steps pass before any
             integer rounds differently).
         radius: how far an integer may move from the encoder's choice, in steps.
-        target_bytes: the re-coded file's size limit; by default ``packed``'s size.
+        target_bytes: the re-coded file's size limit; by default ``packed``'s size (a smaller one
+            is refused: polish keeps the rate about where it was and cannot shrink a file).
 
     Returns the best iterate's file (``packed`` itself if none beat it), whose ``.refinement``
     (``packed``'s, if it came from :func:`solar.refine`) gains ``"polish": {"divergence": [...],
@@ -73,7 +74,18 @@ def polish(
     if steps < 0 or radius < 0 or not lr > 0:
         raise ValueError("polish: steps and radius must not be negative, lr must be positive")
     limit = int(target_bytes) if target_bytes is not None else packed.nbytes
+    if packed.nbytes > limit:
+        raise ValueError(f"polish: the file is {packed.nbytes} B, over target_bytes={limit}: polish moves integers "
+                         "at about the same rate and cannot shrink a file (compress it to the size wanted first)")
     loop = _Loop("polish", model, batches, None, limit, output_fn, objective, adapter_name, {})
+    # A file from another adapter would fail deep inside PEFT, or polish nothing.
+    in_file = {layer["module"]: layer["shape"] for layer in packed.layers}
+    for path, (_mod, _s, a, b) in loop.layers.items():
+        if path not in in_file:
+            raise ValueError(f"polish: the adapter's layer {path} is not in the file: was it compressed from this adapter?")
+        m, n, r = in_file[path]
+        if tuple(loop.original[a].shape) != (r, n) or tuple(loop.original[b].shape) != (m, r):
+            raise ValueError(f"polish: the file's layer {path} is {m} x {n} of rank {r}, the adapter's is not")
     restored = restore(packed, None)
     symbols = packed._c.stream_symbols()
     free = {}  # module path -> (layer index, k, step_x, step_y, X, Y) for the layers that can move
@@ -155,3 +167,61 @@ def polish(
                                for p in free)
     best.refinement = dict(packed.refinement or {}, polish=history)
     return best
+
+
+def cli_main(argv=None) -> int:
+    """``python -m solar polish``: a finished ``.solar`` file's integers moved against a Hugging
+    Face causal LM's own outputs (as :func:`polish`), on a text file or (``--self``) on the
+    adapted model's own text; the file written is never larger than the one read."""
+    import argparse
+    import os
+    import sys
+
+    from .api import load
+    from .calibrate import _add_model_arguments, _cli_batches, _load_causal_lm, _next_token_logits
+    from .errors import SolarError
+
+    ap = argparse.ArgumentParser(prog="python -m solar polish", description=cli_main.__doc__.split("\n\n")[0])
+    _add_model_arguments(ap)
+    ap.add_argument("--in", dest="source", required=True,
+                    help=".solar file compressed from --adapter (spectral mode; `solar compress --quantiser uniform` "
+                         "gives every layer integers that can move)")
+    ap.add_argument("--out", required=True, help=".solar file to write (may be --in)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="UTF-8 text file (consecutive windows; the adapter's training text will do)")
+    src.add_argument("--self", dest="self_generated", action="store_true",
+                     help="no data: the adapted model's own text (seeded samples)")
+    ap.add_argument("--steps", type=int, default=150, help="Adam steps (default 150)")
+    ap.add_argument("--lr", type=float, default=0.02, help="Adam's learning rate, in quantiser steps (default 0.02)")
+    ap.add_argument("--target-bytes", type=int, help="the file's size limit (default: the size of --in)")
+    args = ap.parse_args(argv)
+    for path in (args.text, args.source):
+        if path and not os.path.isfile(path):  # before minutes of model loading
+            print(f"solar polish: error: {path}: no such file", file=sys.stderr)
+            return 1
+    if args.sequences < 1 or args.length < 1 or args.steps < 0 or not args.lr > 0:
+        print("solar polish: error: --sequences, --length and --lr must be positive, --steps not negative",
+              file=sys.stderr)
+        return 2
+    try:
+        packed = load(args.source)  # a damaged file is refused before the model loads
+        if args.target_bytes is not None and packed.nbytes > args.target_bytes:
+            raise ValueError(f"{args.source} is {packed.nbytes} B, over --target-bytes {args.target_bytes}: polish "
+                             "cannot shrink a file (compress it to the size wanted first)")
+        model, tokenizer = _load_causal_lm(args)
+        batches = _cli_batches(args, model, tokenizer)
+        polished = polish(model, batches, packed, steps=args.steps, lr=args.lr, target_bytes=args.target_bytes,
+                          output_fn=_next_token_logits)
+        polished.save(args.out)  # atomic: a failed run leaves no half-written file
+    except (OSError, ValueError, SolarError) as e:
+        print(f"solar polish: error: {e}", file=sys.stderr)
+        return 1
+    h = polished.refinement["polish"]
+    if not h["layers"]:
+        print(f"wrote {args.out} ({polished.nbytes} B; unchanged: no layer of {args.source} has uniform-quantiser "
+              "integers to move)")
+        return 0
+    kl = h["divergence"]
+    print(f"wrote {args.out} ({polished.nbytes} B; divergence {kl[0]:.4g} -> {kl[h['best']]:.4g}, step {h['best']} "
+          f"of {len(kl) - 1}, {h['moved']} integers moved in {len(h['layers'])} layers)")
+    return 0

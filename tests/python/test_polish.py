@@ -74,6 +74,23 @@ def test_polish_refuses_what_it_cannot_use(stories_peft, stories_adapter, splits
         solar.polish(stories_peft, batches, packed, steps=-1, output_fn=_next_token)
     with pytest.raises(ValueError, match="lr must be positive"):
         solar.polish(stories_peft, batches, packed, lr=0, output_fn=_next_token)
+    with pytest.raises(ValueError, match="over target_bytes"):
+        solar.polish(stories_peft, batches, packed, target_bytes=packed.nbytes - 1, output_fn=_next_token)
+    # Files of another adapter: one that lacks a layer, one whose layers are of another rank.
+    import json
+
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(stories_adapter) / "adapter_model.safetensors"))
+    config = json.loads((Path(stories_adapter) / "adapter_config.json").read_text())
+    fewer = {k: v for k, v in state.items() if ".layers.4.attention.wv." not in k}
+    other = solar.compress((fewer, config), None, mode="spectral", target_bytes=BUDGET, quantiser="uniform")
+    with pytest.raises(ValueError, match=r"layers\.4\.attention\.wv is not in the file"):
+        solar.polish(stories_peft, batches, other, steps=1, output_fn=_next_token)
+    wider = {k: torch.cat([v, v], dim=0 if "lora_A" in k else 1) for k, v in state.items()}
+    other = solar.compress((wider, dict(config, r=8)), None, mode="spectral", target_bytes=BUDGET, quantiser="uniform")
+    with pytest.raises(ValueError, match="of rank 8, the adapter's is not"):
+        solar.polish(stories_peft, batches, other, steps=1, output_fn=_next_token)
     # A trellis-coded file has no integers that can move alone: it comes back as it was.
     stats = solar.calibrate(stories_peft, [{"input_ids": b[:4]} for b in batches],
                             loss_fn=lambda m, b: torch.nn.functional.cross_entropy(

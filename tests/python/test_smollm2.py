@@ -170,3 +170,51 @@ def test_python_m_solar_refine_self_and_text(smollm2, tmp_path):
     r = subprocess.run(common + ["--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x.solar")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "missing.txt" in r.stderr and not (tmp_path / "x.solar").exists()
+
+
+def test_python_m_solar_polish(smollm2, tmp_path):
+    """The command-line route to solar.polish for a Hugging Face causal LM: a data-free file's
+    integers moved on a text file. The file written is no larger than the one read, restores, and
+    is what the report says (the same bytes when no integer moved, else integers at most one step
+    apart and the same components and steps); missing or damaged inputs and a size limit below the
+    input's are refused before any model is loaded, and no file is left. (What polish buys is
+    measured on stories260K's trained adapter: test_polish.py.)"""
+    import re
+    import subprocess
+    import sys
+
+    model_dir, text = _two_layer_adapter(tmp_path)
+    packed = solar.compress(tmp_path / "adapter", None, target_bytes=3000, quantiser="uniform")
+    source = tmp_path / "in.solar"
+    packed.save(source)
+    common = [sys.executable, "-m", "solar", "polish", "--base-model", model_dir, "--gguf-file",
+              "SmolLM2-135M-Instruct.Q4_1.gguf", "--adapter", str(tmp_path / "adapter"), "--sequences", "2",
+              "--length", "12", "--steps", "30", "--lr", "0.05"]
+    out = tmp_path / "out.solar"
+    r = subprocess.run(common + ["--text", str(text), "--in", str(source), "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    report = re.search(r"divergence (\S+) -> (\S+), step (\d+) of 30, (\d+) integers moved in 4 layers", r.stdout)
+    assert report, r.stdout
+    polished = solar.load(out)
+    assert polished.nbytes <= packed.nbytes and out.stat().st_size == polished.nbytes
+    assert float(report[2]) <= float(report[1])
+    before_sym, after_sym = packed._c.stream_symbols(), polished._c.stream_symbols()
+    moved = 0
+    for a, b in zip(before_sym, after_sym):
+        assert a[:4] == b[:4]  # same components, steps and quantiser
+        assert max(abs(abs(x) - abs(y)) for x, y in zip(a[4:], b[4:])) <= 1
+        moved += sum(abs(x) != abs(y) for x, y in zip(a[4:], b[4:]))
+    assert (moved == 0) == (int(report[4]) == 0) == (out.read_bytes() == source.read_bytes())
+    assert set(solar.restore(polished, None)) == set(solar.restore(packed, None))
+    refused = [(["--text", str(tmp_path / "missing.txt"), "--in", str(source)], "missing.txt"),
+               (["--text", str(text), "--in", str(tmp_path / "missing.solar")], "missing.solar"),
+               (["--text", str(text), "--in", str(source), "--target-bytes", str(packed.nbytes - 1)], "over --target-bytes")]
+    damaged = tmp_path / "damaged.solar"
+    damaged.write_bytes(source.read_bytes()[:-7])
+    refused.append((["--text", str(text), "--in", str(damaged)], "damaged.solar"))
+    for args, message in refused:
+        r = subprocess.run(common + args + ["--out", str(tmp_path / "x.solar")], capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 1 and message in r.stderr, r.stderr
+        assert not (tmp_path / "x.solar").exists()
