@@ -1,6 +1,7 @@
-"""``python -m solar calibrate|refine|polish ...``: the PyTorch-side companions of the ``solar`` command
-line tool (which compresses and restores without PyTorch): statistics for ``solar compress
---calib``, and compression with the model in the loop."""
+"""``python -m solar calibrate|refine|polish ...``: the PyTorch-side companions of the ``solar``
+command line tool (which compresses and restores without PyTorch): statistics for ``solar compress
+--calib``, compression with the model in the loop, and a finished file's integers polished against
+the model."""
 import sys
 
 USAGE = ("usage: python -m solar calibrate --base-model DIR --adapter DIR --out FILE (--text FILE | --self) "
