@@ -21,14 +21,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional
 
+from . import _ext
 from .api import CompressedAdapter, restore
 from .refine import _divergence, _Loop, _position_weights
 
 _HEAD = 4  # a layer's symbols: k, tx, ty, D, then X's k columns, then Y's (docs/FORMAT.md)
-
-
-def _step(code: int) -> float:
-    return 2.0 ** ((code - 200) / 8)
 
 
 def polish(
@@ -77,7 +74,7 @@ def polish(
     if packed.nbytes > limit:
         raise ValueError(f"polish: the file is {packed.nbytes} B, over target_bytes={limit}: polish moves integers "
                          "at about the same rate and cannot shrink a file (compress it to the size wanted first)")
-    loop = _Loop("polish", model, batches, None, limit, output_fn, objective, adapter_name, {})
+    loop = _Loop("polish", model, batches, None, limit, output_fn, objective, adapter_name, {}, capture=False)
     # A file from another adapter would fail deep inside PEFT, or polish nothing.
     in_file = {layer["module"]: layer["shape"] for layer in packed.layers}
     for path, (_mod, _s, a, b) in loop.layers.items():
@@ -97,7 +94,7 @@ def polish(
         k = sym[0]
         x = torch.tensor(sym[_HEAD: _HEAD + m * k], dtype=torch.float64).reshape(k, m).T
         y = torch.tensor(sym[_HEAD + m * k:], dtype=torch.float64).reshape(k, n).T
-        free[path] = (i, k, _step(sym[1]), _step(sym[2]), x, y)
+        free[path] = (i, k, _ext.step_of_code(sym[1]), _ext.step_of_code(sym[2]), x, y)
     history = {"divergence": [], "best": 0, "moved": 0, "layers": sorted(free)}
     if not free:
         packed.refinement = dict(packed.refinement or {}, polish=history)
@@ -118,9 +115,6 @@ def polish(
         if loop._cached is None:
             raise ValueError("polish: the adapted model's outputs on these batches are too large to keep in memory; "
                              "pass fewer or smaller batches")
-        for hook in loop._hooks:  # refine's per-layer gradient capture: polish needs none of it
-            hook.remove()
-        loop._hooks = []
         set_peft_model_state_dict(loop.model, restored, adapter_name=loop.name)
         weights = {p: (loop.layers[p][0].lora_A[loop.name], loop.layers[p][0].lora_B[loop.name]) for p in free}
         saved = {p: (a._parameters.pop("weight"), b._parameters.pop("weight")) for p, (a, b) in weights.items()}

@@ -94,7 +94,8 @@ class _Loop:
     every round's file. A context manager: on exit the model's adapter, ``requires_grad`` flags
     and train/eval mode are as they were."""
 
-    def __init__(self, who, model, batches, base, target_bytes, output_fn, objective, adapter_name, compress_options):
+    def __init__(self, who, model, batches, base, target_bytes, output_fn, objective, adapter_name, compress_options,
+                 capture: bool = True):
         import torch
         from peft import get_peft_model_state_dict
 
@@ -119,6 +120,7 @@ class _Loop:
         self.target_bytes = int(target_bytes)
         self.output_fn = output_fn or _default_output
         self.compress_options = compress_options
+        self.capture = capture  # each layer's gradient into `grads` on backward passes (refine's rounds)
         self.original = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
         self.layers = {}  # path -> (module, scaling, lora_A key, lora_B key)
         for path, module in _coded_modules(model).items():
@@ -160,7 +162,8 @@ class _Loop:
             self._cached = cached
             for p in self._params:
                 p.requires_grad_(True)
-            self._hooks = [m.register_forward_hook(self._capture(path)) for path, (m, _s, _a, _b) in self.layers.items()]
+            if self.capture:
+                self._hooks = [m.register_forward_hook(self._capture(path)) for path, (m, _s, _a, _b) in self.layers.items()]
         except BaseException:
             self.__exit__(None, None, None)
             raise

@@ -353,6 +353,7 @@ NB_MODULE(_ext, m) {
         "Returns (config_json, [(key, dtype, shape, uint8 array)], file_metadata).");
   m.def("restore_to_dir", &restore_to_dir, "compressed"_a, "base"_a, "out_dir"_a, "threads"_a);
 
+  m.def("step_of_code", &solar::step_of_code, "t"_a, "The quantiser step a step code 0..255 means (docs/FORMAT.md).");
   m.def("_philox_normals", [](uint64_t seed, uint32_t layer, uint32_t member, uint32_t stream, uint64_t first,
                               uint64_t count) {
     std::vector<float> out(count);
