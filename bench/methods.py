@@ -46,7 +46,7 @@ EXTRA_METHODS: list[Callable[[str, bool], list[Method]]] = []
 FAMILY_ORDER = ["peft", "int-quant", "svd-fp16", "svd+int8", "svd+int4", "svd+int3/2", "compeft", "nola",
                 "solar-paper", "solar-paper-refit", "solar-paper-omp", "solar-spectral", "solar-spectral-abs", "solar-spectral-w",
                 "solar-spectral-wgram", "solar-spectral-cal", "solar-spectral-mix", "solar-spectral-selfcal",
-                "solar-spectral-rw", "solar-spectral-refine"]
+                "solar-spectral-rw", "solar-spectral-refine", "solar-spectral-polish"]
 
 # Calibrated spectral: K-FAC statistics from bench/calibration.py (computed once, cached).
 # Finer steps where the retention levels of the headline (90 / 95 / 99 %) are crossed.
@@ -168,12 +168,15 @@ def methods_for(model: str, rank: int, smoke: bool = False) -> list[Method]:
 # The families a user would aim by size (`--target-bytes`): data-free, calibrated, calibrated with
 # attention-mixed value statistics (`solar.calibrate(attention_mixing=True)`), self-calibrated,
 # calibrated with statistics re-weighed by the model once (`solar.reweigh`), and calibrated with the
-# model in the loop for each file (`solar.refine`; half-size checks only, ~100 s a point).
+# model in the loop for each file (`solar.refine`; half-size checks only, ~100 s a point), and the
+# data-free file with its integers moved against the model (`solar.polish`; half-size checks only).
 SPECTRAL_PREFIX = {"solar-spectral": "spectral", "solar-spectral-cal": "spectral+calib",
                    "solar-spectral-mix": "spectral+calib+mix",
                    "solar-spectral-selfcal": "spectral+selfcal", "solar-spectral-rw": "spectral+calib+reweigh",
-                   "solar-spectral-refine": "spectral+calib+refine"}
-# Where refine runs in the report: stories260K. On MiniLM it kept less of the gain than plain compress
+                   "solar-spectral-refine": "spectral+calib+refine", "solar-spectral-polish": "spectral+polish"}
+# The families that run the model for each file, aimed by size only.
+MODEL_IN_LOOP = ("solar-spectral-refine", "solar-spectral-polish")
+# Where refine and polish run in the report: stories260K. On MiniLM it kept less of the gain than plain compress
 # at 4,325 B with every objective tried (bench.refine_check); SmolLM2's rounds take minutes each.
 REFINED = {"stories260k"}
 
@@ -192,6 +195,23 @@ def _refine_encode(adapter, path, model: str, target_bytes: int) -> dict:
     return {"divergence": packed.refinement["divergence"], "best_round": packed.refinement["best"]}
 
 
+def _polish_encode(adapter, path, model: str, target_bytes: int) -> dict:
+    """The data-free file at the budget (uniform quantiser: the only one polish can move), its
+    integers then moved against the divergence on refine's training windows."""
+    import solar
+    from bench.refine_check import SETUPS
+
+    peft_model, batches, output_fn, options = SETUPS[model]()
+    if adapter.passthrough_coding != "matched":
+        options["passthrough"] = adapter.passthrough_coding
+    plain = solar.compress(peft_model, None, target_bytes=target_bytes, quantiser="uniform", **options)
+    packed = solar.polish(peft_model, batches, plain, output_fn=output_fn)
+    packed.save(path)
+    h = packed.refinement["polish"]
+    return {"divergence": h["divergence"][h["best"]], "divergence_before": h["divergence"][0],
+            "best_step": h["best"], "moved": h["moved"]}
+
+
 def _refine_decode(adapter, path) -> dict:
     import solar
 
@@ -203,9 +223,10 @@ def spectral_method(model: str, family: str, target_error: float | None = None,
     """A point of one of the SPECTRAL_PREFIX families, aimed by --target-error (named "t=...") or
     by --target-bytes (named "B=...")."""
     assert (target_error is None) != (target_bytes is None)
-    if family == "solar-spectral-refine":
-        assert target_bytes is not None, "refine is aimed by size only"
-        return Method(f"{SPECTRAL_PREFIX[family]} B={target_bytes}", family, codec=(_refine_encode, _refine_decode),
+    if family in MODEL_IN_LOOP:
+        assert target_bytes is not None, f"{family} is aimed by size only"
+        encode = _refine_encode if family == "solar-spectral-refine" else _polish_encode
+        return Method(f"{SPECTRAL_PREFIX[family]} B={target_bytes}", family, codec=(encode, _refine_decode),
                       params={"model": model, "target_bytes": target_bytes})
     args = ["--mode", "spectral"]
     if family == "solar-spectral-cal":

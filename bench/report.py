@@ -199,7 +199,8 @@ def points_table(res: dict) -> str:
 COLORS = {"peft": "#7f7f7f", "int-quant": "#ff7f0e", "svd-fp16": "#2ca02c", "svd+int8": "#bcbd22",
           "svd+int4": "#17becf", "svd+int3/2": "#7fdbe8", "compeft": "#9467bd", "nola": "#8c564b", "solar-paper": "#e377c2",
           "solar-spectral": "#d62728", "solar-spectral-w": "#1f77b4", "solar-spectral-cal": "#000000",
-          "solar-spectral-mix": "#ff00aa", "solar-spectral-selfcal": "#e6a000", "solar-spectral-rw": "#9edae5", "solar-spectral-refine": "#2ca02c"}
+          "solar-spectral-mix": "#ff00aa", "solar-spectral-selfcal": "#e6a000", "solar-spectral-rw": "#9edae5", "solar-spectral-refine": "#2ca02c",
+          "solar-spectral-polish": "#98df8a"}
 
 
 def plot(res: dict, path: Path) -> None:
@@ -349,7 +350,9 @@ def write_report(results: list[dict], path: Path, out_dir: Path, speed: dict | N
           "`--calib` compress at every size); "
           "in stories260K's half-size checks also `spectral+calib+refine` (the calibrated points with the model in the "
           "loop, `solar.refine`: 3 re-weighing and 32 gradient rounds steered by the KL divergence to the adapted model "
-          "on 128 training windows, bench/refine_check.py). "
+          "on 128 training windows, bench/refine_check.py) and `spectral+polish` (the data-free file, uniform quantiser, "
+          "its integers then moved against the same divergence on the same windows, `solar.polish`: 150 Adam steps "
+          "with straight-through rounding, each integer by at most one step, the best iterate that fits the budget). "
           "All spectral points use the CLI's default `--quantiser auto` (format v3): the uniform quantiser without "
           "statistics; with statistics, per layer the uniform or the dependent (trellis-coded) quantiser. `.solar` "
           "files are written in the format of the CLI that ran the point (v6 for MiniLM's points and SmolLM2's calibrated ones; stories260K's and SmolLM2's others were written in v5, which for adapters without heads gives the same bytes but for the version byte and checksum).",

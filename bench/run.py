@@ -185,8 +185,10 @@ def half_size_methods(model: str, res: dict) -> list[tuple[Method, int]]:
     their budgets."""
     out, seen = [], set()
     fams = [f for f in SPECTRAL_PREFIX if any(p["family"] == f for p in res["points"])]
-    if model in REFINED and "solar-spectral-cal" in fams:  # refine has no grid: half-size checks only
+    if model in REFINED and "solar-spectral-cal" in fams:  # refine and polish have no grid: half-size checks only
         fams.append("solar-spectral-refine")
+    if model in REFINED and "solar-spectral" in fams:
+        fams.append("solar-spectral-polish")
     for lv in report.GOAL_LEVELS:
         sol, oth = report.cell_winners(res, lv)
         if not oth or (sol and 2 * sol["bytes"] <= oth["bytes"]):

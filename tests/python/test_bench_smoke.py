@@ -81,15 +81,20 @@ def test_half_size_checks_aim_at_half_the_best_other_file_where_the_grid_misses(
     todo = half_size_methods("stories260k", res)
     # 90-93%: 900 B vs 2,000 B (met); 94-97%: 1,200 vs 2,000 (missed: budget 1,000); 98%: 1,500 vs
     # 2,000 (missed, same budget); 99%: 1,500 vs 4,000 (met).
-    # stories260K's calibrated family also runs with the model in the loop (solar.refine).
+    # stories260K's calibrated family also runs with the model in the loop (solar.refine), and its
+    # data-free file polished against the model (solar.polish).
     assert sorted((m.family, b) for m, b in todo) == [("solar-spectral", 1_000), ("solar-spectral-cal", 1_000),
-                                                       ("solar-spectral-refine", 1_000), ("solar-spectral-rw", 1_000)]
+                                                       ("solar-spectral-polish", 1_000), ("solar-spectral-refine", 1_000),
+                                                       ("solar-spectral-rw", 1_000)]
     assert all(m.name.endswith("B=1000") for m, _ in todo)
-    assert all(m.cli[-2:] == ["--target-bytes", "1000"] for m, _ in todo if m.family != "solar-spectral-refine")
+    in_loop = ("solar-spectral-refine", "solar-spectral-polish")
+    assert all(m.cli[-2:] == ["--target-bytes", "1000"] for m, _ in todo if m.family not in in_loop)
     reweighed = next(m for m, _ in todo if m.family == "solar-spectral-rw")
     assert reweighed.cli[reweighed.cli.index("--calib") + 1].endswith("stories260k_kfac_reweighed.safetensors")
     refine = next(m for m, _ in todo if m.family == "solar-spectral-refine")
     assert refine.kind == "python" and refine.params == {"model": "stories260k", "target_bytes": 1_000}
+    polish = next(m for m, _ in todo if m.family == "solar-spectral-polish")
+    assert polish.kind == "python" and polish.codec[0] is not refine.codec[0] and polish.params == refine.params
     assert sorted(m.family for m, _ in half_size_methods("minilm_sst2", res)) == ["solar-spectral", "solar-spectral-cal",
                                                                                   "solar-spectral-rw"]
     text = goals_section([res])
