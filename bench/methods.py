@@ -176,19 +176,27 @@ SPECTRAL_PREFIX = {"solar-spectral": "spectral", "solar-spectral-cal": "spectral
                    "solar-spectral-refine": "spectral+calib+refine", "solar-spectral-polish": "spectral+polish"}
 # The families that run the model for each file, aimed by size only.
 MODEL_IN_LOOP = ("solar-spectral-refine", "solar-spectral-polish")
-# Where refine and polish run in the report: stories260K. On MiniLM it kept less of the gain than plain compress
-# at 4,325 B with every objective tried (bench.refine_check); SmolLM2's rounds take minutes each.
+# Where refine and polish run in the report: stories260K. On MiniLM refine kept less of the gain than plain
+# compress at 4,325 B with every objective tried (bench.refine_check); SmolLM2's rounds take minutes each.
 REFINED = {"stories260k"}
 
 
-def _refine_encode(adapter, path, model: str, target_bytes: int) -> dict:
-    import solar
-    from bench.calibration import stats_path
+def _model_setup(adapter, model: str):
+    """refine_check's (PeftModel, training batches, output_fn, compress options) for the model,
+    with the run's passthrough coding."""
     from bench.refine_check import SETUPS
 
     peft_model, batches, output_fn, options = SETUPS[model]()
     if adapter.passthrough_coding != "matched":
         options["passthrough"] = adapter.passthrough_coding
+    return peft_model, batches, output_fn, options
+
+
+def _refine_encode(adapter, path, model: str, target_bytes: int) -> dict:
+    import solar
+    from bench.calibration import stats_path
+
+    peft_model, batches, output_fn, options = _model_setup(adapter, model)
     packed = solar.refine(peft_model, batches, None, target_bytes=target_bytes, output_fn=output_fn,
                           calibration=str(stats_path(model)), **options)
     packed.save(path)
@@ -199,11 +207,8 @@ def _polish_encode(adapter, path, model: str, target_bytes: int) -> dict:
     """The data-free file at the budget (uniform quantiser: the only one polish can move), its
     integers then moved against the divergence on refine's training windows."""
     import solar
-    from bench.refine_check import SETUPS
 
-    peft_model, batches, output_fn, options = SETUPS[model]()
-    if adapter.passthrough_coding != "matched":
-        options["passthrough"] = adapter.passthrough_coding
+    peft_model, batches, output_fn, options = _model_setup(adapter, model)
     plain = solar.compress(peft_model, None, target_bytes=target_bytes, quantiser="uniform", **options)
     packed = solar.polish(peft_model, batches, plain, output_fn=output_fn)
     packed.save(path)
@@ -212,7 +217,7 @@ def _polish_encode(adapter, path, model: str, target_bytes: int) -> dict:
             "best_step": h["best"], "moved": h["moved"]}
 
 
-def _refine_decode(adapter, path) -> dict:
+def _restore_file(adapter, path) -> dict:
     import solar
 
     return solar.restore(path, None)
@@ -226,7 +231,7 @@ def spectral_method(model: str, family: str, target_error: float | None = None,
     if family in MODEL_IN_LOOP:
         assert target_bytes is not None, f"{family} is aimed by size only"
         encode = _refine_encode if family == "solar-spectral-refine" else _polish_encode
-        return Method(f"{SPECTRAL_PREFIX[family]} B={target_bytes}", family, codec=(encode, _refine_decode),
+        return Method(f"{SPECTRAL_PREFIX[family]} B={target_bytes}", family, codec=(encode, _restore_file),
                       params={"model": model, "target_bytes": target_bytes})
     args = ["--mode", "spectral"]
     if family == "solar-spectral-cal":
