@@ -95,6 +95,7 @@ def test_half_size_checks_aim_at_half_the_best_other_file_where_the_grid_misses(
     assert refine.kind == "python" and refine.params == {"model": "stories260k", "target_bytes": 1_000}
     polish = next(m for m, _ in todo if m.family == "solar-spectral-polish")
     assert polish.kind == "python" and polish.codec[0] is not refine.codec[0] and polish.params == refine.params
+    assert "solar-spectral-polish" not in {m.family for m, _ in half_size_methods("stories260k", res, smoke=True)}
     assert sorted(m.family for m, _ in half_size_methods("minilm_sst2", res)) == ["solar-spectral", "solar-spectral-cal",
                                                                                   "solar-spectral-rw"]
     text = goals_section([res])
