@@ -174,8 +174,6 @@ SPECTRAL_PREFIX = {"solar-spectral": "spectral", "solar-spectral-cal": "spectral
                    "solar-spectral-mix": "spectral+calib+mix",
                    "solar-spectral-selfcal": "spectral+selfcal", "solar-spectral-rw": "spectral+calib+reweigh",
                    "solar-spectral-refine": "spectral+calib+refine", "solar-spectral-polish": "spectral+polish"}
-# The families that run the model for each file, aimed by size only.
-MODEL_IN_LOOP = ("solar-spectral-refine", "solar-spectral-polish")
 # Where refine and polish run in the report: stories260K. On MiniLM refine kept less of the gain than plain
 # compress at 4,325 B with every objective tried (bench.refine_check); SmolLM2's rounds take minutes each.
 REFINED = {"stories260k"}
@@ -223,6 +221,10 @@ def _restore_file(adapter, path) -> dict:
     return solar.restore(path, None)
 
 
+# The families that run the model for each file (aimed by size only), and their encoders.
+MODEL_IN_LOOP = {"solar-spectral-refine": _refine_encode, "solar-spectral-polish": _polish_encode}
+
+
 def spectral_method(model: str, family: str, target_error: float | None = None,
                     target_bytes: int | None = None) -> Method:
     """A point of one of the SPECTRAL_PREFIX families, aimed by --target-error (named "t=...") or
@@ -230,8 +232,7 @@ def spectral_method(model: str, family: str, target_error: float | None = None,
     assert (target_error is None) != (target_bytes is None)
     if family in MODEL_IN_LOOP:
         assert target_bytes is not None, f"{family} is aimed by size only"
-        encode = _refine_encode if family == "solar-spectral-refine" else _polish_encode
-        return Method(f"{SPECTRAL_PREFIX[family]} B={target_bytes}", family, codec=(encode, _restore_file),
+        return Method(f"{SPECTRAL_PREFIX[family]} B={target_bytes}", family, codec=(MODEL_IN_LOOP[family], _restore_file),
                       params={"model": model, "target_bytes": target_bytes})
     args = ["--mode", "spectral"]
     if family == "solar-spectral-cal":

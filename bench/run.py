@@ -185,10 +185,11 @@ def half_size_methods(model: str, res: dict, smoke: bool = False) -> list[tuple[
     their budgets. A smoke run leaves out polish (150 passes of the model, ~5 min a point)."""
     out, seen = [], set()
     fams = [f for f in SPECTRAL_PREFIX if any(p["family"] == f for p in res["points"])]
-    if model in REFINED and "solar-spectral-cal" in fams:  # refine and polish have no grid: half-size checks only
-        fams.append("solar-spectral-refine")
-    if model in REFINED and "solar-spectral" in fams and not smoke:
-        fams.append("solar-spectral-polish")
+    if model in REFINED:  # refine and polish have no grid: half-size checks only
+        if "solar-spectral-cal" in fams:
+            fams.append("solar-spectral-refine")
+        if "solar-spectral" in fams and not smoke:
+            fams.append("solar-spectral-polish")
     for lv in report.GOAL_LEVELS:
         sol, oth = report.cell_winners(res, lv)
         if not oth or (sol and 2 * sol["bytes"] <= oth["bytes"]):
