@@ -141,6 +141,21 @@ Matrix matmul(const MatrixBlock& a, const MatrixBlock& b, bool trans_a, bool tra
   return c;
 }
 
+void matmul_subtract(const MatrixBlock& a, const MatrixBlock& b, Matrix& c, int64_t row0, bool trans_a, bool trans_b) {
+  const int64_t m = trans_a ? a.cols : a.rows;
+  const int64_t k = trans_a ? a.rows : a.cols;
+  const int64_t kb = trans_b ? b.cols : b.rows;
+  const int64_t n = trans_b ? b.rows : b.cols;
+  if (k != kb) throw std::invalid_argument("matmul_subtract: inner dimensions differ");
+  if (n != c.cols || row0 < 0 || row0 + m > c.rows) throw std::invalid_argument("matmul_subtract: the product does not fit c");
+  if (m == 0 || n == 0 || k == 0) return;
+  const char tb = trans_b ? 'T' : 'N', ta = trans_a ? 'T' : 'N';
+  const int M = checked_int(n, "cols"), N = checked_int(m, "rows"), K = checked_int(k, "inner");
+  const int ldb = checked_int(b.stride, "ldb"), lda = checked_int(a.stride, "lda"), ldc = checked_int(c.cols, "ldc");
+  const double minus_one = -1.0, one = 1.0;
+  dgemm_(&tb, &ta, &M, &N, &K, &minus_one, b.data, &ldb, a.data, &lda, &one, c.data.data() + row0 * c.cols, &ldc);
+}
+
 double frobenius_norm(const Matrix& a) {
   long double s = 0;
   for (double v : a.data) s += static_cast<long double>(v) * v;

@@ -55,6 +55,29 @@ struct Coded {
   Matrix err;
 };
 
+void zero_column(Coded& c, int64_t j) {
+  const int64_t rows = c.value.rows;
+  std::fill_n(c.q.begin() + j * rows, rows, 0);
+  for (int64_t i = 0; i < rows; ++i) c.value(i, j) = 0;
+  if (c.err.rows == rows)
+    for (int64_t i = 0; i < rows; ++i) c.err(i, j) = 0;
+}
+
+// Columns c0..c0+k of `c`.
+Coded columns_of(const Coded& c, int64_t c0, int64_t k) {
+  const int64_t rows = c.value.rows;
+  Coded out;
+  out.q.assign(c.q.begin() + c0 * rows, c.q.begin() + (c0 + k) * rows);
+  out.value = Matrix(rows, k);
+  if (c.err.rows == rows) out.err = Matrix(rows, k);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < k; ++j) {
+      out.value(i, j) = c.value(i, c0 + j);
+      if (c.err.rows == rows) out.err(i, j) = c.err(i, c0 + j);
+    }
+  return out;
+}
+
 // Quantises the first k columns of `m` (rows x >=k), after rotating by R^T when R is given.
 // Rounds v to an integer, toward zero by `dead_zone` (0: nearest; larger values trade a little
 // distortion for many more zeros, which the entropy coder makes cheap).
@@ -120,7 +143,7 @@ struct DqRate {
 // With feedback, rows go in blocks, as GPTQ's: each state keeps its targets for the block's rows
 // only, the state its survivor path entered the block in, and the errors that path made there;
 // at the block's end the rows after it take those errors in one product for all the layer's
-// columns (quantize_columns_dq runs them in lockstep) instead of one pass per row and state.
+// columns (dq_columns runs them in lockstep) instead of one pass per row and state.
 // Columns shorter than kDqBlockedRows are one block: the row-by-row order of the first trellis
 // encoder, so such layers' files are as they were.
 struct DqColumn {
@@ -284,51 +307,78 @@ Matrix leading_block(const Matrix& m, int64_t rows, int64_t cols) {
   return b;
 }
 
+// Columns c0..c0+k of `m`.
+Matrix leading_block_at(const Matrix& m, int64_t c0, int64_t k) {
+  Matrix b(m.rows, k);
+  for (int64_t i = 0; i < m.rows; ++i) std::copy_n(m.data.begin() + i * m.cols + c0, k, b.data.begin() + i * k);
+  return b;
+}
+
 // The first k columns of `m`, rotated by R^T when R is given: what a side's integers quantise.
 Matrix leading_coords(const Matrix& m, int64_t k, const Matrix* rot) {
   const Matrix coords = leading_block(m, m.rows, k);
   return rot ? matmul(*rot, coords, /*trans_a=*/true) : coords;
 }
 
-// Dependent quantisation of the first k columns of `m` (rotated by R^T when R is given), each
-// column its own trellis starting in state 0, the columns in lockstep block by block (DqColumn).
-// Returns how many leading columns it could quantise.
-int64_t quantize_columns_dq(const Matrix& m, int64_t k, double step, const Matrix* rot, const Matrix* hinv_u, Coded& out) {
-  const int64_t rows = m.rows;
-  const Matrix coords = leading_coords(m, k, rot);
+// Dependent quantisation of every column of `coords` (column j at steps[j]), each its own trellis starting in state 0,
+// the columns in lockstep block by block (DqColumn). `lost[j]` is set for a column with a value
+// too large to quantise; it is then left at zero. With `prefix`, the columns after the first lost
+// one are lost too and never run (a side's columns are only used as a prefix).
+void dq_columns(const Matrix& coords, const std::vector<double>& steps, const Matrix* hinv_u, Coded& out, std::vector<char>& lost,
+                bool prefix) {
+  const int64_t rows = coords.rows, k = coords.cols;
   out.q.assign(static_cast<size_t>(rows * k), 0);
-  Matrix deq(rows, k);
+  out.value = Matrix(rows, k);
   if (hinv_u) out.err = Matrix(rows, k);
+  lost.assign(static_cast<size_t>(k), 0);
   std::vector<DqColumn> cols(static_cast<size_t>(k));
-  int64_t ok = k;
+  std::vector<int64_t> live;  // the columns that run
   for (int64_t j = 0; j < k; ++j) {
     std::vector<double> col(static_cast<size_t>(rows));
     for (int64_t i = 0; i < rows; ++i) col[static_cast<size_t>(i)] = coords(i, j);
-    if (!dq_init(cols[static_cast<size_t>(j)], std::move(col), step, hinv_u)) {
-      ok = j;  // this column and the ones after it stay zero
+    if (dq_init(cols[static_cast<size_t>(j)], std::move(col), steps[static_cast<size_t>(j)], hinv_u)) {
+      live.push_back(j);
+      continue;
+    }
+    lost[static_cast<size_t>(j)] = 1;
+    if (prefix) {
+      std::fill(lost.begin() + j, lost.end(), 1);
       break;
     }
   }
+  const auto nl = static_cast<int64_t>(live.size());
   const int64_t block_rows = hinv_u && rows >= kDqBlockedRows ? kDqBlock : rows;
-  for (int64_t b0 = 0; b0 < rows && ok > 0; b0 += block_rows) {
+  for (int64_t b0 = 0; b0 < rows && nl > 0; b0 += block_rows) {
     const int64_t b1 = std::min(rows, b0 + block_rows);
-    for (int64_t j = 0; j < ok; ++j) dq_run_block(cols[static_cast<size_t>(j)], b0, b1);
+    for (int64_t j : live) dq_run_block(cols[static_cast<size_t>(j)], b0, b1);
     if (hinv_u && b1 < rows) {
-      Matrix e(b1 - b0, 4 * ok);
-      for (int64_t j = 0; j < ok; ++j) dq_block_errors(cols[static_cast<size_t>(j)], e, 4 * j);
-      const Matrix update = matmul(block(*hinv_u, b0, b1, b1 - b0, rows - b1), block(e), /*trans_a=*/true);  // (rows - b1) x 4 ok
-      for (int64_t j = 0; j < ok; ++j) dq_apply_block(cols[static_cast<size_t>(j)], update, 4 * j, b1);
+      Matrix e(b1 - b0, 4 * nl);
+      for (int64_t l = 0; l < nl; ++l) dq_block_errors(cols[static_cast<size_t>(live[static_cast<size_t>(l)])], e, 4 * l);
+      const Matrix update = matmul(block(*hinv_u, b0, b1, b1 - b0, rows - b1), block(e), /*trans_a=*/true);  // (rows - b1) x 4 nl
+      for (int64_t l = 0; l < nl; ++l) dq_apply_block(cols[static_cast<size_t>(live[static_cast<size_t>(l)])], update, 4 * l, b1);
     }
   }
   std::vector<double> val(static_cast<size_t>(rows)), err(static_cast<size_t>(rows));
-  for (int64_t j = 0; j < ok; ++j) {
+  for (int64_t j : live) {
     dq_finish(cols[static_cast<size_t>(j)], out.q.data() + j * rows, val.data(), err.data());
-    for (int64_t i = 0; i < rows; ++i) deq(i, j) = val[static_cast<size_t>(i)];
+    for (int64_t i = 0; i < rows; ++i) out.value(i, j) = val[static_cast<size_t>(i)];
     if (hinv_u)
       for (int64_t i = 0; i < rows; ++i) out.err(i, j) = err[static_cast<size_t>(i)];
   }
-  out.value = rot ? matmul(*rot, deq) : deq;
-  return ok;
+}
+
+// How many leading columns have no lost column before them.
+int64_t leading_kept(const std::vector<char>& lost) {
+  return std::find(lost.begin(), lost.end(), 1) - lost.begin();
+}
+
+// Dependent quantisation of the first k columns of `m` (rotated by R^T when R is given).
+// Returns how many leading columns it could quantise.
+int64_t quantize_columns_dq(const Matrix& m, int64_t k, double step, const Matrix* rot, const Matrix* hinv_u, Coded& out) {
+  std::vector<char> lost;
+  dq_columns(leading_coords(m, k, rot), std::vector<double>(static_cast<size_t>(k), step), hinv_u, out, lost, /*prefix=*/true);
+  if (rot) out.value = matmul(*rot, out.value);
+  return leading_kept(lost);
 }
 
 // Returns how many leading columns could be quantised (all k unless a value overflows).
@@ -357,48 +407,56 @@ int64_t quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* 
 // Like quantize_columns (no rotation), but each column's rounding errors are fed forward to the
 // coordinates not yet quantised so as to minimise e^T H e (GPTQ, Frantar et al. 2022), where
 // `hinv_u` is inverse_cholesky_upper(H). As in GPTQ, rows go in blocks: feedback inside a block
-// is applied row by row, to the rows after it in one matrix product. Columns stay independent.
-int64_t quantize_columns_feedback(const Matrix& m, int64_t k, double step, const Matrix& hinv_u, Coded& out,
-                                  double dead_zone = 0.0) {
+// is applied row by row, to the rows after it in one matrix product. Columns stay independent:
+// every column of `w` (consumed; column j at steps[j]) is quantised as it would be alone. `lost[j]` is set for a column
+// with a value too large to quantise; it is then left at zero.
+void feedback_columns(Matrix w, const std::vector<double>& steps, const Matrix& hinv_u, Coded& out, double dead_zone,
+                      std::vector<char>& lost) {
   constexpr int64_t kBlock = 32;
-  const int64_t rows = m.rows;
-  Matrix w = leading_block(m, rows, k);
+  const int64_t rows = w.rows, k = w.cols;
   out.q.assign(static_cast<size_t>(rows * k), 0);
   out.value = Matrix(rows, k);
   out.err = Matrix(rows, k);
-  int64_t ok = k;
+  lost.assign(static_cast<size_t>(k), 0);
   for (int64_t b0 = 0; b0 < rows; b0 += kBlock) {
     const int64_t b1 = std::min(rows, b0 + kBlock);
     Matrix err(b1 - b0, k);
     for (int64_t i = b0; i < b1; ++i) {
+      double* e = &err(i - b0, 0);
       for (int64_t j = 0; j < k; ++j) {
+        const double step = steps[static_cast<size_t>(j)];
         const double v = w(i, j) / step;
         if (!(std::fabs(v) < kMaxQuant)) {
-          ok = std::min(ok, j);  // this column (and, for the caller, the ones after it) is lost
+          lost[static_cast<size_t>(j)] = 1;
           continue;
         }
         const int32_t q = round_dz(v, dead_zone);
         out.q[static_cast<size_t>(j * rows + i)] = q;
         out.value(i, j) = q * step;
-        const double e = (w(i, j) - q * step) / hinv_u(i, i);
-        err(i - b0, j) = e;
-        out.err(i, j) = e;
-        for (int64_t t = i + 1; t < b1; ++t) w(t, j) -= e * hinv_u(i, t);
+        e[j] = (w(i, j) - q * step) / hinv_u(i, i);
+        out.err(i, j) = e[j];
+      }
+      for (int64_t t = i + 1; t < b1; ++t) {  // the block's later rows, all columns (rows are contiguous)
+        const double h = hinv_u(i, t);
+        double* wt = &w(t, 0);
+        for (int64_t j = 0; j < k; ++j) wt[j] -= e[j] * h;
       }
     }
-    if (b1 < rows) {
-      // H[b0:b1, b1:]^T err, the block read in place (a copy of it per call cost as much as the product).
-      const Matrix update = matmul(block(hinv_u, b0, b1, b1 - b0, rows - b1), block(err), /*trans_a=*/true);  // (rows - b1) x k
-      for (int64_t t = b1; t < rows; ++t)
-        for (int64_t j = 0; j < k; ++j) w(t, j) -= update(t - b1, j);
-    }
+    // The rows after the block take H[b0:b1, b1:]^T err at once (the block of H read in place).
+    if (b1 < rows) matmul_subtract(block(hinv_u, b0, b1, b1 - b0, rows - b1), block(err), w, b1, /*trans_a=*/true);
   }
-  for (int64_t j = ok; j < k; ++j)  // lost columns are left out entirely
-    for (int64_t i = 0; i < rows; ++i) {
-      out.q[static_cast<size_t>(j * rows + i)] = 0;
-      out.value(i, j) = 0;
-      out.err(i, j) = 0;
-    }
+  for (int64_t j = 0; j < k; ++j)  // lost columns are left out entirely
+    if (lost[static_cast<size_t>(j)]) zero_column(out, j);
+}
+
+// feedback_columns on the first k columns of `m`; returns how many leading columns it could
+// quantise (the ones after a lost column are zeroed too: a side's columns are used as a prefix).
+int64_t quantize_columns_feedback(const Matrix& m, int64_t k, double step, const Matrix& hinv_u, Coded& out,
+                                  double dead_zone = 0.0) {
+  std::vector<char> lost;
+  feedback_columns(leading_block(m, m.rows, k), std::vector<double>(static_cast<size_t>(k), step), hinv_u, out, dead_zone, lost);
+  const int64_t ok = leading_kept(lost);
+  for (int64_t j = ok; j < k; ++j) zero_column(out, j);
   return ok;
 }
 
@@ -465,6 +523,29 @@ struct LayerSetup {
   Matrix right(const Matrix& v) const { return sig ? matmul(*sig, v) : v; }  // S V
 };
 
+// One side's quantisation in a batch: all columns of `target` at `step`.
+struct SideJob {
+  const Matrix* target;
+  double step;
+};
+struct SideCoded {
+  Coded coded;
+  int64_t ok;  // leading columns quantised (the ones after are zero), as quantize_side returns
+};
+
+// Operating points priced together: X step code tx, k in ks, Y step code tx + offset + dy for dy in dys.
+struct Sweep {
+  int tx;
+  std::vector<int64_t> ks;
+  std::vector<int> dys;
+  int ty(const LayerSetup& u, int dy) const { return std::clamp(tx + u.y_offset + dy, 0, 255); }
+};
+// Y's columns, and target values, priced in one batch: wide enough for BLAS's peak, narrow
+// enough for a block of rows to stay in cache (at n = 384, batches of thousands of columns ran
+// slower than one k at a time), and at most some 100 MB of a batch's matrices at large n.
+constexpr int64_t kBatchColumns = 512;
+constexpr int64_t kBatchValues = int64_t{1} << 21;
+
 // One operating point: (k components, X step code tx, Y step code ty, quantiser variant).
 struct Point {
   int64_t k;
@@ -488,41 +569,92 @@ class SpectralCodec final : public LayerCodec {
                    dropped[0]});  // drop the layer
     if (!(u.rms > 0)) return out;
     const int t_top = std::clamp(static_cast<int>(std::ceil(std::log2(8 * u.rms) * kStepsPerOctave)) + kStepBias, 0, 255);
-    // Prices the points (tx, quantiser variant, k in ks, Y step code tx + offset + dy for dy in dys).
-    auto price = [&](int tx, int variant, const std::vector<int64_t>& ks, const std::vector<int>& dys) {
-      // Columns are quantised independently (feedback stays within a column), so X's first k
-      // columns are a prefix of all of them, and so are their bit costs.
-      if (tx < 0 || tx > 255) return;
-      Coded all;
-      const int64_t ok = quantize_side(u.x, s.r, step_of(tx), u.ru, u.hx, variant, all);
-      const std::vector<uint64_t> x_cost = column_costs(all.q.data(), s.m, ok, is_dependent(variant), true);
-      const RefitBasis basis = refit_basis(u, all);
-      for (int64_t k : ks) {
-        if (k > ok) continue;
-        const Refit fit = refit(u, basis, k);
-        for (int dy : dys) {
-          const int ty = std::clamp(tx + u.y_offset + dy, 0, 255);
-          Coded cy;
-          if (!quantize_y(u, fit, k, ty, variant, cy)) continue;
-          const uint64_t bits =
-              header_cost(s, k, tx, ty, variant) + x_cost[static_cast<size_t>(k)] + column_costs(cy.q.data(), s.n, k, is_dependent(variant), false).back();
-          out.push_back({w * distortion(u, fit, cy), BitCounter::bytes_for(bits), {static_cast<int32_t>(k), tx, ty, variant},
-                         dropped[static_cast<size_t>(k)]});
+    // Prices each sweep's points (X step code tx, k in ks, Y step code tx + offset + dy for dy in
+    // dys), all with one quantiser variant; returns them sweep by sweep, in the order (k, dy).
+    // Sweeps go in batches, each side's quantisations of a batch in one quantize_jobs call: up to
+    // kBatchColumns of Y's columns with the uniform quantiser; one sweep at a time with the
+    // trellis, whose columns each carry four paths' targets (wider batches ran slower).
+    auto price = [&](int variant, const std::vector<Sweep>& sweeps) {
+      std::vector<std::vector<Candidate>> points(sweeps.size());
+      const int64_t batch_columns = is_dependent(variant) ? 0 : kBatchColumns;
+      auto y_columns = [&](const Sweep& sw) {
+        int64_t c = 0;
+        for (int64_t k : sw.ks) c += k;
+        return c * static_cast<int64_t>(sw.dys.size());
+      };
+      for (size_t b0 = 0; b0 < sweeps.size();) {
+        size_t b1 = b0 + 1;
+        for (int64_t width = y_columns(sweeps[b0]); b1 < sweeps.size() && (width += y_columns(sweeps[b1])) <= batch_columns && width * s.n <= kBatchValues;) ++b1;
+        // Columns are quantised independently (feedback stays within a column), so X's first k
+        // columns are a prefix of all of them, and so are their bit costs: a sweep quantises only
+        // the columns its largest k needs.
+        std::vector<Matrix> x_heads;
+        x_heads.reserve(b1 - b0);
+        std::vector<SideJob> x_jobs;
+        for (size_t b = b0; b < b1; ++b) {
+          const int64_t k_max = *std::max_element(sweeps[b].ks.begin(), sweeps[b].ks.end());
+          const Matrix* x = &u.x;
+          if (k_max < s.r) x = &x_heads.emplace_back(leading_block(u.x, s.m, k_max));
+          x_jobs.push_back({x, step_of(sweeps[b].tx)});
         }
+        const std::vector<SideCoded> xs = quantize_jobs(x_jobs, u.ru, u.hx, variant);
+        const std::vector<RefitBasis> bases = refit_bases(u, xs);
+        std::vector<std::vector<uint64_t>> x_costs;
+        std::vector<std::vector<Refit>> fits;  // [sweep][k]; y_jobs point into them
+        fits.reserve(b1 - b0);
+        std::vector<SideJob> y_jobs;
+        for (size_t b = b0; b < b1; ++b) {
+          const Sweep& sw = sweeps[b];
+          const SideCoded& x = xs[b - b0];
+          x_costs.push_back(column_costs(x.coded.q.data(), s.m, x.ok, is_dependent(variant), true));
+          fits.emplace_back();
+          for (int64_t k : sw.ks)
+            if (k <= x.ok) fits.back().push_back(refit(u, bases[b - b0], k));
+          for (const Refit& fit : fits.back())
+            for (int dy : sw.dys) y_jobs.push_back({&fit.yk, step_of(sw.ty(u, dy))});
+        }
+        const std::vector<SideCoded> ys = quantize_jobs(y_jobs, u.rv, u.hy, variant);
+        size_t j = 0;
+        for (size_t b = b0; b < b1; ++b) {
+          const Sweep& sw = sweeps[b];
+          for (const Refit& fit : fits[b - b0]) {
+            const int64_t k = fit.yk.cols;
+            for (int dy : sw.dys) {
+              const SideCoded& y = ys[j++];
+              if (y.ok != k) continue;
+              const int ty = sw.ty(u, dy);
+              const uint64_t bits = header_cost(s, k, sw.tx, ty, variant) + x_costs[b - b0][static_cast<size_t>(k)] +
+                                    column_costs(y.coded.q.data(), s.n, k, is_dependent(variant), false).back();
+              points[b].push_back({w * distortion(u, fit, y.coded), BitCounter::bytes_for(bits),
+                                   {static_cast<int32_t>(k), sw.tx, ty, variant}, dropped[static_cast<size_t>(k)]});
+            }
+          }
+        }
+        b0 = b1;
       }
+      return points;
     };
+    auto append = [&](const std::vector<Candidate>& points) { out.insert(out.end(), points.begin(), points.end()); };
     // Coarse to fine: every step and every k with plain rounding and Y's default step, then the
     // dead-zone and Y-step variants only where those points reach the layer's Pareto front.
     std::vector<int64_t> all_k(static_cast<size_t>(s.r));
     std::iota(all_k.begin(), all_k.end(), int64_t{1});
-    for (int tx = t_top; tx >= std::max(0, t_top - 16 * kStepsPerOctave); tx -= 2) price(tx, 0, all_k, {0});
+    std::vector<Sweep> coarse;
+    for (int tx = t_top; tx >= std::max(0, t_top - 16 * kStepsPerOctave); tx -= 2) coarse.push_back({tx, all_k, {0}});
+    for (const auto& points : price(0, coarse)) append(points);
     std::map<int, std::vector<int64_t>> refine;  // tx -> the ks of its points on the front
     for (size_t i : pareto_indices(out)) refine[out[i].setting[1]].push_back(out[i].setting[0]);
-    for (auto& [tx, ks] : refine) {
-      std::sort(ks.begin(), ks.end());
-      price(tx, 0, ks, {-2, 2});
-      for (int variant = 1; variant < kUniformVariants; ++variant) price(tx, variant, ks, {-2, 0, 2});
+    std::vector<std::vector<std::vector<Candidate>>> refined;  // [variant][tx of refine]
+    for (int variant = 0; variant < kUniformVariants; ++variant) {
+      std::vector<Sweep> sweeps;
+      for (auto& [tx, ks] : refine) {
+        std::sort(ks.begin(), ks.end());
+        sweeps.push_back({tx, ks, variant == 0 ? std::vector<int>{-2, 2} : std::vector<int>{-2, 0, 2}});
+      }
+      refined.push_back(price(variant, sweeps));
     }
+    for (size_t i = 0; i < refine.size(); ++i)
+      for (const auto& by_variant : refined) append(by_variant[i]);
     // Dependent quantisation: its two interleaved grids are each twice as coarse as its step, so
     // it is tried half an octave to an octave finer than the uniform front points.
     std::map<int, std::vector<int64_t>> dq_refine;
@@ -530,11 +662,14 @@ class SpectralCodec final : public LayerCodec {
       for (const auto& [tx, ks] : refine)
       for (int off : kDqStepOffsets)
         for (int64_t k : ks) dq_refine[tx + off].push_back(k);
+    std::vector<Sweep> dq_sweeps;
     for (auto& [tx, ks] : dq_refine) {
+      if (tx < 0 || tx > 255) continue;
       std::sort(ks.begin(), ks.end());
       ks.erase(std::unique(ks.begin(), ks.end()), ks.end());
-      price(tx, kVariants - 1, ks, {0});
+      dq_sweeps.push_back({tx, ks, {0}});
     }
+    for (const auto& points : price(kVariants - 1, dq_sweeps)) append(points);
     return out;
   }
 
@@ -547,8 +682,8 @@ class SpectralCodec final : public LayerCodec {
       throw Error(ErrorKind::InvalidInput, where, "not an operating point of this layer");
     if (p.k == 0) return {0};
     const LayerSetup u = setup(ctx, f);
-    Coded all;  // exactly as candidates() computed it: all r columns, then the prefix
-    if (quantize_side(u.x, s.r, step_of(p.tx), u.ru, u.hx, p.variant, all) < p.k)
+    Coded all;  // as candidates() computed it: X's first k columns (columns are independent)
+    if (quantize_side(u.x, p.k, step_of(p.tx), u.ru, u.hx, p.variant, all) < p.k)
       throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
     const Refit fit = refit(u, refit_basis(u, all), p.k);
     Coded cy;
@@ -934,6 +1069,32 @@ class SpectralCodec final : public LayerCodec {
     const Matrix gx = u.left(all.value);
     return {matmul(all.value, gx, true), matmul(u.f->B, gx, true)};
   }
+  // refit_basis of each X~ of a batch, with G X~ for all of them in one product (G is read once,
+  // not once per X step: at m = 4096 that pass, not the arithmetic, was the refits' cost).
+  static std::vector<RefitBasis> refit_bases(const LayerSetup& u, const std::vector<SideCoded>& xs) {
+    std::vector<RefitBasis> out;
+    if (!u.gm || xs.empty()) {
+      for (const SideCoded& x : xs) out.push_back(refit_basis(u, x.coded));
+      return out;
+    }
+    const int64_t m = u.x.rows;
+    int64_t width = 0;
+    for (const SideCoded& x : xs) width += x.coded.value.cols;
+    Matrix side(m, width);
+    for (int64_t c0 = 0; const SideCoded& x : xs) {
+      const Matrix& v = x.coded.value;
+      for (int64_t i = 0; i < m; ++i) std::copy_n(v.data.begin() + i * v.cols, v.cols, side.data.begin() + i * width + c0);
+      c0 += v.cols;
+    }
+    const Matrix gx = matmul(*u.gm, side);  // m x width
+    const Matrix bgx = matmul(u.f->B, gx, true);  // r x width
+    for (int64_t c0 = 0; const SideCoded& x : xs) {
+      const int64_t k = x.coded.value.cols;
+      out.push_back({matmul(block(x.coded.value), block(gx, 0, c0, m, k), true), leading_block_at(bgx, c0, k)});
+      c0 += k;
+    }
+    return out;
+  }
   // Refits Y to X~'s first k columns in the metric: Y^T = (X~^T G X~)^-1 X~^T G B A.
   static Refit refit(const LayerSetup& u, const RefitBasis& basis, int64_t k) {
     Refit fit;
@@ -947,6 +1108,47 @@ class SpectralCodec final : public LayerCodec {
 
   static bool quantize_y(const LayerSetup& u, const Refit& fit, int64_t k, int ty, int variant, Coded& cy) {
     return quantize_side(fit.yk, k, step_of(ty), u.rv, u.hy, variant, cy) == k;
+  }
+
+  // Each job as quantize_side(*job.target, its columns, job.step, rot, h, variant) codes it. With
+  // error feedback, the jobs go side by side in one call: columns are quantised independently, so
+  // each comes out as it would alone, but the feedback's block products become one wide product
+  // each and the metric's factor is read (and packed by BLAS) once for all of them: at n = 4096
+  // the narrow products of one job at a time ran far below BLAS's peak.
+  static std::vector<SideCoded> quantize_jobs(const std::vector<SideJob>& jobs, const Matrix* rot, const Matrix& h, int variant) {
+    std::vector<SideCoded> out(jobs.size());
+    if (h.rows == 0) {
+      for (size_t g = 0; g < jobs.size(); ++g)
+        out[g].ok = quantize_side(*jobs[g].target, jobs[g].target->cols, jobs[g].step, rot, h, variant, out[g].coded);
+      return out;
+    }
+    const int64_t n = h.rows;
+    int64_t width = 0;
+    for (const SideJob& j : jobs) width += j.target->cols;
+    Matrix side(n, width);
+    std::vector<double> steps;
+    steps.reserve(static_cast<size_t>(width));
+    for (int64_t c0 = 0; const SideJob& j : jobs) {
+      const Matrix& t = *j.target;
+      for (int64_t i = 0; i < n; ++i) std::copy_n(t.data.begin() + i * t.cols, t.cols, side.data.begin() + i * width + c0);
+      steps.insert(steps.end(), static_cast<size_t>(t.cols), j.step);
+      c0 += t.cols;
+    }
+    Coded all;
+    std::vector<char> lost;
+    if (is_dependent(variant))
+      dq_columns(side, steps, &h, all, lost, /*prefix=*/false);
+    else
+      feedback_columns(std::move(side), steps, h, all, kDeadZones[variant], lost);
+    int64_t c0 = 0;
+    for (size_t g = 0; g < jobs.size(); ++g) {
+      const int64_t k = jobs[g].target->cols;
+      out[g].coded = columns_of(all, c0, k);
+      out[g].ok = leading_kept({lost.begin() + c0, lost.begin() + c0 + k});
+      for (int64_t j = out[g].ok; j < k; ++j) zero_column(out[g].coded, j);
+      c0 += k;
+    }
+    return out;
   }
 
   // Y~^T S Y~ (k x k; S = identity when null). At low rates most of Y~'s rows are zero: the

@@ -31,6 +31,9 @@ inline MatrixBlock block(const Matrix& m) { return block(m, 0, 0, m.rows, m.cols
 
 Matrix matmul(const Matrix& a, const Matrix& b, bool trans_a = false, bool trans_b = false);
 Matrix matmul(const MatrixBlock& a, const MatrixBlock& b, bool trans_a = false, bool trans_b = false);
+// Rows row0.. of c minus op(a) op(b), in place (BLAS with beta = 1, no temporary for the
+// product); each entry is c - (a b) as `c -= matmul(a, b)` would compute it.
+void matmul_subtract(const MatrixBlock& a, const MatrixBlock& b, Matrix& c, int64_t row0, bool trans_a = false, bool trans_b = false);
 double frobenius_norm(const Matrix& a);
 
 // Full SVD W = U diag(S) V^T with square U (m x m) and V (n x n), canonicalised:

@@ -9,6 +9,7 @@
 
 #include "adapter_factory.hpp"
 #include "solar/codec.hpp"
+#include "solar/container.hpp"
 #include "solar/pipeline.hpp"
 #include "test_support.hpp"
 
@@ -375,6 +376,10 @@ DistortionPaths check_point_distortions(bool rotate, int64_t m = 40, int64_t n =
     for (size_t i = 0; i < pgp.data.size(); ++i) metric += pgp.data[i] * qsq.data[i];  // both symmetric
     // The codec gets it as energy - 2 cross + self: exact up to rounding of the whole energy.
     EXPECT_NEAR(points[c].distortion, ctx.weight * metric, 1e-12 * points[0].distortion) << "point " << c;
+    // The points are priced in batches (many quantisations side by side) and rebuilt one at a
+    // time: the rebuilt integers must cost what was priced, as the first layer of a stream.
+    const double bytes = codec->stream_summary({StreamLayer{ctx.shape(), ""}}, {sym}, kFormatVersion)[0]["bytes"].get<double>();
+    EXPECT_EQ(static_cast<size_t>(std::ceil(bytes)) + 1, points[c].bytes) << "point " << c;  // as BitCounter::bytes_for
     ++seen.checked;
     if (sym[0] > 0) {
       ++(points[c].setting[3] == 2 ? seen.dependent : seen.uniform);  // variants: 2 dead zones, then dependent
