@@ -308,7 +308,7 @@ Matrix leading_block(const Matrix& m, int64_t rows, int64_t cols) {
 }
 
 // Columns c0..c0+k of `m`.
-Matrix leading_block_at(const Matrix& m, int64_t c0, int64_t k) {
+Matrix column_block(const Matrix& m, int64_t c0, int64_t k) {
   Matrix b(m.rows, k);
   for (int64_t i = 0; i < m.rows; ++i) std::copy_n(m.data.begin() + i * m.cols + c0, k, b.data.begin() + i * k);
   return b;
@@ -320,10 +320,10 @@ Matrix leading_coords(const Matrix& m, int64_t k, const Matrix* rot) {
   return rot ? matmul(*rot, coords, /*trans_a=*/true) : coords;
 }
 
-// Dependent quantisation of every column of `coords` (column j at steps[j]), each its own trellis starting in state 0,
-// the columns in lockstep block by block (DqColumn). `lost[j]` is set for a column with a value
-// too large to quantise; it is then left at zero. With `prefix`, the columns after the first lost
-// one are lost too and never run (a side's columns are only used as a prefix).
+// Dependent quantisation of every column of `coords` (column j at steps[j]), each its own trellis
+// starting in state 0, the columns in lockstep block by block (DqColumn). `lost[j]` is set for a
+// column with a value too large to quantise; it is then left at zero. With `prefix`, the columns
+// after the first lost one are lost too and never run (a side's columns are used as a prefix).
 void dq_columns(const Matrix& coords, const std::vector<double>& steps, const Matrix* hinv_u, Coded& out, std::vector<char>& lost,
                 bool prefix) {
   const int64_t rows = coords.rows, k = coords.cols;
@@ -408,8 +408,8 @@ int64_t quantize_columns(const Matrix& m, int64_t k, double step, const Matrix* 
 // coordinates not yet quantised so as to minimise e^T H e (GPTQ, Frantar et al. 2022), where
 // `hinv_u` is inverse_cholesky_upper(H). As in GPTQ, rows go in blocks: feedback inside a block
 // is applied row by row, to the rows after it in one matrix product. Columns stay independent:
-// every column of `w` (consumed; column j at steps[j]) is quantised as it would be alone. `lost[j]` is set for a column
-// with a value too large to quantise; it is then left at zero.
+// every column of `w` (consumed; column j at steps[j]) is quantised as it would be alone.
+// `lost[j]` is set for a column with a value too large to quantise; it is then left at zero.
 void feedback_columns(Matrix w, const std::vector<double>& steps, const Matrix& hinv_u, Coded& out, double dead_zone,
                       std::vector<char>& lost) {
   constexpr int64_t kBlock = 32;
@@ -583,8 +583,11 @@ class SpectralCodec final : public LayerCodec {
         return c * static_cast<int64_t>(sw.dys.size());
       };
       for (size_t b0 = 0; b0 < sweeps.size();) {
-        size_t b1 = b0 + 1;
-        for (int64_t width = y_columns(sweeps[b0]); b1 < sweeps.size() && (width += y_columns(sweeps[b1])) <= batch_columns && width * s.n <= kBatchValues;) ++b1;
+        size_t b1 = b0 + 1;  // this batch: sweeps [b0, b1)
+        for (int64_t width = y_columns(sweeps[b0]); b1 < sweeps.size(); ++b1) {
+          width += y_columns(sweeps[b1]);
+          if (width > batch_columns || width * s.n > kBatchValues) break;
+        }
         // Columns are quantised independently (feedback stays within a column), so X's first k
         // columns are a prefix of all of them, and so are their bit costs: a sweep quantises only
         // the columns its largest k needs.
@@ -1090,7 +1093,7 @@ class SpectralCodec final : public LayerCodec {
     const Matrix bgx = matmul(u.f->B, gx, true);  // r x width
     for (int64_t c0 = 0; const SideCoded& x : xs) {
       const int64_t k = x.coded.value.cols;
-      out.push_back({matmul(block(x.coded.value), block(gx, 0, c0, m, k), true), leading_block_at(bgx, c0, k)});
+      out.push_back({matmul(block(x.coded.value), block(gx, 0, c0, m, k), true), column_block(bgx, c0, k)});
       c0 += k;
     }
     return out;
