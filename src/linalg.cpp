@@ -5,6 +5,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "lapack.hpp"
 #include "solar/error.hpp"
@@ -123,37 +124,42 @@ Matrix matmul(const Matrix& a, const Matrix& b, bool trans_a, bool trans_b) {
   return matmul(block(a), block(b), trans_a, trans_b);
 }
 
-Matrix matmul(const MatrixBlock& a, const MatrixBlock& b, bool trans_a, bool trans_b) {
-  const int64_t m = trans_a ? a.cols : a.rows;
-  const int64_t k = trans_a ? a.rows : a.cols;
-  const int64_t kb = trans_b ? b.cols : b.rows;
-  const int64_t n = trans_b ? b.rows : b.cols;
-  if (k != kb) throw std::invalid_argument("matmul: inner dimensions differ");
-  Matrix c(m, n);
-  if (m == 0 || n == 0) return c;
-  if (k == 0) return c;
-  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
+namespace {
+
+// The rows x cols shape of op(A) op(B); throws if the inner dimensions differ.
+std::pair<int64_t, int64_t> product_shape(const MatrixBlock& a, const MatrixBlock& b, bool trans_a, bool trans_b, int64_t* inner,
+                                          const char* what) {
+  *inner = trans_a ? a.rows : a.cols;
+  if (*inner != (trans_b ? b.cols : b.rows)) throw std::invalid_argument(std::string(what) + ": inner dimensions differ");
+  return {trans_a ? a.cols : a.rows, trans_b ? b.rows : b.cols};
+}
+
+// Row-major C = alpha op(A) op(B) + beta C (C: rows x cols, its rows ldc values apart), as the
+// column-major C^T = alpha op(B)^T op(A)^T + beta C^T.
+void gemm(const MatrixBlock& a, const MatrixBlock& b, bool trans_a, bool trans_b, int64_t rows, int64_t cols, int64_t inner,
+          double alpha, double beta, double* c, int64_t ldc) {
+  if (rows == 0 || cols == 0 || inner == 0) return;
   const char tb = trans_b ? 'T' : 'N', ta = trans_a ? 'T' : 'N';
-  const int M = checked_int(n, "cols"), N = checked_int(m, "rows"), K = checked_int(k, "inner");
-  const int ldb = checked_int(b.stride, "ldb"), lda = checked_int(a.stride, "lda");
-  const double one = 1.0, zero = 0.0;
-  dgemm_(&tb, &ta, &M, &N, &K, &one, b.data, &ldb, a.data, &lda, &zero, c.data.data(), &M);
+  const int M = checked_int(cols, "cols"), N = checked_int(rows, "rows"), K = checked_int(inner, "inner");
+  const int ldb = checked_int(b.stride, "ldb"), lda = checked_int(a.stride, "lda"), ldc_ = checked_int(ldc, "ldc");
+  dgemm_(&tb, &ta, &M, &N, &K, &alpha, b.data, &ldb, a.data, &lda, &beta, c, &ldc_);
+}
+
+}  // namespace
+
+Matrix matmul(const MatrixBlock& a, const MatrixBlock& b, bool trans_a, bool trans_b) {
+  int64_t k = 0;
+  const auto [m, n] = product_shape(a, b, trans_a, trans_b, &k, "matmul");
+  Matrix c(m, n);
+  gemm(a, b, trans_a, trans_b, m, n, k, 1.0, 0.0, c.data.data(), n);
   return c;
 }
 
 void matmul_subtract(const MatrixBlock& a, const MatrixBlock& b, Matrix& c, int64_t row0, bool trans_a, bool trans_b) {
-  const int64_t m = trans_a ? a.cols : a.rows;
-  const int64_t k = trans_a ? a.rows : a.cols;
-  const int64_t kb = trans_b ? b.cols : b.rows;
-  const int64_t n = trans_b ? b.rows : b.cols;
-  if (k != kb) throw std::invalid_argument("matmul_subtract: inner dimensions differ");
+  int64_t k = 0;
+  const auto [m, n] = product_shape(a, b, trans_a, trans_b, &k, "matmul_subtract");
   if (n != c.cols || row0 < 0 || row0 + m > c.rows) throw std::invalid_argument("matmul_subtract: the product does not fit c");
-  if (m == 0 || n == 0 || k == 0) return;
-  const char tb = trans_b ? 'T' : 'N', ta = trans_a ? 'T' : 'N';
-  const int M = checked_int(n, "cols"), N = checked_int(m, "rows"), K = checked_int(k, "inner");
-  const int ldb = checked_int(b.stride, "ldb"), lda = checked_int(a.stride, "lda"), ldc = checked_int(c.cols, "ldc");
-  const double minus_one = -1.0, one = 1.0;
-  dgemm_(&tb, &ta, &M, &N, &K, &minus_one, b.data, &ldb, a.data, &lda, &one, c.data.data() + row0 * c.cols, &ldc);
+  gemm(a, b, trans_a, trans_b, m, n, k, -1.0, 1.0, c.data.data() + row0 * c.cols, c.cols);
 }
 
 double frobenius_norm(const Matrix& a) {

@@ -307,6 +307,18 @@ Matrix leading_block(const Matrix& m, int64_t rows, int64_t cols) {
   return b;
 }
 
+// The columns of every matrix of `ms` (all with the same rows), side by side.
+Matrix side_by_side(const std::vector<const Matrix*>& ms) {
+  int64_t width = 0;
+  for (const Matrix* m : ms) width += m->cols;
+  Matrix out(ms.empty() ? 0 : ms.front()->rows, width);
+  for (int64_t c0 = 0; const Matrix* m : ms) {
+    for (int64_t i = 0; i < out.rows; ++i) std::copy_n(m->data.begin() + i * m->cols, m->cols, out.data.begin() + i * width + c0);
+    c0 += m->cols;
+  }
+  return out;
+}
+
 // Columns c0..c0+k of `m`.
 Matrix column_block(const Matrix& m, int64_t c0, int64_t k) {
   Matrix b(m.rows, k);
@@ -601,7 +613,9 @@ class SpectralCodec final : public LayerCodec {
           x_jobs.push_back({x, step_of(sweeps[b].tx)});
         }
         const std::vector<SideCoded> xs = quantize_jobs(x_jobs, u.ru, u.hx, variant);
-        const std::vector<RefitBasis> bases = refit_bases(u, xs);
+        std::vector<const Matrix*> x_values;
+        for (const SideCoded& x : xs) x_values.push_back(&x.coded.value);
+        const std::vector<RefitBasis> bases = refit_bases(u, x_values);
         std::vector<std::vector<uint64_t>> x_costs;
         std::vector<std::vector<Refit>> fits;  // [sweep][k]; y_jobs point into them
         fits.reserve(b1 - b0);
@@ -688,7 +702,7 @@ class SpectralCodec final : public LayerCodec {
     Coded all;  // as candidates() computed it: X's first k columns (columns are independent)
     if (quantize_side(u.x, p.k, step_of(p.tx), u.ru, u.hx, p.variant, all) < p.k)
       throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
-    const Refit fit = refit(u, refit_basis(u, all), p.k);
+    const Refit fit = refit(u, refit_bases(u, {&all.value})[0], p.k);
     Coded cy;
     if (!quantize_y(u, fit, p.k, p.ty, p.variant, cy)) throw Error(ErrorKind::InvalidInput, where, "operating point cannot be rebuilt");
     return symbols_of(s, p.k, p.tx, p.ty, is_dependent(p.variant), {all.q.begin(), all.q.begin() + s.m * p.k}, cy.q);
@@ -978,8 +992,8 @@ class SpectralCodec final : public LayerCodec {
     Matrix xgx, bgx, yk;  // X~^T G X~, B^T G X~, refitted Y (n x k)
     Matrix sy;            // S Y (n x k), when Y's rounding errors are fed back in S
   };
-  struct RefitBasis {     // the same products for all of X~'s r columns
-    Matrix xgx, bgx;      // r x r each
+  struct RefitBasis {     // the same products for all of X~'s columns
+    Matrix xgx, bgx;      // X~^T G X~ (c x c) and B^T G X~ (r x c), X~ of c columns
   };
 
   LayerSetup setup(const LayerContext& ctx, const Factors& f) const {
@@ -1068,33 +1082,17 @@ class SpectralCodec final : public LayerCodec {
 
   // The products a refit needs, for all of X~'s columns at once (each k takes a leading block:
   // one m x m product per X step instead of one per k).
-  static RefitBasis refit_basis(const LayerSetup& u, const Coded& all) {
-    const Matrix gx = u.left(all.value);
-    return {matmul(all.value, gx, true), matmul(u.f->B, gx, true)};
-  }
-  // refit_basis of each X~ of a batch, with G X~ for all of them in one product (G is read once,
-  // not once per X step: at m = 4096 that pass, not the arithmetic, was the refits' cost).
-  static std::vector<RefitBasis> refit_bases(const LayerSetup& u, const std::vector<SideCoded>& xs) {
+  // The products a refit needs, for all of each X~'s columns at once (each k takes a leading
+  // block: one m x m product per X step instead of one per k), with G X~ for all the X~ of a batch
+  // in one product (G read once, not once per X step: at m = 4096 that pass, not the arithmetic,
+  // was the refits' cost).
+  static std::vector<RefitBasis> refit_bases(const LayerSetup& u, const std::vector<const Matrix*>& xs) {
+    const Matrix gx = u.left(side_by_side(xs));   // m x (all X~'s columns)
+    const Matrix bgx = matmul(u.f->B, gx, true);  // r x (all X~'s columns)
     std::vector<RefitBasis> out;
-    if (!u.gm || xs.empty()) {
-      for (const SideCoded& x : xs) out.push_back(refit_basis(u, x.coded));
-      return out;
-    }
-    const int64_t m = u.x.rows;
-    int64_t width = 0;
-    for (const SideCoded& x : xs) width += x.coded.value.cols;
-    Matrix side(m, width);
-    for (int64_t c0 = 0; const SideCoded& x : xs) {
-      const Matrix& v = x.coded.value;
-      for (int64_t i = 0; i < m; ++i) std::copy_n(v.data.begin() + i * v.cols, v.cols, side.data.begin() + i * width + c0);
-      c0 += v.cols;
-    }
-    const Matrix gx = matmul(*u.gm, side);  // m x width
-    const Matrix bgx = matmul(u.f->B, gx, true);  // r x width
-    for (int64_t c0 = 0; const SideCoded& x : xs) {
-      const int64_t k = x.coded.value.cols;
-      out.push_back({matmul(block(x.coded.value), block(gx, 0, c0, m, k), true), column_block(bgx, c0, k)});
-      c0 += k;
+    for (int64_t c0 = 0; const Matrix* x : xs) {
+      out.push_back({matmul(block(*x), block(gx, 0, c0, gx.rows, x->cols), true), column_block(bgx, c0, x->cols)});
+      c0 += x->cols;
     }
     return out;
   }
@@ -1125,18 +1123,13 @@ class SpectralCodec final : public LayerCodec {
         out[g].ok = quantize_side(*jobs[g].target, jobs[g].target->cols, jobs[g].step, rot, h, variant, out[g].coded);
       return out;
     }
-    const int64_t n = h.rows;
-    int64_t width = 0;
-    for (const SideJob& j : jobs) width += j.target->cols;
-    Matrix side(n, width);
-    std::vector<double> steps;
-    steps.reserve(static_cast<size_t>(width));
-    for (int64_t c0 = 0; const SideJob& j : jobs) {
-      const Matrix& t = *j.target;
-      for (int64_t i = 0; i < n; ++i) std::copy_n(t.data.begin() + i * t.cols, t.cols, side.data.begin() + i * width + c0);
-      steps.insert(steps.end(), static_cast<size_t>(t.cols), j.step);
-      c0 += t.cols;
+    std::vector<const Matrix*> targets;
+    std::vector<double> steps;  // one per column
+    for (const SideJob& j : jobs) {
+      targets.push_back(j.target);
+      steps.insert(steps.end(), static_cast<size_t>(j.target->cols), j.step);
     }
+    Matrix side = side_by_side(targets);
     Coded all;
     std::vector<char> lost;
     if (is_dependent(variant))
