@@ -19,7 +19,10 @@ The server side is timed on the same replies in the same run:
 - plain ``FedAvg()`` on the plain replies (A and B averaged separately, as FlowerTune does).
 
 Each row's peak of traced memory (tracemalloc: NumPy's buffers included) is reported with its
-time. Prints a table and writes bench/results/federated_scale.json.
+time. The way down is timed too: ``configure_train`` sending the global adapter (the fixture's
+update) to every client, as plain arrays and as a solar broadcast (``SolarStrategy(...,
+broadcast={"target_error": 0.1, "passthrough": "spectral"})``, encoded once for all), with the
+bytes the clients download. Prints two tables and writes bench/results/federated_scale.json.
 """
 from __future__ import annotations
 
@@ -141,8 +144,27 @@ def main() -> None:
               f"{upload / 1e6:.2f} MB uploaded", flush=True)
         del msgs, arrays, strategy
 
+    class Grid:  # every client connected
+        def get_node_ids(self):
+            return range(1, args.clients + 1)
+
+    down = {}
+    for name, codec in (("plain broadcast", None),
+                        ("solar broadcast", {"target_error": 0.1, "passthrough": "spectral"})):
+        strategy = SolarStrategy(FedAvg(min_available_nodes=args.clients), threads=args.threads, broadcast=codec)
+        t0 = time.perf_counter()
+        msgs = strategy.configure_train(1, global_arrays, ConfigRecord(), Grid())
+        seconds = time.perf_counter() - t0
+        sent = strategy._sent_train
+        down[name] = {"configure_seconds": round(seconds, 3), "messages": len(msgs),
+                      "download_bytes": sum(sent["downloads"].values()),
+                      "broadcast_bytes": sent.get("broadcast_bytes"), "broadcast_seconds": sent.get("broadcast_seconds"),
+                      "broadcast_error": sent.get("broadcast_error")}
+        print(f"{name}: configure_train {seconds:.2f} s for {len(msgs)} clients, "
+              f"{down[name]['download_bytes'] / 1e6:.2f} MB downloaded", flush=True)
+
     result = {"clients": args.clients, "distinct_updates": args.distinct, "server_threads": args.threads,
-              "client_encode_seconds_mean": round(encode_s, 3), "rows": rows,
+              "client_encode_seconds_mean": round(encode_s, 3), "rows": rows, "broadcast_rows": down,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nclient side: {encode_s:.2f} s per reply to encode (one thread)\n")
@@ -152,6 +174,13 @@ def main() -> None:
         dec = f"{r['decode_seconds']:.2f} s" if r["decode_seconds"] is not None else ""
         print(f"| {name} | {r['accepted']:,} | {r['upload_bytes'] / 1e6:.2f} MB | {r['aggregate_seconds']:.2f} s | {dec} "
               f"| {r['peak_traced_bytes'] / 1e6:,.0f} MB |")
+    print("\n| server, sending one round | clients | downloaded | configure_train | of it encoding | B A error |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in down.items():
+        enc = f"{r['broadcast_seconds']:.2f} s" if r["broadcast_seconds"] is not None else ""
+        err = f"{r['broadcast_error']:.3f}" if r["broadcast_error"] is not None else ""
+        print(f"| {name} | {r['messages']:,} | {r['download_bytes'] / 1e6:.2f} MB | {r['configure_seconds']:.2f} s | {enc} "
+              f"| {err} |")
     print(f"\nwrote {args.out}")
 
 

@@ -316,8 +316,8 @@ def tiny(fed, **kw):
     return fed.Settings(clients=2, rounds=1, pool=64, local_steps=2, batch_size=8, dev_limit=32, **kw)
 
 
-def simulate(fed, s, solar_replies: bool, extra_mods=()):
-    strategy = fed.make_strategy(s)
+def simulate(fed, s, solar_replies: bool, extra_mods=(), broadcast: bool = False):
+    strategy = fed.make_strategy(s, broadcast)
     log: dict = {}
     fed.simulate(s, fed.make_client_app(s, solar_replies, extra_mods), fed.make_server_app(s, strategy, log))
     return strategy, log
