@@ -524,8 +524,9 @@ def report(results: dict, plot_name: str, prefix: str = "federated") -> str:
              f"({st['rounds']} rounds)\npython -m bench.federated --split dirichlet --rounds 10\n"
              "python -m bench.federated --quick         # smoke run, writes bench/results/federated_quick_*\n```\n")
     L.append("Options: `--clients`, `--rounds`, `--split iid|dirichlet|both`, `--alpha`, `--local-steps`, "
-             "`--target-error`, `--broadcast-target-error`, `--mode`, `--passthrough spectral|int8|exact`, "
-             "`--aggregation delta|factors`, `--dev-limit`. The test "
+             "`--target-error`, `--broadcast-target-error`, `--broadcast-passthrough`, `--mode`, "
+             "`--passthrough spectral|int8|exact`, `--aggregation delta|factors`, `--dev-limit`; `--runs` picks some of "
+             "the three runs (written to `bench/results/federated_runs_<split>.json`, the report left alone). The test "
              "`tests/python/test_flower.py` runs two-client, one-round versions on the same engine (replies, and "
              "replies and broadcast), and the rejection of corrupt payloads.\n")
     return "\n".join(L)
@@ -565,10 +566,10 @@ def reading_notes(results: dict) -> str:
                  f"broadcast the clients still download {p.get('total_download_bytes', 0):,} B, so the run's traffic "
                  f"both ways falls only {_traffic(p) / _traffic(q):.1f}x")
         if b:
-            share = [r["broadcast_error"] for r in b["rounds"][1:]] or [0.0]
+            errors = [r["broadcast_error"] for r in b["rounds"][1:]] or [0.0]  # round 1's B A is zero
             line += (f"; the solar broadcast takes the downloads to {b['total_download_bytes']:,} B, "
                      f"{_traffic(p) / _traffic(b):.1f}x less traffic than plain both ways (B A's relative "
-                     f"error in what the clients received: {min(share):.3f}–{max(share):.3f} after round 1)")
+                     f"error in what the clients received: {min(errors):.3f}–{max(errors):.3f} after round 1)")
         line += (". A solar reply is the payload plus "
                  f"{head:,.0f} B of " + ("" if st.get("passthrough", "exact") in ("int8", "spectral") else "uncompressed head, ")
                  + "metrics and message metadata. Encoding took "

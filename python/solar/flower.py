@@ -66,8 +66,8 @@ initialises LoRA: its A row from seeded noise of the same scale (Philox normals,
 :data:`REVIVE_SEED`, one stream per module and component; std 1/sqrt(3 * in), that of PEFT's
 kaiming-uniform init), its B column zero, which leaves B A unchanged (:func:`revive`).
 Measured (README, bench/FEDERATED.md): 10.5x less traffic both ways than plain and no accuracy
-cost on IID data; on a non-IID split three of four runs lagged plain in the early rounds, and one
-ended 0.038 below it. Hence opt-in.
+cost on IID data; on a non-IID split one of five runs ended 0.038 below plain, four within
+run-to-run noise. Hence opt-in.
 
 Usage::
 
