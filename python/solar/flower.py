@@ -155,7 +155,27 @@ def message_nbytes(msg: Any) -> int:
     """Bytes a message puts on the wire in Flower's transport: the sum of the deflated
     contents of every object in its tree (message, records, arrays, array chunks), each
     distinct object once, which is what a SuperNode pushes to the SuperLink."""
-    return int(sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values()))
+    return _tree_nbytes(msg)
+
+
+def _tree_nbytes(obj: Any) -> int:
+    """The deflated bytes of every distinct object in ``obj``'s tree, ``obj`` included."""
+    return int(sum(len(o.deflate()) for o in get_all_nested_objects(obj).values()))
+
+
+def _sent_nbytes(messages: Iterable[Any]) -> dict:
+    """{destination node: :func:`message_nbytes`} of outgoing messages. A message's bytes are its
+    own plus its content tree's, and a strategy's instructions share one content: it is deflated
+    once, not once per client."""
+    out: dict = {}
+    content: dict = {}
+    for msg in messages:
+        key = id(msg.content)
+        if key not in content:
+            content[key] = _tree_nbytes(msg.content)
+        node = int(msg.metadata.dst_node_id)
+        out[node] = out.get(node, 0) + len(msg.deflate()) + content[key]
+    return out
 
 
 # ---- key layout ---------------------------------------------------------------------------
@@ -660,15 +680,7 @@ class SolarStrategy(Strategy):
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         received, costs = self._send(arrays, messages)
         self.remember_global(arrays, received)
-        downloads: dict = {}
-        content_bytes: dict = {}  # the instructions share one content: deflate it once
-        for msg in messages:
-            key = id(msg.content)
-            if key not in content_bytes:
-                content_bytes[key] = sum(len(o.deflate()) for o in get_all_nested_objects(msg.content).values())
-            node = int(msg.metadata.dst_node_id)
-            downloads[node] = downloads.get(node, 0) + len(msg.deflate()) + content_bytes[key]
-        self._sent_train = {"downloads": downloads, **costs}
+        self._sent_train = {"downloads": _sent_nbytes(messages), **costs}
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
